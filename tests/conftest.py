@@ -1,0 +1,89 @@
+"""Tiny models built from configs and small generated data, so tests need no download."""
+
+from __future__ import annotations
+
+import os
+import random
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from post_fl.data import TextDataset
+
+POSITIVE = ["good", "great", "fine", "nice", "happy", "love"]
+NEGATIVE = ["bad", "awful", "poor", "sad", "hate", "worst"]
+FILLER = ["the", "movie", "film", "was", "a", "plot", "actor", "story", "it", "this", "and", "very"]
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+VOCAB = SPECIALS + ["positive", "negative", "It", "was", ".", "<eos>"] + POSITIVE + NEGATIVE + FILLER
+
+
+def make_tokenizer():
+    """A whitespace WordLevel tokenizer over VOCAB, with BERT-style special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return tok, vocab
+
+
+def make_fast_tokenizer(with_cls: bool):
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok, vocab = make_tokenizer()
+    if with_cls:
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                       cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="<eos>")
+
+
+def build_tiny_model(kind: str, directory, num_layers: int = 4, hidden: int = 32, seed: int = 0):
+    """Save a tiny random model of ``kind`` (causal | masked | embedding) with its tokenizer."""
+    from transformers import BertConfig, BertForMaskedLM, BertModel, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    if kind == "causal":
+        cfg = GPT2Config(vocab_size=len(VOCAB), n_positions=128, n_embd=hidden, n_layer=num_layers, n_head=2)
+        model = GPT2LMHeadModel(cfg)
+        tok = make_fast_tokenizer(with_cls=False)
+    else:
+        cfg = BertConfig(vocab_size=len(VOCAB), hidden_size=hidden, num_hidden_layers=num_layers,
+                         num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128)
+        model = BertForMaskedLM(cfg) if kind == "masked" else BertModel(cfg)
+        tok = make_fast_tokenizer(with_cls=True)
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return str(directory)
+
+
+def make_sentiment(n: int, seed: int = 0, label_names=("negative", "positive")) -> TextDataset:
+    """Generated two-class 'reviews': filler words plus one or two sentiment words."""
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for _ in range(n):
+        y = rng.randint(0, 1)
+        words = rng.sample(FILLER, 4) + rng.sample(POSITIVE if y else NEGATIVE, 2)
+        rng.shuffle(words)
+        texts.append(" ".join(words))
+        labels.append(y)
+    return TextDataset(texts, labels, list(label_names))
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """Directories of tiny teacher models of each head kind."""
+    root = tmp_path_factory.mktemp("models")
+    return {kind: build_tiny_model(kind, root / kind) for kind in ("causal", "masked", "embedding")}
+
+
+@pytest.fixture
+def sentiment():
+    return make_sentiment(64, seed=1)
