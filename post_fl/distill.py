@@ -197,6 +197,7 @@ def distill_student(teacher: ScoringModel, public: TextDataset, cfg: DistillConf
     for p in backbone.parameters():
         p.requires_grad_(False)
     backbone.eval()
+    student._label_embeddings = None  # computed with the untrained student; recompute
     report.agreement_after = answer_agreement(teacher, student, held)
     report.seconds = time.perf_counter() - start
     return student, report

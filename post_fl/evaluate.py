@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import math
-from pathlib import Path
-from typing import Any
-
 import torch
 
 from .data import DataError, TextDataset
 from .models import ScoringModel
+from .jsonio import jsonable, read_json, write_json  # noqa: F401  (re-exported)
 from .prompt import SoftPrompt
 
 
@@ -33,34 +29,3 @@ def accuracy(model: ScoringModel, data: TextDataset, prompt: SoftPrompt | None =
         raise DataError(f"test labels {data.label_names} differ from the model's labels {model.label_names}")
     preds = predict(model, data.texts, prompt, batch_size)
     return float((preds == torch.tensor(data.labels)).float().mean())
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # "inf" / "nan": JSON has no infinity
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def write_json(data: dict, path: str | Path) -> Path:
-    """Write ``data`` as indented JSON atomically (temp file + rename); infinities become strings."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n")
-    tmp.replace(p)
-    return p
-
-
-def read_json(path: str | Path) -> dict:
-    """Read a JSON file written by :func:`write_json`, with a clear error if it is missing or broken."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: file does not exist")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{p}: not valid JSON ({exc.msg} at line {exc.lineno})") from None

@@ -5,10 +5,11 @@ Saved format (a PEFT prompt-tuning adapter, loadable with ``peft.PeftModel.from_
 ``<dir>/adapter_config.json``
     PEFT ``PromptTuningConfig`` fields: ``peft_type = "PROMPT_TUNING"``, ``task_type``,
     ``num_virtual_tokens``, ``token_dim``, ``num_transformer_submodules = 1``,
-    ``base_model_name_or_path``, ... plus a ``post_fl`` table with provenance (stage,
-    epsilon, delta, label words, template) that PEFT ignores.
+    ``base_model_name_or_path``, ...
 ``<dir>/adapter_model.safetensors``
     one float32 tensor ``prompt_embeddings`` of shape (num_virtual_tokens, token_dim).
+``<dir>/post_fl.json``
+    provenance that PEFT does not know: head, stage, epsilon, delta, label words, template.
 
 Because every example in a batch is prefixed by the same prompt, the per-example gradient
 of the prompt is simply that example's gradient w.r.t. its own copy of the prompt, which
@@ -25,8 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .jsonio import jsonable
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PROVENANCE = "post_fl.json"
 PEFT_TASK_TYPES = {"causal": "CAUSAL_LM", "masked": "SEQ_CLS", "embedding": "FEATURE_EXTRACTION"}
 
 
@@ -122,18 +126,23 @@ def save_prompt(prompt: SoftPrompt | torch.Tensor, directory: str | Path, *, hea
         "tokenizer_name_or_path": None,
         "base_model_name_or_path": base_model,
         "inference_mode": True,
-        "post_fl": {"head": head, **(metadata or {})},
     }
-    tmp_w, tmp_c = d / (ADAPTER_WEIGHTS + ".tmp"), d / (ADAPTER_CONFIG + ".tmp")
+    provenance = {"head": head, **(metadata or {})}
+    tmp_w, tmp_c, tmp_p = (d / (name + ".tmp") for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, PROVENANCE))
     save_file({"prompt_embeddings": weight}, str(tmp_w))
-    tmp_c.write_text(json.dumps(config, indent=2, default=str))
+    tmp_c.write_text(json.dumps(config, indent=2))
+    tmp_p.write_text(json.dumps(jsonable(provenance), indent=2, default=str))
     tmp_w.replace(d / ADAPTER_WEIGHTS)
     tmp_c.replace(d / ADAPTER_CONFIG)
+    tmp_p.replace(d / PROVENANCE)
     return d
 
 
 def load_prompt(directory: str | Path, expected_dim: int | None = None) -> tuple[SoftPrompt, dict]:
-    """Read a prompt saved by :func:`save_prompt` (or by PEFT); check its size. Returns (prompt, config)."""
+    """Read a prompt saved by :func:`save_prompt` (or by PEFT); check its size.
+
+    Returns (prompt, adapter config with the provenance, if any, under ``"post_fl"``).
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -166,4 +175,9 @@ def load_prompt(directory: str | Path, expected_dim: int | None = None) -> tuple
                           f"{expected_dim}; it was tuned for another model")
     if not torch.isfinite(weight).all():
         raise PromptError(f"{w_path}: prompt_embeddings contains NaN or Inf")
+    if (d / PROVENANCE).is_file():
+        try:
+            config["post_fl"] = json.loads((d / PROVENANCE).read_text())
+        except json.JSONDecodeError as exc:
+            raise PromptError(f"{d / PROVENANCE}: not valid JSON ({exc.msg})") from None
     return SoftPrompt(weight), config

@@ -51,12 +51,14 @@ def build_tiny_model(kind: str, directory, num_layers: int = 4, hidden: int = 32
 
     torch.manual_seed(seed)
     if kind == "causal":
-        cfg = GPT2Config(vocab_size=len(VOCAB), n_positions=128, n_embd=hidden, n_layer=num_layers, n_head=2)
+        cfg = GPT2Config(vocab_size=len(VOCAB), n_positions=128, n_embd=hidden, n_layer=num_layers, n_head=2,
+                         initializer_range=0.2)
         model = GPT2LMHeadModel(cfg)
         tok = make_fast_tokenizer(with_cls=False)
     else:
         cfg = BertConfig(vocab_size=len(VOCAB), hidden_size=hidden, num_hidden_layers=num_layers,
-                         num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128)
+                         num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128,
+                         initializer_range=0.2)
         model = BertForMaskedLM(cfg) if kind == "masked" else BertModel(cfg)
         tok = make_fast_tokenizer(with_cls=True)
     model.save_pretrained(directory)

@@ -1,0 +1,172 @@
+"""``post-fl``: the command line of the single-site pipeline and the evaluation harness.
+
+    post-fl run        [--config F] [--output-dir D] [--set key=value ...]   all stages + results table
+    post-fl distill    same options                                           stage 1 only
+    post-fl tune       ...                                                    stage 2 (DP prompt tuning)
+    post-fl transfer   ...                                                    stage 3 (POST transfer)
+    post-fl tune-teacher ...                                                  baseline (non-private)
+    post-fl evaluate   ...                                                    stage 4 -> results.json
+    post-fl show-config                                                       every setting and its default
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+
+from .config import ConfigError, RunConfig, load_config
+
+STAGES = {
+    "distill": "derive the student from the teacher by knowledge distillation on public text",
+    "tune": "tune a soft prompt on the student with DP-SGD on the private training set",
+    "transfer": "transfer the student prompt to the teacher with POST's loss on public text",
+    "tune-teacher": "baseline: tune a non-private prompt on the teacher itself (costly upper bound)",
+    "evaluate": "test accuracy of every baseline + epsilon + cost -> results.json",
+}
+
+
+def _parse_value(text: str):
+    import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare string such as a path
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["tune.lr=0.1", "data.train=x.csv"]`` -> ``{"tune.lr": 0.1, "data.train": "x.csv"}`` (TOML values)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. tune.target_epsilon=4")
+        out[key.strip()] = _parse_value(value.strip())
+    return out
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", type=Path, default=None,
+                   help="TOML file with [model] [data] [prompt] [tune] [distill] [transfer] [eval] sections "
+                        "(see 'post-fl show-config'); default: the embedded default model and data")
+    p.add_argument("--output-dir", "-o", type=Path, default=None,
+                   help="run folder for every artifact (default: output_dir from the config, runs/default)")
+    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set tune.target_epsilon=4 --set data.train=my.csv "
+                        "(repeatable; values are TOML: numbers, true/false, \"strings\", inf)")
+    p.add_argument("--seed", type=int, default=None, help="the one seed every stage derives its randomness from")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, warnings only")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="post-fl",
+        description="POST: privacy-preserving soft-prompt transfer. A prompt is tuned with DP-SGD on a small "
+                    "model distilled from a large one, then transferred to the large model on public data only.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("run", help="run every stage (distill, DP tune, transfer, baselines, evaluate) "
+                                   "and print a results table")
+    _common(p)
+    for name, text in STAGES.items():
+        _common(sub.add_parser(name, help=text, description=text))
+    sub.add_parser("show-config", help="print every setting with its default value (TOML)")
+    extra = _extra_commands()
+    for name, (text, add_args, _) in extra.items():
+        add_args(sub.add_parser(name, help=text, description=text))
+    return parser
+
+
+def _extra_commands() -> dict:
+    """Commands contributed by other modules (e.g. the sweep harness), if installed."""
+    try:
+        from .sweep import CLI_COMMANDS
+    except ImportError:
+        return {}
+    return CLI_COMMANDS
+
+
+def resolve_config(args) -> RunConfig:
+    """The RunConfig from --config, --set overrides, --seed and --output-dir."""
+    overrides = parse_overrides(args.overrides)
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    if args.output_dir is not None:
+        overrides["output_dir"] = str(args.output_dir)
+    return load_config(args.config, overrides)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "inf" if math.isinf(v) else f"{v:.4f}"
+    return str(v)
+
+
+def print_results(results: dict, run_dir: Path) -> None:
+    """A results table (rich) of accuracies, privacy and cost."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"POST results ({run_dir / 'results.json'})")
+    table.add_column("method")
+    table.add_column("test accuracy", justify="right")
+    for name, value in results["accuracy"].items():
+        table.add_row(name.replace("_", " "), f"{value:.3f}")
+    console.print(table)
+    priv = results["privacy"]
+    console.print(f"privacy: epsilon = {_fmt(priv['epsilon'])}, delta = {_fmt(priv['delta'])} "
+                  f"({priv['unit']}; noise multiplier {_fmt(priv['noise_multiplier'])})")
+    cost = results.get("cost", {})
+    if "tune_time_ratio_teacher_over_student" in cost:
+        console.print(f"cost: student has {cost['student_parameters']:,} parameters vs teacher "
+                      f"{cost['teacher_parameters']:,}; tuning an epoch on the teacher took "
+                      f"{cost['tune_time_ratio_teacher_over_student']:.2f}x the student's time")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``post-fl`` command."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "show-config":
+        from .config import dumps_config
+
+        print(dumps_config(RunConfig()))
+        return 0
+    extra = _extra_commands()
+    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "httpx", "opacus"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        if args.command in extra:
+            return extra[args.command][2](args)
+        from .pipeline import Pipeline
+
+        cfg = resolve_config(args)
+        pipe = Pipeline(cfg, progress=not args.quiet)
+        if args.command == "run":
+            results = pipe.run_all()
+            print_results(results, pipe.run)
+            return 0
+        pipe.save_config()
+        method = {"distill": pipe.distill, "tune": pipe.tune, "transfer": pipe.transfer,
+                  "tune-teacher": pipe.tune_teacher, "evaluate": pipe.evaluate}[args.command]
+        out = method()
+        if args.command == "evaluate":
+            print_results(out, pipe.run)
+        else:
+            print(f"{args.command}: done; artifacts in {pipe.run}")
+        return 0
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        print(f"post-fl {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""The single-site POST pipeline as stages that read and write one run folder.
+
+Run folder layout (every stage can run alone from what the stage before it wrote)::
+
+    <run>/config.json            the RunConfig used
+    <run>/student/               distilled student (save_pretrained) + distill_report.json
+    <run>/prompt_student/        DP prompt tuned on the student (PEFT prompt-tuning adapter)
+    <run>/prompt_teacher/        prompt transferred to the teacher with POST (PEFT adapter)
+    <run>/prompt_teacher_tuned/  non-private prompt tuned on the teacher itself (upper bound)
+    <run>/stages/<stage>.json    what each stage measured (time, epsilon, losses)
+    <run>/results.json           every accuracy, epsilon/delta and costs, for people and plots
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import EMBEDDED_DEFAULT, RunConfig, config_from_dict
+from .data import DataError, TextDataset, read_text_file
+from .evaluate import accuracy, read_json, write_json
+from .models import ScoringModel, load_scoring_model
+from .prompt import SoftPrompt, init_from_text, init_from_vocab, load_prompt, save_prompt
+
+log = logging.getLogger(__name__)
+
+STUDENT_DIR, PROMPT_STUDENT, PROMPT_TEACHER, PROMPT_TEACHER_TUNED = (
+    "student", "prompt_student", "prompt_teacher", "prompt_teacher_tuned")
+
+
+@dataclass
+class Task:
+    """The private train/test split and the public text of one task, with its verbalizer."""
+
+    train: TextDataset
+    test: TextDataset
+    public: TextDataset
+    label_words: dict[str, list[str]]
+
+
+def load_task(cfg: RunConfig) -> Task:
+    """Read the private train/test data and the public text the config names (or the embedded default)."""
+    from . import embedded
+
+    d = cfg.data
+    label_words = dict(cfg.model.label_words)
+    if EMBEDDED_DEFAULT in (d.train, d.test, d.public):
+        emb = embedded.load_embedded_task(cfg.seed)
+    if d.train == EMBEDDED_DEFAULT:
+        train = emb.train
+        label_words = {**emb.label_words, **label_words}
+    else:
+        train = read_text_file(d.train, d.text_column, d.label_column)
+    if d.test == EMBEDDED_DEFAULT:
+        if d.train != EMBEDDED_DEFAULT:
+            raise DataError("data.test = 'embedded' only goes with data.train = 'embedded'; "
+                            "give a test file with the same labels as data.train")
+        test = emb.test
+    else:
+        test = read_text_file(d.test, d.text_column, d.label_column, label_names=train.label_names)
+    public = emb.public if d.public == EMBEDDED_DEFAULT else read_text_file(d.public, d.text_column, None)
+    train = train.shuffled(cfg.seed).head(d.max_train_examples)
+    test = test.head(d.max_test_examples)
+    public = public.shuffled(cfg.seed).head(d.max_public_examples)
+    return Task(train, test, public, label_words)
+
+
+def load_teacher(cfg: RunConfig, task: Task) -> ScoringModel:
+    """The teacher (the provider's large LM) as a frozen scoring model."""
+    m = cfg.model
+    return load_scoring_model(m.teacher, task.train.label_names, task.label_words, m.head, m.template, m.max_length)
+
+
+def load_student(path: str | Path, cfg: RunConfig, task: Task, teacher: ScoringModel) -> ScoringModel:
+    """A saved student, scored with the teacher's head, template and verbalizer."""
+    return load_scoring_model(str(path), task.train.label_names, teacher.label_words, teacher.head,
+                              teacher.template, teacher.max_length)
+
+
+def initial_prompt(cfg: RunConfig, model: ScoringModel, seed: int) -> SoftPrompt:
+    """The starting prompt from ``cfg.prompt``: random vocabulary embeddings or a text's embeddings."""
+    p = cfg.prompt
+    if p.init == "text":
+        return init_from_text(model.word_embeddings, model._ids(p.init_text), p.num_virtual_tokens)
+    return init_from_vocab(model.word_embeddings, p.num_virtual_tokens, torch.Generator().manual_seed(seed))
+
+
+def _save(prompt: SoftPrompt, run: Path, name: str, model: ScoringModel, **meta) -> Path:
+    cfg = model.backbone.config
+    return save_prompt(prompt, run / name, head=model.head, base_model=model.source,
+                       num_layers=getattr(cfg, "num_hidden_layers", None),
+                       num_attention_heads=getattr(cfg, "num_attention_heads", None),
+                       metadata={"label_words": model.label_words, "template": model.template, **meta})
+
+
+class Pipeline:
+    """Runs POST stages for one config into one run folder, loading each artifact at most once."""
+
+    def __init__(self, cfg: RunConfig, run_dir: str | Path | None = None, progress: bool = False) -> None:
+        self.cfg = cfg
+        self.run = Path(run_dir or cfg.output_dir)
+        self.progress = progress
+        self._task: Task | None = None
+        self._teacher: ScoringModel | None = None
+        self._student: ScoringModel | None = None
+
+    # ------------------------------------------------------------ artifacts
+    @classmethod
+    def from_run_dir(cls, run_dir: str | Path, progress: bool = False) -> "Pipeline":
+        """Re-open a run folder with the config saved in it."""
+        data = read_json(Path(run_dir) / "config.json")
+        return cls(config_from_dict(data), run_dir, progress)
+
+    def save_config(self) -> None:
+        self.run.mkdir(parents=True, exist_ok=True)
+        cfg_path = self.run / "config.json"
+        if cfg_path.exists():
+            saved = read_json(cfg_path)
+            current = self.cfg.to_dict()
+            if {k: v for k, v in saved.items() if k != "output_dir"} != \
+                    {k: v for k, v in _jsonable_cfg(current).items() if k != "output_dir"}:
+                raise ValueError(f"{cfg_path} holds a different config; use a new --output-dir "
+                                 "(stages of one run must share one config)")
+        write_json(self.cfg.to_dict(), cfg_path)
+
+    @property
+    def task(self) -> Task:
+        if self._task is None:
+            self._task = load_task(self.cfg)
+        return self._task
+
+    @property
+    def teacher(self) -> ScoringModel:
+        if self._teacher is None:
+            self._teacher = load_teacher(self.cfg, self.task)
+        return self._teacher
+
+    @property
+    def student(self) -> ScoringModel:
+        if self._student is None:
+            path = self.cfg.model.student or self.run / STUDENT_DIR
+            if not Path(path).exists():
+                raise FileNotFoundError(f"{path}: no student model; run 'post-fl distill' first "
+                                        "or set model.student")
+            self._student = load_student(path, self.cfg, self.task, self.teacher)
+        return self._student
+
+    def prompt(self, name: str, model: ScoringModel) -> SoftPrompt:
+        path = self.run / name
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: missing; run the stage that writes it first")
+        return load_prompt(path, expected_dim=model.embedding_dim)[0]
+
+    def _stage(self, name: str, data: dict) -> dict:
+        write_json(data, self.run / "stages" / f"{name}.json")
+        return data
+
+    def stage_result(self, name: str) -> dict:
+        p = self.run / "stages" / f"{name}.json"
+        return read_json(p) if p.exists() else {}
+
+    # ------------------------------------------------------------ stages
+    def distill(self) -> dict:
+        """Stage 1: derive the student from the teacher by KD on public text (skipped if model.student set)."""
+        from .distill import distill_student, save_student
+
+        if self.cfg.model.student:
+            return self._stage("distill", {"skipped": f"model.student = {self.cfg.model.student}"})
+        task = self.task
+        public_train, held_out = task.public.split(0.9, self.cfg.seed) if len(task.public) >= 20 else (task.public, task.public)
+        student, report = distill_student(self.teacher, public_train, self.cfg.distill, self.cfg.seed,
+                                          held_out=held_out, progress=self.progress)
+        save_student(student, self.run / STUDENT_DIR, report)
+        self._student = None
+        return self._stage("distill", report.to_dict())
+
+    def tune(self) -> dict:
+        """Stage 2: DP prompt tuning of the student on the private training set."""
+        from .tuning import tune_prompt
+
+        student = self.student
+        prompt = initial_prompt(self.cfg, student, self.cfg.seed)
+        result = tune_prompt(student, prompt, self.task.train, self.cfg.tune, self.cfg.seed, progress=self.progress)
+        _save(result.prompt, self.run, PROMPT_STUDENT, student, stage="dp-tune", epsilon=result.epsilon,
+              delta=result.delta, noise_multiplier=result.noise_multiplier, max_grad_norm=self.cfg.tune.max_grad_norm)
+        return self._stage("tune", {"epsilon": result.epsilon, "delta": result.delta,
+                                    "noise_multiplier": result.noise_multiplier, "sample_rate": result.sample_rate,
+                                    "steps": result.steps, "examples": result.examples,
+                                    "mean_loss": result.mean_loss, "seconds": result.seconds,
+                                    "seconds_per_epoch": result.seconds / max(self.cfg.tune.epochs, 1e-9)})
+
+    def transfer(self) -> dict:
+        """Stage 3: POST transfer of the student prompt to the teacher on public data only."""
+        from .transfer import transfer_prompt
+
+        student_prompt = self.prompt(PROMPT_STUDENT, self.student)
+        result = transfer_prompt(self.student, student_prompt, self.teacher, self.task.public, self.cfg.transfer,
+                                 self.cfg.seed, progress=self.progress)
+        tuned = self.stage_result("tune")
+        _save(result.prompt, self.run, PROMPT_TEACHER, self.teacher, stage="post-transfer",
+              epsilon=tuned.get("epsilon"), delta=tuned.get("delta"), alpha=self.cfg.transfer.alpha)
+        return self._stage("transfer", {"first_loss": result.first_loss, "last_loss": result.last_loss,
+                                        "losses": result.losses, "steps": len(result.losses),
+                                        "public_examples": result.public_examples, "seconds": result.seconds})
+
+    def tune_teacher(self) -> dict:
+        """Baseline: a non-private prompt tuned on the teacher itself (the costly upper bound POST avoids)."""
+        from dataclasses import replace
+
+        from .tuning import tune_prompt
+
+        cfg = replace(self.cfg.tune, dp=False)
+        prompt = initial_prompt(self.cfg, self.teacher, self.cfg.seed)
+        result = tune_prompt(self.teacher, prompt, self.task.train, cfg, self.cfg.seed, progress=self.progress)
+        _save(result.prompt, self.run, PROMPT_TEACHER_TUNED, self.teacher, stage="teacher-tune-nonprivate")
+        return self._stage("tune_teacher", {"steps": result.steps, "mean_loss": result.mean_loss,
+                                            "seconds": result.seconds,
+                                            "seconds_per_epoch": result.seconds / max(cfg.epochs, 1e-9)})
+
+    def evaluate(self) -> dict:
+        """Stage 4: test accuracy of every baseline, epsilon spent and costs, into results.json."""
+        test, bs = self.task.test, self.cfg.eval.batch_size
+        teacher, student = self.teacher, self.student
+        student_prompt = self.prompt(PROMPT_STUDENT, student)
+        acc = {
+            "teacher_zero_shot": accuracy(teacher, test, None, bs),
+            "student_zero_shot": accuracy(student, test, None, bs),
+            "student_private_prompt": accuracy(student, test, student_prompt, bs),
+        }
+        if student_prompt.dim == teacher.embedding_dim:
+            acc["teacher_direct_prompt"] = accuracy(teacher, test, student_prompt, bs)
+        if (self.run / PROMPT_TEACHER).exists():
+            acc["teacher_transferred_prompt"] = accuracy(teacher, test, self.prompt(PROMPT_TEACHER, teacher), bs)
+        if (self.run / PROMPT_TEACHER_TUNED).exists():
+            acc["teacher_tuned_prompt_nonprivate"] = accuracy(
+                teacher, test, self.prompt(PROMPT_TEACHER_TUNED, teacher), bs)
+        tune, tune_t = self.stage_result("tune"), self.stage_result("tune_teacher")
+        cost = {"student_parameters": student.describe()["parameters"],
+                "teacher_parameters": teacher.describe()["parameters"]}
+        if tune and tune_t:
+            cost["student_tune_seconds_per_epoch"] = tune["seconds_per_epoch"]
+            cost["teacher_tune_seconds_per_epoch"] = tune_t["seconds_per_epoch"]
+            cost["tune_time_ratio_teacher_over_student"] = tune_t["seconds_per_epoch"] / tune["seconds_per_epoch"]
+        results = {
+            "accuracy": acc,
+            "privacy": {"epsilon": tune.get("epsilon", math.inf), "delta": tune.get("delta"),
+                        "noise_multiplier": tune.get("noise_multiplier"), "dp": self.cfg.tune.private,
+                        "target_epsilon": self.cfg.tune.target_epsilon, "unit": "example-level (one site)"},
+            "data": {"train": len(self.task.train), "test": len(test), "public": len(self.task.public),
+                     "labels": self.task.train.label_names},
+            "models": {"teacher": teacher.describe(), "student": student.describe()},
+            "distill": self.stage_result("distill"),
+            "transfer": {k: v for k, v in self.stage_result("transfer").items() if k != "losses"},
+            "cost": cost,
+            "seed": self.cfg.seed,
+        }
+        write_json(results, self.run / "results.json")
+        return results
+
+    def run_all(self) -> dict:
+        """Every stage in order: distill, tune (DP), transfer, teacher baseline, evaluate."""
+        self.save_config()
+        stages = [("distill", self.distill), ("tune", self.tune), ("transfer", self.transfer)]
+        if self.cfg.eval.teacher_prompt_tuning:
+            stages.append(("tune_teacher", self.tune_teacher))
+        for name, fn in stages:
+            t0 = time.perf_counter()
+            log.info("stage %s ...", name)
+            fn()
+            log.info("stage %s done in %.1fs", name, time.perf_counter() - t0)
+        return self.evaluate()
+
+
+def _jsonable_cfg(d: dict) -> dict:
+    import json
+
+    from .jsonio import jsonable
+
+    return json.loads(json.dumps(jsonable(d)))

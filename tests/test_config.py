@@ -1,0 +1,49 @@
+import math
+
+import pytest
+
+from post_fl.config import ConfigError, RunConfig, config_from_dict, dumps_config, load_config, unflatten
+
+
+def test_defaults_validate_and_round_trip_through_toml(tmp_path):
+    cfg = RunConfig().validate()
+    path = tmp_path / "c.toml"
+    path.write_text(dumps_config(cfg))
+    assert load_config(path) == cfg
+
+
+def test_unknown_key_is_named(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[tune]\nlearning_rate = 0.1\n")
+    with pytest.raises(ConfigError, match=r"tune\.learning_rate"):
+        load_config(path)
+
+
+def test_wrong_type_and_bad_value_are_named():
+    with pytest.raises(ConfigError, match=r"tune\.batch_size: expected an integer"):
+        config_from_dict({"tune": {"batch_size": "big"}})
+    with pytest.raises(ConfigError, match=r"transfer\.alpha"):
+        config_from_dict({"transfer": {"alpha": 1.5}})
+    with pytest.raises(ConfigError, match=r"model\.template"):
+        config_from_dict({"model": {"template": "no placeholder"}})
+
+
+def test_overrides_and_infinite_epsilon():
+    cfg = load_config(None, {"tune.target_epsilon": "inf", "seed": 3, "model.label_words": {"0": ["bad"]}})
+    assert math.isinf(cfg.tune.target_epsilon) and not cfg.tune.private
+    assert cfg.seed == 3 and cfg.model.label_words == {"0": ["bad"]}
+
+
+def test_unflatten_rejects_value_and_section_clash():
+    assert unflatten({"a.b": 1, "a.c": 2}) == {"a": {"b": 1, "c": 2}}
+    with pytest.raises(ConfigError):
+        unflatten({"a": 1, "a.b": 2})
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[tune\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)

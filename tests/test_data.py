@@ -1,0 +1,70 @@
+import json
+
+import pytest
+
+from post_fl.data import DataError, TextDataset, partition, read_text_file, write_text_file
+
+
+def test_csv_tsv_jsonl_read_the_same(tmp_path, sentiment):
+    csv_p = write_text_file(sentiment, tmp_path / "d.csv")
+    jsonl_p = write_text_file(sentiment, tmp_path / "d.jsonl")
+    tsv_p = tmp_path / "d.tsv"
+    tsv_p.write_text("label\tsentence\n" + "".join(
+        f"{sentiment.label_names[y]}\t{t}\n" for t, y in zip(sentiment.texts, sentiment.labels)))
+    a = read_text_file(csv_p, label_names=sentiment.label_names)
+    b = read_text_file(jsonl_p, label_names=sentiment.label_names)
+    c = read_text_file(tsv_p, text_column="sentence", label_names=sentiment.label_names)
+    assert a == b == c == sentiment
+
+
+def test_joined_text_columns_and_inferred_numeric_labels(tmp_path):
+    p = tmp_path / "ag.csv"
+    p.write_text('label,title,description\n2,"Win","Team wins"\n10,"Fed","Rates up"\n1,"UN","Talks"\n')
+    d = read_text_file(p, text_column="title+description")
+    assert d.texts[0] == "Win Team wins"
+    assert d.label_names == ["1", "2", "10"]  # numeric order, not string order
+    assert d.labels == [1, 2, 0]
+
+
+@pytest.mark.parametrize("content,suffix,message", [
+    ("text,label\n", ".csv", "empty"),
+    ("", ".csv", "empty"),
+    ("words,label\nhi,positive\n", ".csv", "missing column 'text'"),
+    ("text,label\nhi,neutral\n", ".csv", r"row 1: unknown label 'neutral'"),
+    ("text,label\n,positive\n", ".csv", "row 1: empty 'text'"),
+    ('{"text": "a", "label": "positive"}\nnot json\n', ".jsonl", "line 2 is not valid JSON"),
+    ("a", ".xlsx", "unsupported file type"),
+])
+def test_bad_files_name_the_problem(tmp_path, content, suffix, message):
+    p = tmp_path / f"bad{suffix}"
+    p.write_text(content)
+    with pytest.raises(DataError, match=message) as exc:
+        read_text_file(p, label_names=["negative", "positive"])
+    assert str(p) in str(exc.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        read_text_file(tmp_path / "none.csv")
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "pathological"])
+def test_partitions_cover_the_data_once(sentiment, scheme):
+    parts = partition(sentiment, 4, scheme=scheme, alpha=0.3, seed=0)
+    assert len(parts) == 4
+    seen = sorted(t for p in parts for t in p.texts)
+    assert seen == sorted(sentiment.texts)
+    if scheme == "pathological":
+        assert all(len(set(p.labels)) <= 1 for p in parts)
+
+
+def test_partition_bad_arguments(sentiment):
+    with pytest.raises(DataError, match="unknown"):
+        partition(sentiment, 2, scheme="zipf")
+    with pytest.raises(DataError, match="cannot split"):
+        partition(sentiment, 1000)
+
+
+def test_dataset_rejects_out_of_range_label():
+    with pytest.raises(DataError, match="label index 2"):
+        TextDataset(["a"], [2], ["x", "y"])

@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from post_fl.config import DistillConfig, TransferConfig, TuneConfig
+from post_fl.data import DataError
+from post_fl.distill import distill_student, make_student, save_student, select_layers
+from post_fl.models import load_scoring_model
+from post_fl.prompt import init_from_vocab
+from post_fl.transfer import kl_at_temperature, post_transfer_loss, transfer_prompt
+from post_fl.tuning import tune_prompt
+
+from conftest import make_sentiment
+
+LABELS = ["negative", "positive"]
+
+
+def test_post_loss_is_zero_for_identical_models_and_mixes_with_alpha():
+    torch.manual_seed(0)
+    a, b = torch.randn(4, 10), torch.randn(4, 10)
+    loss, parts = post_transfer_loss(a, b, a, b, alpha=0.5, temperature=2.0)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    c, d = torch.randn(4, 10), torch.randn(4, 10)
+    l0, p = post_transfer_loss(a, b, c, d, alpha=0.0, temperature=2.0)
+    l1, _ = post_transfer_loss(a, b, c, d, alpha=1.0, temperature=2.0)
+    assert l0.item() == pytest.approx(p["output_kl"]) and l1.item() == pytest.approx(p["change_kl"])
+    assert l0.item() == pytest.approx(kl_at_temperature(a, c, 2.0).item())
+
+
+@pytest.mark.parametrize("kind", ["causal", "masked", "embedding"])
+def test_transfer_loss_decreases_on_public_data(tiny_dirs, kind):
+    teacher = load_scoring_model(tiny_dirs[kind], LABELS)
+    student, _ = distill_student(teacher, make_sentiment(40, seed=3), DistillConfig(num_layers=2, steps=5,
+                                                                                    batch_size=8))
+    prompt = init_from_vocab(student.word_embeddings, 3, torch.Generator().manual_seed(0))
+    tune_prompt(student, prompt, make_sentiment(32, seed=4), TuneConfig(epochs=2, batch_size=8, dp=False, lr=0.2))
+    result = transfer_prompt(student, prompt, teacher, make_sentiment(48, seed=5),
+                             TransferConfig(steps=60, batch_size=48, lr=0.2, init="vocab"), seed=0)
+    first = sum(result.losses[:3]) / 3
+    last = sum(result.losses[-3:]) / 3
+    assert last < 0.7 * first, (first, last)
+
+
+def test_transfer_refuses_empty_public_data(tiny_dirs):
+    teacher = load_scoring_model(tiny_dirs["masked"], LABELS)
+    prompt = init_from_vocab(teacher.word_embeddings, 2)
+    with pytest.raises(DataError, match="public"):
+        transfer_prompt(teacher, prompt, teacher, make_sentiment(4).subset([]), TransferConfig(steps=1))
+
+
+def test_student_keeps_width_and_evenly_spaced_layers(tiny_dirs):
+    assert select_layers(6, 2) == [0, 5] and select_layers(6, 3) == [0, 2, 5] and select_layers(4, 4) == [0, 1, 2, 3]
+    with pytest.raises(ValueError):
+        select_layers(4, 5)
+    teacher = load_scoring_model(tiny_dirs["causal"], LABELS)
+    student, kept = make_student(teacher.backbone, 2)
+    assert kept == [0, 3] and student.config.num_hidden_layers == 2
+    assert len(student.transformer.h) == 2 and len(teacher.backbone.transformer.h) == 4
+    assert torch.equal(student.transformer.h[1].mlp.c_fc.weight, teacher.backbone.transformer.h[3].mlp.c_fc.weight)
+
+
+@pytest.mark.parametrize("kind", ["causal", "masked", "embedding"])
+def test_distillation_trains_saves_and_reloads(tiny_dirs, kind, tmp_path):
+    teacher = load_scoring_model(tiny_dirs[kind], LABELS)
+    emb_before = teacher.word_embeddings.detach().clone()
+    student, report = distill_student(teacher, make_sentiment(64, seed=2),
+                                      DistillConfig(num_layers=2, steps=25, batch_size=16, lr=2e-3))
+    assert report.parameter_ratio < 0.75
+    assert sum(report.losses[-5:]) < sum(report.losses[:5])
+    assert torch.equal(student.word_embeddings, emb_before)  # prompts live in the same embedding space
+    save_student(student, tmp_path / "s", report)
+    again = load_scoring_model(str(tmp_path / "s"), LABELS, head=kind)
+    assert again.backbone.config.num_hidden_layers == 2
+    assert (tmp_path / "s" / "distill_report.json").is_file()
+    batch = again.encode(["good movie"])
+    assert torch.allclose(again(batch), student(batch), atol=1e-5)
