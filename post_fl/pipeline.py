@@ -45,12 +45,12 @@ class Task:
 
 def load_task(cfg: RunConfig) -> Task:
     """Read the private train/test data and the public text the config names (or the embedded default)."""
-    from . import embedded
-
     d = cfg.data
     label_words = dict(cfg.model.label_words)
     if EMBEDDED_DEFAULT in (d.train, d.test, d.public):
-        emb = embedded.load_embedded_task(cfg.seed)
+        from .embedded import load_embedded_task
+
+        emb = load_embedded_task(cfg.seed)
     if d.train == EMBEDDED_DEFAULT:
         train = emb.train
         label_words = {**emb.label_words, **label_words}
