@@ -10,7 +10,9 @@ classification task without a new trainable head:
   position is the mask and classes are scored as above on the MLM logits.
 * ``embedding`` (an encoder without an LM head, e.g. a sentence encoder): the prompted input
   is mean-pooled over its text tokens and a class's score is ``EMBEDDING_SCALE`` times the
-  cosine similarity to the (unprompted) pooled embedding of its label words.
+  cosine similarity to the (unprompted) pooled embedding of its label words, each put in the
+  carrier sentence ``EMBEDDING_LABEL_TEMPLATE`` (the usual hypothesis trick of zero-shot
+  classification with sentence encoders).
 
 ``answer_logits`` is the model's full output at the answer position (vocabulary logits for
 LM heads, class logits for ``embedding``): the quantity that POST's transfer loss and KD
@@ -30,6 +32,7 @@ from torch import nn
 
 HEADS = ("causal", "masked", "embedding")
 EMBEDDING_SCALE = 20.0  # inverse temperature of cosine-similarity class scores
+EMBEDDING_LABEL_TEMPLATE = "This text is {word}."
 DEFAULT_TEMPLATES = {
     "causal": "{text} It was",
     "masked": "{text} It was {mask}.",
@@ -150,6 +153,14 @@ class ScoringModel(nn.Module):
         if self._text_budget < 1:
             raise ModelError(f"max_length {max_length} leaves no room for text after the template")
         self._label_word_ids = [self._word_ids(self.label_words[n]) for n in self.label_names]
+        if head != "embedding":
+            for i, a in enumerate(self.label_names):
+                for b in self.label_names[i + 1:]:
+                    shared = set(self._label_word_ids[i]) & set(self._label_word_ids[self.label_names.index(b)])
+                    if shared:
+                        raise ModelError(f"labels {a!r} and {b!r} share the label token(s) "
+                                         f"{self.tokenizer.convert_ids_to_tokens(sorted(shared))}: the verbalizer "
+                                         "scores a class by the first token of each label word; choose other words")
         self._label_embeddings: torch.Tensor | None = None
         # not registered as a submodule: it already belongs to the backbone
         object.__setattr__(self, "_lm_head", self._find_lm_head() if head != "embedding" else None)
@@ -266,7 +277,7 @@ class ScoringModel(nn.Module):
             with torch.no_grad():
                 vecs = []
                 for name in self.label_names:
-                    b = self.encode(self.label_words[name])
+                    b = self.encode([EMBEDDING_LABEL_TEMPLATE.format(word=w) for w in self.label_words[name]])
                     h, m, n = self.hidden_states(b.input_ids, b.attention_mask)
                     vecs.append(nn.functional.normalize(self._pool(h, m, n).mean(0), dim=-1))
                 self._label_embeddings = torch.stack(vecs)

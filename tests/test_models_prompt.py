@@ -115,3 +115,8 @@ def test_saved_prompt_loads_in_peft(tmp_path, tiny_dirs):
     # and PEFT's prompted forward runs on it
     ids = m.tokenizer("good movie", return_tensors="pt")
     assert model(**ids).logits.shape[1] == ids["input_ids"].shape[1] + 4
+
+
+def test_classes_sharing_a_label_token_are_refused(tiny_dirs):
+    with pytest.raises(ModelError, match="share the label token"):
+        load_scoring_model(tiny_dirs["causal"], LABELS, label_words={"negative": ["bad"], "positive": ["bad"]})
