@@ -34,14 +34,17 @@ from post_fl.prompt import SoftPrompt, init_from_vocab  # noqa: E402
 from post_fl.tuning import PromptedClassifier, encode_dataset, tune_prompt  # noqa: E402
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    samples = []
+def _interleaved_times(fns: dict, repeats: int) -> dict:
+    """Median seconds of each function, timed round-robin so that load changes hit all of them alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    samples = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def step_times(model: ScoringModel, texts, labels, batch_size: int, repeats: int) -> dict:
@@ -82,9 +85,8 @@ def step_times(model: ScoringModel, texts, labels, batch_size: int, repeats: int
             grads.append(prompt.weight.grad.clone())
         return torch.stack(grads)
 
-    plain = _time(plain_step, repeats)
-    dp = _time(dp_step, repeats)
-    loop = _time(loop_step, max(1, repeats // 2))
+    t = _interleaved_times({"plain": plain_step, "dp": dp_step, "loop": loop_step}, repeats)
+    plain, dp, loop = t["plain"], t["dp"], t["loop"]
     return {"non_dp_step_s": plain, "dp_step_s": dp, "per_example_loop_step_s": loop,
             "dp_over_non_dp": dp / plain, "loop_over_dp": loop / dp}
 

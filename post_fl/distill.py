@@ -204,7 +204,7 @@ def distill_student(teacher: ScoringModel, public: TextDataset, cfg: DistillConf
     for p in backbone.parameters():
         p.requires_grad_(False)
     backbone.eval()
-    student._label_embeddings = None  # computed with the untrained student; recompute
+    student.reset_label_cache()  # label embeddings were computed with the untrained student
     report.agreement_after = answer_agreement(teacher, student, held)
     report.seconds = time.perf_counter() - start
     return student, report

@@ -271,6 +271,10 @@ class ScoringModel(nn.Module):
         pooled = (hidden[:, n_prompt:] * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         return nn.functional.normalize(pooled, dim=-1)
 
+    def reset_label_cache(self) -> None:
+        """Forget cached label embeddings (call after changing the backbone's weights)."""
+        self._label_embeddings = None
+
     def label_embeddings(self) -> torch.Tensor:
         """Pooled, unprompted embeddings of each class's label words (``embedding`` head only)."""
         if self._label_embeddings is None:
