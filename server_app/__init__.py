@@ -1,0 +1,1 @@
+"""Flower ServerApp of post-fl: thin glue around :mod:`post_fl.federated` (server side)."""

@@ -1,0 +1,223 @@
+"""post-fl ServerApp (Flower Message API): the round loop of :mod:`post_fl.federated` over a Grid.
+
+``GridTransport`` is the only Flower-specific part: it learns each node's client id with a
+``query.hello`` (which also says whether the node already caches the student), sends the
+student once per client process that lacks it (``query.model``), and runs train rounds,
+re-sending the weights only to clients that answer ``need-model``.
+"""
+
+from __future__ import annotations
+
+import json
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from post_fl import federated as fl
+from post_fl.aggregate import ClientUpdate
+
+
+class GridTransport:
+    """Sends post-fl messages through a Flower Grid and parses the replies strictly."""
+
+    def __init__(self, grid: Grid, server: fl.FederatedServer, fed: fl.FederatedConfig) -> None:
+        self.grid, self.server, self.fed = grid, server, fed
+        self.timeout = fed.timeout or None
+        self.node_of: dict[int, int] = {}  # client id -> node id
+        self.model_sends = 0
+
+    def _send(self, messages: list[Message]) -> list[Message]:
+        return list(self.grid.send_and_receive(messages, timeout=self.timeout)) if messages else []
+
+    def client_ids(self) -> list[int]:
+        nodes = sorted(self.grid.get_node_ids())
+        cfg = RecordDict({fl.TRAIN_CONFIG_RECORD: ConfigRecord({"model-hash": self.server.model_hash})})
+        replies = self._send([Message(cfg, n, "query.hello", group_id="hello") for n in nodes])
+        missing: dict[str, int] = {}
+        for r in replies:
+            if r.has_error():
+                log(WARNING, "node %s did not answer hello: %s", r.metadata.src_node_id, r.error.reason)
+                continue
+            h = r.content.config_records[fl.HELLO_RECORD]
+            cid = int(h["client-id"])
+            if cid in self.node_of:
+                raise ValueError(f"two nodes report client id {cid}")
+            self.node_of[cid] = r.metadata.src_node_id
+            if not h["has-model"]:
+                missing.setdefault(str(h["cache-key"]), r.metadata.src_node_id)
+        self.send_model(list(missing.values()))
+        log(INFO, "%s clients answered; student sent to %s client process(es)", len(self.node_of), len(missing))
+        return sorted(self.node_of)
+
+    def _model_content(self) -> RecordDict:
+        pkg = self.server.package
+        files: dict[str, Any] = {f"file:{k}": v for k, v in pkg.files.items()}
+        files.update({"model-hash": pkg.model_hash, "spec": json.dumps(pkg.spec)})
+        arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in pkg.weights.items()})
+        return RecordDict({fl.STUDENT_WEIGHTS_RECORD: arrays, fl.STUDENT_FILES_RECORD: ConfigRecord(files)})
+
+    def send_model(self, nodes: list[int]) -> None:
+        """Send the student weights to ``nodes`` (one per client process that lacks them)."""
+        if not nodes:
+            return
+        content = self._model_content()
+        for r in self._send([Message(content, n, "query.model", group_id="model") for n in nodes]):
+            if r.has_error():
+                raise RuntimeError(f"node {r.metadata.src_node_id} could not install the student: {r.error.reason}")
+        self.model_sends += len(nodes)
+
+    def _train_messages(self, rnd: int, prompt: np.ndarray, instructions: dict[int, dict]) -> list[Message]:
+        msgs = []
+        for cid, ins in instructions.items():
+            content = RecordDict({fl.TRAIN_PROMPT_RECORD: ArrayRecord({"prompt": Array(np.ascontiguousarray(prompt))}),
+                                  fl.TRAIN_CONFIG_RECORD: ConfigRecord(dict(ins))})
+            msgs.append(Message(content, self.node_of[cid], "train", group_id=str(rnd)))
+        return msgs
+
+    def train_round(self, server_round: int, prompt: np.ndarray, instructions: dict[int, dict]) -> fl.RoundReplies:
+        if self.fed.secagg:
+            return self.secure_train_round(server_round, prompt, instructions)
+        client_of = {n: c for c, n in self.node_of.items()}
+        out = fl.RoundReplies()
+        pending = dict(instructions)
+        for attempt in range(2):
+            need: dict[str, int] = {}
+            retry: dict[int, dict] = {}
+            for r in self._send(self._train_messages(server_round, prompt, pending)):
+                cid = client_of[r.metadata.src_node_id]
+                if r.has_error():
+                    out.failures[cid] = f"error {r.error.code}: {r.error.reason}"
+                    continue
+                status = r.content.config_records.get(fl.REPLY_STATUS_RECORD)
+                if status is not None and status.get("status") == fl.NEED_MODEL:
+                    need.setdefault(str(status.get("cache-key")), r.metadata.src_node_id)
+                    retry[cid] = pending[cid]
+                    continue
+                try:
+                    upd = parse_train_reply(cid, r.content)
+                except ValueError as exc:
+                    out.failures[cid] = str(exc)
+                    continue
+                out.updates.append(upd)
+                out.metrics[cid] = upd.metrics
+            if not retry:
+                break
+            if attempt == 0:
+                self.send_model(list(need.values()))
+                pending = retry
+            else:
+                for cid in retry:
+                    out.failures[cid] = "still lacks the student after it was sent"
+        return out
+
+
+    def secure_train_round(self, server_round: int, prompt: np.ndarray,
+                           instructions: dict[int, dict]) -> fl.RoundReplies:
+        """One round through Flower's SecAgg+ (``SecAggPlusWorkflow``): the server learns only the mean.
+
+        Flower 1.41's SecAgg+ workflow is written against the legacy strategy API, so it runs here
+        inside a ``LegacyContext`` whose strategy only hands out this round's instructions and
+        captures the unmasked aggregate. Clients weigh their (clipped) updates equally, so the
+        result is the uniform mean over the clients that completed the protocol.
+        """
+        from flwr.common import FitIns, ndarrays_to_parameters
+        from flwr.common import parameters_to_ndarrays
+        from flwr.server.client_manager import SimpleClientManager
+        from flwr.server.compat.grid_client_proxy import GridClientProxy
+        from flwr.server.compat.legacy_context import LegacyContext
+        from flwr.server.strategy import Strategy as LegacyStrategy
+        from flwr.server.workflow import SecAggPlusWorkflow
+        from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+        from flwr.server.workflow.constant import Key as WorkflowKey
+        import flwr.compat.common.recorddict_compat as compat
+
+        client_of = {n: c for c, n in self.node_of.items()}
+        proxies = {c: GridClientProxy(self.node_of[c], self.grid, self.grid.run.run_id) for c in instructions}
+        params = ndarrays_to_parameters([np.ascontiguousarray(prompt)])
+        captured: dict[str, Any] = {}
+
+        class _Capture(LegacyStrategy):
+            def initialize_parameters(self, client_manager):
+                return None
+
+            def configure_fit(self, server_round, parameters, client_manager):
+                return [(proxies[c], FitIns(parameters, dict(instructions[c]))) for c in sorted(instructions)]
+
+            def aggregate_fit(self, server_round, results, failures):
+                captured["mean"] = parameters_to_ndarrays(results[0][1].parameters)[0] if results else None
+                captured["metrics"] = {client_of[p.node_id]: dict(r.metrics) for p, r in results}
+                captured["failures"] = failures
+                return None, {}
+
+            def configure_evaluate(self, *a):
+                return []
+
+            def aggregate_evaluate(self, *a):
+                return None, {}
+
+            def evaluate(self, *a):
+                return None
+
+        from flwr.app import Context
+
+        base = Context(run_id=self.grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={})
+        ctx = LegacyContext(base, strategy=_Capture(), client_manager=SimpleClientManager())
+        ctx.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
+        ctx.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(params, True)
+        SecAggPlusWorkflow(num_shares=self.fed.secagg_num_shares,
+                           reconstruction_threshold=self.fed.secagg_reconstruction_threshold,
+                           clipping_range=float(self.fed.client_clip), max_weight=1.0,
+                           quantization_range=self.fed.secagg_quantization_range,
+                           timeout=self.timeout)(self.grid, ctx)
+        out = fl.RoundReplies()
+        if captured.get("mean") is None:
+            out.failures = {c: "secure aggregation halted (too few clients completed SecAgg+)" for c in instructions}
+            return out
+        out.metrics = captured["metrics"]
+        out.secure_mean = np.asarray(captured["mean"], np.float32)
+        out.secure_count = len(out.metrics)
+        return out
+
+
+def parse_train_reply(cid: int, content: RecordDict) -> ClientUpdate:
+    """The update and metrics of a train reply; ValueError naming what is missing."""
+    arrays = content.array_records.get(fl.REPLY_UPDATE_RECORD)
+    metrics = content.metric_records.get(fl.REPLY_METRICS_RECORD)
+    if arrays is None or "delta" not in arrays or metrics is None:
+        raise ValueError(f"reply lacks {fl.REPLY_UPDATE_RECORD}.delta or {fl.REPLY_METRICS_RECORD}")
+    m = dict(metrics)
+    if "num-examples" not in m:
+        raise ValueError("reply metrics lack num-examples")
+    return ClientUpdate(cid, arrays["delta"].numpy(), int(m["num-examples"]), m)
+
+
+def _one_log_view() -> None:
+    """Round progress goes through Flower's logger only: no second copy via the root logger, no bars."""
+    import logging
+
+    flwr_logger = logging.getLogger("flwr")
+    if flwr_logger.handlers:
+        flwr_logger.propagate = False
+    logging.getLogger("post_fl").setLevel(logging.WARNING)  # post_fl's own info lines duplicate the report
+
+
+def make_server_app(run_config: dict[str, Any] | None = None, after_round=None) -> ServerApp:
+    """A ServerApp; ``run_config`` (flat) overrides ``context.run_config`` (``run_simulation`` passes none)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_cfg, fed = fl.build_configs(run_config if run_config is not None else dict(context.run_config))
+        _one_log_view()
+        server = fl.FederatedServer(run_cfg, fed, report=lambda m: log(INFO, "[post-fl] %s", m))
+        fl.run_federated(server, GridTransport(grid, server, fed), after_round)
+
+    return app
+
+
+app = make_server_app()

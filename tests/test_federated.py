@@ -1,0 +1,183 @@
+"""Federated rounds without Flower: config, rounds, rejection, min-clients failure, resume, user-level DP."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from conftest import build_tiny_model, make_sentiment
+
+from post_fl import federated as F
+from post_fl.aggregate import RoundFailedError
+from post_fl.config import ConfigError
+from post_fl.data import write_text_file
+from post_fl.prompt import load_prompt
+
+
+def fed_flat(root, tmp, **over):
+    """A small flat run-config (as Flower passes it) over files written under ``root``."""
+    flat = {"model.teacher": str(root / "teacher"), "model.student": str(root / "student"),
+            "model.label_words.positive": "good", "model.label_words.negative": "bad",
+            "data.train": str(root / "train.csv"), "data.test": str(root / "test.csv"),
+            "data.public": str(root / "public.jsonl"), "seed": 3,
+            "tune.epochs": 2.0, "tune.batch_size": 16, "tune.target_epsilon": 8.0, "prompt.num_virtual_tokens": 4,
+            "transfer.steps": 4, "transfer.batch_size": 8, "output_dir": str(tmp / "run"),
+            "federated.rounds": 2, "federated.num_clients": 6, "federated.fraction_train": 0.5,
+            "federated.min_clients": 2, "federated.client_cache_dir": str(tmp / "cache")}
+    flat.update(over)
+    return flat
+
+
+@pytest.fixture(scope="session")
+def fed_root(tmp_path_factory):
+    """Tiny masked-LM teacher, a distilled 2-layer student and generated task files."""
+    from post_fl.config import DistillConfig
+    from post_fl.data import TextDataset
+    from post_fl.distill import distill_student, save_student
+    from post_fl.models import load_scoring_model
+
+    root = tmp_path_factory.mktemp("fed")
+    build_tiny_model("masked", root / "teacher")
+    write_text_file(make_sentiment(96, seed=11), root / "train.csv")
+    write_text_file(make_sentiment(32, seed=12), root / "test.csv")
+    pub = make_sentiment(32, seed=13)
+    write_text_file(TextDataset(pub.texts, [], []), root / "public.jsonl")
+    teacher = load_scoring_model(str(root / "teacher"), ["negative", "positive"],
+                                 {"positive": ["good"], "negative": ["bad"]})
+    student, rep = distill_student(teacher, pub, DistillConfig(num_layers=2, steps=3, batch_size=8))
+    save_student(student, root / "student", rep)
+    return root
+
+
+def run_local(flat, tamper=None, after_round=None):
+    run_cfg, fed = F.build_configs(flat)
+    server = F.FederatedServer(run_cfg, fed)
+    transport = F.LocalTransport(server, run_cfg, fed, tamper)
+    return F.run_federated(server, transport, after_round), server, transport
+
+
+def test_build_configs_from_flat_run_config(fed_root, tmp_path):
+    run_cfg, fed = F.build_configs(fed_flat(fed_root, tmp_path, **{"federated.aggregation": "uniform"}))
+    assert fed.rounds == 2 and fed.aggregation == "uniform" and run_cfg.tune.batch_size == 16
+    assert run_cfg.model.label_words == {"positive": ["good"], "negative": ["bad"]}
+    assert fed.clients_per_round == 3
+    with pytest.raises(ConfigError, match="federated.*roundz"):
+        F.build_configs({"federated.roundz": 2})
+    with pytest.raises(ConfigError, match="min_clients"):
+        F.build_configs({"federated.min_clients": 20, "federated.num_clients": 10})
+    with pytest.raises(ConfigError, match="secagg"):
+        F.build_configs({"federated.secagg": True})
+    again = F.build_configs(F.flatten_configs(run_cfg, fed))
+    assert again == (run_cfg, fed)
+
+
+def test_rounds_results_and_privacy(fed_root, tmp_path):
+    F._STUDENTS.clear()
+    results, server, transport = run_local(fed_flat(fed_root, tmp_path))
+    run = tmp_path / "run"
+    assert transport.model_sends == 1  # one process, one copy of the student
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    assert all(r["sampled"] == 3 and r["valid"] == 3 for r in results["rounds"])
+    assert all(0 <= r["test_accuracy"] <= 1 for r in results["rounds"])
+    acc = results["accuracy"]
+    assert set(acc) == {"student_zero_shot", "student_federated_prompt", "teacher_zero_shot",
+                        "teacher_direct_prompt", "teacher_transferred_prompt"}
+    eps = results["privacy"]["sample_level"]["epsilon_per_client"]
+    assert eps and all(0 < e <= 8.0 + 1e-6 for e in eps.values())
+    assert results["privacy"]["user_level"] is None
+    on_disk = json.loads((run / "results.json").read_text())
+    assert on_disk["rounds"][-1]["round"] == 2
+    prompt, cfg = load_prompt(run / "prompt_teacher", expected_dim=32)
+    assert cfg["peft_type"] == "PROMPT_TUNING" and prompt.num_virtual_tokens == 4
+    assert (run / "checkpoint" / F.CHECKPOINT_FILE).is_file()
+
+
+def test_bad_updates_are_rejected_and_round_continues(fed_root, tmp_path, caplog):
+    def tamper(u):
+        if u.client_id == min(sampled_first):
+            u.delta = u.delta.copy()
+            u.delta[0, 0] = np.nan
+        return u
+
+    run_cfg, fed = F.build_configs(fed_flat(fed_root, tmp_path, **{"federated.rounds": 1}))
+    server = F.FederatedServer(run_cfg, fed)
+    server.prepare()
+    sampled_first = server.sample(1, list(range(6)))
+    results, _, _ = run_local(fed_flat(fed_root, tmp_path, **{"federated.rounds": 1}), tamper)
+    row = results["rounds"][0]
+    assert row["valid"] == 2 and list(row["rejected"]) == [str(min(sampled_first))]
+    assert "non-finite" in row["rejected"][str(min(sampled_first))]
+    assert "rejected update of client" in caplog.text
+
+
+def test_norm_bound_and_min_clients_failure(fed_root, tmp_path):
+    def blow_up(u):
+        u.delta = u.delta * 0 + 1e3
+        return u
+
+    flat = fed_flat(fed_root, tmp_path, **{"federated.max_update_norm": 10.0, "federated.rounds": 1})
+    with pytest.raises(RoundFailedError, match=r"round 1 failed: 0 valid update\(s\) from 3 sampled client\(s\) "
+                                               r"\(3 rejected, 0 failed or missing\), but at least 2"):
+        run_local(flat, blow_up)
+
+
+def test_resume_after_kill_gives_same_result(fed_root, tmp_path):
+    flat_a = fed_flat(fed_root, tmp_path / "a", **{"federated.rounds": 3})
+    full, server_a, _ = run_local(flat_a)
+
+    class Killed(Exception):
+        pass
+
+    def kill(rnd):
+        if rnd == 1:
+            raise Killed
+
+    flat_b = fed_flat(fed_root, tmp_path / "b", **{"federated.rounds": 3})
+    with pytest.raises(Killed):
+        run_local(flat_b, after_round=kill)
+    resumed, server_b, _ = run_local(flat_b)  # a new server and fresh clients: state from the checkpoint only
+    assert np.array_equal(server_a.prompt, server_b.prompt)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(full["rounds"]) == strip(resumed["rounds"])
+    assert full["privacy"]["sample_level"]["epsilon_per_client"] == \
+        resumed["privacy"]["sample_level"]["epsilon_per_client"]
+    assert full["accuracy"] == resumed["accuracy"]
+    # a checkpoint from other settings is refused, not silently mixed in
+    with pytest.raises(ValueError, match="different settings"):
+        run_local({**flat_b, "tune.lr": 0.5})
+
+
+def test_user_level_dp(fed_root, tmp_path):
+    flat = fed_flat(fed_root, tmp_path, **{"federated.user_dp": True, "federated.user_dp_clip": 0.5,
+                                           "federated.user_dp_target_epsilon": 20.0,
+                                           "federated.fraction_train": 0.6, "federated.min_clients": 1})
+    results, server, _ = run_local(flat)
+    user = results["privacy"]["user_level"]
+    assert 0 < user["epsilon"] <= 20.0 + 1e-6 and user["rounds"] == 2
+    assert user["noise_multiplier"] > 0
+    assert all(not math.isnan(r["update_norm"]) for r in results["rounds"])
+
+
+def test_securely_aggregated_mean_is_used_as_is(fed_root, tmp_path):
+    """With secure aggregation the server only sees the mean (and per-client metrics): it applies it unchanged."""
+    from post_fl.aggregate import aggregate_updates
+
+    class SecureLocal(F.LocalTransport):
+        def train_round(self, server_round, prompt, instructions):
+            plain = super().train_round(server_round, prompt, instructions)
+            assert all(ins["clip"] == 5.0 for ins in instructions.values())  # clients clip before masking
+            self.mean = aggregate_updates(plain.updates, "fedavg")
+            return F.RoundReplies(metrics=plain.metrics, secure_mean=self.mean, secure_count=len(plain.updates))
+
+    flat = fed_flat(fed_root, tmp_path, **{"federated.rounds": 1, "federated.secagg": True,
+                                           "federated.max_update_norm": 5.0})
+    run_cfg, fed = F.build_configs(flat)
+    server = F.FederatedServer(run_cfg, fed)
+    server.prepare()
+    start = server.prompt.copy()
+    transport = SecureLocal(server, run_cfg, fed)
+    sampled = server.sample(1, transport.client_ids())
+    row = server.complete_round(1, sampled, transport.train_round(1, server.prompt,
+                                                                  server.instructions(1, sampled)))
+    np.testing.assert_allclose(server.prompt, start + transport.mean, rtol=1e-6)
+    assert row["valid"] == 3 and row["rejected"] == {}

@@ -1,0 +1,148 @@
+"""The Flower glue: real ServerApp/ClientApp over an in-process Grid, and (slow) Flower's simulation runtime."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import make_sentiment
+from test_federated import fed_flat, fed_root  # noqa: F401  (session fixture)
+
+from post_fl import federated as F
+
+ALLOWED_TRAIN_REPLY = {F.REPLY_UPDATE_RECORD: {"delta"}, F.REPLY_METRICS_RECORD: set(F.REPLY_METRIC_KEYS)}
+
+
+def _apps(flat, after_round=None):
+    from client_app.app import make_client_app
+    from server_app.app import make_server_app
+
+    return make_server_app(flat, after_round), make_client_app(flat)
+
+
+def test_inprocess_run_and_reply_contents(fed_root, tmp_path):  # noqa: F811
+    from simulation.inprocess import run_inprocess
+
+    F._STUDENTS.clear()
+    flat = fed_flat(fed_root, tmp_path, **{"federated.num_clients": 6, "federated.fraction_train": 0.5})
+    server_app, client_app = _apps(flat)
+    grid = run_inprocess(server_app, client_app, 6)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [r["valid"] for r in results["rounds"]] == [3, 3]
+    types = [m.metadata.message_type for m in grid.sent]
+    # the student crosses the wire once (one client process here), by hash afterwards
+    assert types.count("query.model") == 1 and types.count("query.hello") == 6
+    prompt_shape = None
+    for m in grid.sent:
+        if m.metadata.message_type == "train":
+            prompt_shape = m.content.array_records[F.TRAIN_PROMPT_RECORD]["prompt"].numpy().shape
+            assert set(m.content.config_records[F.TRAIN_CONFIG_RECORD]) == \
+                {"round", "model-hash", "client-seed", "prior-steps", "clip"}
+    train_replies = [m for m in grid.received if m.metadata.message_type == "train"]
+    assert len(train_replies) == 6
+    for m in train_replies:
+        assert not m.has_error()
+        c = m.content
+        assert not c.config_records  # no free-form strings: no text, no token ids
+        assert {k: set(v) for k, v in c.array_records.items()} == {F.REPLY_UPDATE_RECORD: {"delta"}}
+        assert {k: set(v) for k, v in c.metric_records.items()} == {F.REPLY_METRICS_RECORD: set(F.REPLY_METRIC_KEYS)}
+        delta = c.array_records[F.REPLY_UPDATE_RECORD]["delta"].numpy()
+        assert delta.dtype == np.float32 and delta.shape == prompt_shape
+        assert all(isinstance(v, (int, float)) for v in c.metric_records[F.REPLY_METRICS_RECORD].values())
+    hello = [m for m in grid.received if m.metadata.message_type == "query.hello"]
+    assert all(set(m.content.config_records[F.HELLO_RECORD]) == {"client-id", "has-model", "cache-key"}
+               for m in hello)
+    # the client's privacy record stays in its own Context state
+    states = [ctx.state.config_records.get(F.CLIENT_STATE_RECORD) for ctx in grid.contexts.values()]
+    assert sum(s is not None for s in states) >= 3
+
+
+def test_need_model_is_answered_with_the_weights(fed_root, tmp_path):  # noqa: F811
+    """A client that lost its cached student replies need-model; the server resends it and the round completes."""
+    import shutil
+
+    from simulation.inprocess import run_inprocess
+
+    F._STUDENTS.clear()
+    flat = fed_flat(fed_root, tmp_path)
+
+    def forget(rnd):
+        F._STUDENTS.clear()
+        shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+
+    server_app, client_app = _apps(flat, after_round=forget)
+    grid = run_inprocess(server_app, client_app, 6)
+    types = [m.metadata.message_type for m in grid.sent]
+    assert types.count("query.model") == 2
+    statuses = [m.content.config_records[F.REPLY_STATUS_RECORD]["status"] for m in grid.received
+                if m.metadata.message_type == "train" and F.REPLY_STATUS_RECORD in m.content.config_records]
+    assert statuses == [F.NEED_MODEL] * 3  # round 2's sampled clients, once each
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [r["valid"] for r in results["rounds"]] == [3, 3]
+
+
+def test_client_failure_is_counted_not_fatal(fed_root, tmp_path):  # noqa: F811
+    from simulation.inprocess import InProcessGrid
+
+    from flwr.app import Context, RecordDict
+
+    F._STUDENTS.clear()
+    flat = fed_flat(fed_root, tmp_path, **{"federated.rounds": 1})
+    server_app, client_app = _apps(flat)
+    grid = InProcessGrid(client_app, 6)
+    first = next(iter(grid.contexts))
+    grid.contexts[first].node_config["num-partitions"] = 7  # this client is misconfigured: its train call fails
+    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
+    row = json.loads((tmp_path / "run" / "results.json").read_text())["rounds"][0]
+    assert row["valid"] + len(row["failed"]) == row["sampled"]
+
+
+@pytest.mark.slow
+def test_flower_simulation_with_ray(fed_root, tmp_path):  # noqa: F811
+    """Flower's simulation runtime (Ray backend, 2 worker processes): 4 virtual clients, 2 rounds."""
+    from simulation.run import simulate
+
+    flat = fed_flat(fed_root, tmp_path, **{"federated.num_clients": 4, "tune.batch_size": 24})
+    simulate(flat, num_supernodes=4, num_cpus=2)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [r["valid"] for r in results["rounds"]] == [2, 2]
+    assert "teacher_transferred_prompt" in results["accuracy"]
+
+
+def test_secagg_plus_inprocess(fed_root, tmp_path):  # noqa: F811
+    """SecAgg+ with client-side clipping: the server gets the (uniform) mean only, and applies it."""
+    from simulation.inprocess import run_inprocess
+
+    F._STUDENTS.clear()
+    flat = fed_flat(fed_root, tmp_path, **{"federated.secagg": True, "federated.max_update_norm": 5.0,
+                                           "federated.rounds": 1, "federated.fraction_train": 0.67})
+    server_app, client_app = _apps(flat)
+    grid = run_inprocess(server_app, client_app, 6)
+    row = json.loads((tmp_path / "run" / "results.json").read_text())["rounds"][0]
+    assert row["sampled"] == 5 and row["valid"] == 5 and row["failed"] == {}
+    assert 0 < row["update_norm"] <= 5.0 + 1e-3
+    masked = [m for m in grid.received if m.metadata.message_type == "train" and not m.has_error()
+              and any(len(a) for a in m.content.array_records.values())]
+    assert masked == []  # no client sent its update in the clear
+
+
+def test_site_data_path_is_used_and_bad_site_fails_alone(fed_root, tmp_path):  # noqa: F811
+    """Deployment: node config data-path gives each site its own file; a malformed file fails only that site."""
+    from simulation.inprocess import InProcessGrid
+
+    from flwr.app import Context, RecordDict
+    from post_fl.data import write_text_file
+
+    F._STUDENTS.clear()
+    flat = fed_flat(fed_root, tmp_path, **{"federated.rounds": 1, "federated.num_clients": 3,
+                                           "federated.fraction_train": 1.0})
+    server_app, client_app = _apps(flat)
+    grid = InProcessGrid(client_app, 3)
+    for i, ctx in enumerate(grid.contexts.values()):
+        path = tmp_path / f"site{i}.csv"
+        write_text_file(make_sentiment(10 + 4 * i, seed=20 + i), path)
+        ctx.node_config["data-path"] = str(path)
+    (tmp_path / "site2.csv").write_text("text,stars\nhello,5\n")
+    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
+    row = json.loads((tmp_path / "run" / "results.json").read_text())["rounds"][0]
+    assert row["valid"] == 2 and row["examples"] == 10 + 14
+    assert "site2.csv" in row["failed"]["2"] and "missing column 'label'" in row["failed"]["2"]
