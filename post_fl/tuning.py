@@ -11,6 +11,7 @@ client ever took, not over one call.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -77,11 +78,17 @@ def sample_rate(cfg: TuneConfig, n_examples: int) -> float:
 
 def calibrate_noise_multiplier(cfg: TuneConfig, n_examples: int, total_steps: int) -> float:
     """Smallest noise multiplier such that ``total_steps`` DP-SGD steps at rate q spend <= target epsilon."""
+    return _noise_multiplier(cfg.target_epsilon, resolve_delta(cfg, n_examples), sample_rate(cfg, n_examples),
+                             total_steps, cfg.accountant)
+
+
+@functools.lru_cache(maxsize=256)
+def _noise_multiplier(target_epsilon: float, delta: float, q: float, steps: int, accountant: str) -> float:
+    """Opacus' binary search for sigma (seconds per call), memoised: many clients share the same inputs."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    return get_noise_multiplier(target_epsilon=cfg.target_epsilon, target_delta=resolve_delta(cfg, n_examples),
-                                sample_rate=sample_rate(cfg, n_examples), steps=total_steps,
-                                accountant=cfg.accountant)
+    return get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=q, steps=steps,
+                                accountant=accountant)
 
 
 def epsilon_from_history(history: list, delta: float, accountant: str = "rdp") -> float:
