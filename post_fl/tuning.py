@@ -57,7 +57,7 @@ class TuneResult:
     steps: int
     examples: int
     mean_loss: float
-    seconds: float
+    seconds: float  # the training loop alone (no tokenization, no noise calibration)
     accountant_history: list = field(default_factory=list)
 
 
@@ -132,7 +132,6 @@ def tune_prompt(model: ScoringModel, prompt: SoftPrompt, data: TextDataset, cfg:
         raise DataError("cannot tune a prompt on an empty dataset")
     if prompt.dim != model.embedding_dim:
         raise ValueError(f"prompt has embedding size {prompt.dim}, model expects {model.embedding_dim}")
-    start = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     dataset = encode_dataset(model, data)
     n = len(dataset)
@@ -156,6 +155,7 @@ def tune_prompt(model: ScoringModel, prompt: SoftPrompt, data: TextDataset, cfg:
             module=net, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
             max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, noise_generator=noise_gen)
     net.train()
+    start = time.perf_counter()  # training time only: not tokenization or noise calibration
     losses: list[float] = []
     loss_fn = nn.CrossEntropyLoss()
     bar = None

@@ -1,0 +1,136 @@
+"""Plots of a privacy-utility sweep (matplotlib, Agg canvas; no display needed).
+
+Both functions take the rows of a sweep's results.csv (dicts of strings, as
+:func:`post_fl.sweep.read_results` gives) and write one PNG:
+
+* :func:`plot_accuracy_vs_epsilon`: one panel per number of clients, test accuracy against
+  the target ε (``inf`` = non-private, drawn rightmost), one line per method and partitioning;
+  the teacher's zero-shot accuracy is a dashed horizontal line.
+* :func:`plot_accuracy_vs_clients`: one panel per target ε, accuracy against the number of
+  clients (1 = single site).
+
+Points are the mean over seeds, bars the min..max over seeds. The caption states how the ε
+axis is shared by DP-SGD methods and RAPT (different units).
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from collections import defaultdict
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+METHOD_STYLE = {
+    "zero_shot": dict(color="0.4", linestyle="--"),
+    "direct": dict(color="tab:orange", marker="s"),
+    "post": dict(color="tab:blue", marker="o"),
+    "teacher_dp": dict(color="tab:green", marker="^"),
+    "rapt": dict(color="tab:red", marker="D"),
+}
+PART_STYLE = {"iid": "-", "dirichlet": ":", "pathological": "-."}
+
+
+def _f(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _eps_label(e: float) -> str:
+    return "∞\n(no DP)" if math.isinf(e) else f"{e:g}"
+
+
+def _series(rows, x_name: str, panel_name: str):
+    """{panel value: {(method, partition label): {x: [accuracies]}}} and the zero-shot accuracies."""
+    panels: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    zero = []
+    for r in rows:
+        acc = _f(r.get("accuracy"))
+        if math.isnan(acc):
+            continue
+        if r.get("method") == "zero_shot":
+            zero.append(acc)
+            continue
+        part = r.get("partitioning", "")
+        if part == "dirichlet":
+            part = f"dirichlet(α={_f(r.get('dirichlet_alpha')):g})"
+        panels[_f(r[panel_name])][(r["method"], part)][_f(r[x_name])].append(acc)
+    return panels, zero
+
+
+def _save(fig: Figure, path: Path, caption: str) -> Path:
+    if caption:
+        fig.text(0.01, 0.01, "\n".join(textwrap.wrap(caption, 150)), fontsize=7, va="bottom", ha="left")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, format="png", dpi=110)
+    return path
+
+
+def _figure(n_panels: int) -> tuple[Figure, list]:
+    cols = min(n_panels, 3) or 1
+    rows = max(1, math.ceil(n_panels / cols))
+    fig = Figure(figsize=(5.2 * cols, 3.9 * rows + 1.1))
+    axes = [fig.add_subplot(rows, cols, i + 1) for i in range(max(n_panels, 1))]
+    fig.subplots_adjust(bottom=0.2 + 0.05 / rows, top=0.9, wspace=0.28, hspace=0.45)
+    return fig, axes
+
+
+def _draw(ax, series: dict, positions: dict, zero: list[float]) -> None:
+    for (method, part), points in sorted(series.items()):
+        xs = sorted(points)
+        style = dict(METHOD_STYLE.get(method, {}))
+        style.setdefault("linestyle", PART_STYLE.get(part.split("(")[0], "-"))
+        means = [sum(points[x]) / len(points[x]) for x in xs]
+        lo = [m - min(points[x]) for m, x in zip(means, xs)]
+        hi = [max(points[x]) - m for m, x in zip(means, xs)]
+        ax.errorbar([positions[x] for x in xs], means, yerr=[lo, hi], capsize=2, label=f"{method} [{part}]",
+                    **style)
+    if zero:
+        ax.axhline(sum(zero) / len(zero), label="zero_shot (teacher)", **METHOD_STYLE["zero_shot"])
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+
+
+def plot_accuracy_vs_epsilon(rows: list[dict], path: str | Path, caption: str = "") -> Path:
+    """Accuracy vs target ε, one panel per client count (``inf`` = no DP, rightmost). Returns the PNG path."""
+    panels, zero = _series(rows, "target_epsilon", "num_clients")
+    eps = sorted({x for p in panels.values() for s in p.values() for x in s})
+    positions = {e: i for i, e in enumerate(eps)}
+    fig, axes = _figure(len(panels))
+    for ax, n in zip(axes, sorted(panels)):
+        _draw(ax, panels[n], positions, zero)
+        ax.set_xticks(range(len(eps)), [_eps_label(e) for e in eps])
+        ax.set_xlabel("target ε (DP-SGD: example-level; RAPT: per-token local)")
+        ax.set_title("1 client (single site)" if n == 1 else f"{n:g} clients")
+    if not panels:
+        axes[0].text(0.5, 0.5, "no finished cells", ha="center")
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        axes[0].legend(fontsize=7, loc="best")
+    fig.suptitle("Privacy-utility: test accuracy vs ε")
+    return _save(fig, Path(path), caption)
+
+
+def plot_accuracy_vs_clients(rows: list[dict], path: str | Path, caption: str = "") -> Path:
+    """Accuracy vs number of clients, one panel per target ε. Returns the PNG path."""
+    panels, zero = _series(rows, "num_clients", "target_epsilon")
+    counts = sorted({x for p in panels.values() for s in p.values() for x in s})
+    positions = {c: i for i, c in enumerate(counts)}
+    fig, axes = _figure(len(panels))
+    for ax, e in zip(axes, sorted(panels)):
+        _draw(ax, panels[e], positions, zero)
+        ax.set_xticks(range(len(counts)), [f"{c:g}" for c in counts])
+        ax.set_xlabel("number of clients")
+        ax.set_title("ε = ∞ (no DP)" if math.isinf(e) else f"target ε = {e:g}")
+    if not panels:
+        axes[0].text(0.5, 0.5, "no finished cells", ha="center")
+    handles, _ = axes[0].get_legend_handles_labels()
+    if handles:
+        axes[0].legend(fontsize=7, loc="best")
+    fig.suptitle("Privacy-utility: test accuracy vs number of clients")
+    return _save(fig, Path(path), caption)

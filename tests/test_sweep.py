@@ -1,0 +1,258 @@
+"""Privacy-utility sweep: grid file parsing, a tiny end-to-end sweep (CSV, plots, table), resume,
+the canary membership-inference audit, and RAPT's privatisation of the text part of an input."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+from conftest import build_tiny_model, make_sentiment
+
+from post_fl import sweep as S
+from post_fl.config import ConfigError, TuneConfig
+from post_fl.data import TextDataset, write_text_file
+from post_fl.models import load_scoring_model
+
+WORDS = {"positive": ["good"], "negative": ["bad"]}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight a shared machine's other jobs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep-assets")
+    build_tiny_model("masked", root / "teacher")
+    write_text_file(make_sentiment(64, seed=21), root / "train.csv")
+    write_text_file(make_sentiment(32, seed=22), root / "test.csv")
+    pub = make_sentiment(32, seed=23)
+    write_text_file(TextDataset(pub.texts, [], []), root / "public.jsonl")
+    return root
+
+
+def sweep_toml(root, out, extra: str = "") -> str:
+    return f"""
+output_dir = "{out}"
+methods = ["zero_shot", "direct", "post", "teacher_dp", "rapt"]
+num_clients = [1, 3]
+target_epsilon = [4, inf]
+partitioning = ["iid"]
+seeds = [0]
+rounds = 1
+clients_per_round = 2
+cost_probe_steps = 1
+{extra}
+[base.model]
+teacher = "{root / 'teacher'}"
+label_words = {{ positive = ["good"], negative = ["bad"] }}
+[base.data]
+train = "{root / 'train.csv'}"
+test = "{root / 'test.csv'}"
+public = "{root / 'public.jsonl'}"
+[base.prompt]
+num_virtual_tokens = 4
+[base.tune]
+epochs = 1.0
+batch_size = 16
+delta = 1e-3
+[base.distill]
+steps = 2
+batch_size = 8
+[base.transfer]
+steps = 3
+batch_size = 8
+[audit]
+trials = 2
+canaries = 4
+base_examples = 4
+epochs = 2
+num_virtual_tokens = 4
+"""
+
+
+def _write(tmp_path, text: str):
+    p = tmp_path / "sweep.toml"
+    p.write_text(text)
+    return p
+
+
+# ---------------------------------------------------------------- parsing
+def test_grid_file_errors_name_the_bad_key(assets, tmp_path):
+    good = sweep_toml(assets, tmp_path / "out")
+    cfg = S.load_sweep_config(_write(tmp_path, good))
+    assert cfg.num_clients == [1, 3] and cfg.target_epsilon == [4.0, math.inf]
+    assert cfg.base.tune.delta == 1e-3 and cfg.audit.trials == 2
+    cases = {
+        "num_client = [1]\n": r"unknown sweep setting\(s\) num_client",
+        'methods = ["post", "fedprox"]\n': r"methods: unknown method\(s\) \['fedprox'\]",
+        "target_epsilon = [0]\n": "target_epsilon: expected values > 0",
+        'partitioning = ["iid", "shards"]\n': "partitioning: unknown scheme",
+        'num_clients = ["ten"]\n': r"num_clients\[0\]: expected an integer",
+    }
+    for line, pattern in cases.items():
+        key = line.split("=")[0].strip()
+        text = "\n".join(x for x in good.splitlines() if not x.startswith(key + " ")) + "\n"
+        text = line + text
+        with pytest.raises(ConfigError, match=pattern):
+            S.load_sweep_config(_write(tmp_path, text))
+    with pytest.raises(ConfigError, match=r"base\.tune\.lrr"):
+        S.load_sweep_config(_write(tmp_path, good.replace("[base.tune]\n", "[base.tune]\nlrr = 0.1\n")))
+    with pytest.raises(ConfigError, match=r"audit\.trails"):
+        S.load_sweep_config(_write(tmp_path, good.replace("[audit]\n", "[audit]\ntrails = 3\n")))
+    with pytest.raises(ConfigError, match=r"federated\.rounds: set by the sweep"):
+        S.load_sweep_config(_write(tmp_path, good + "[federated]\nrounds = 3\n"))
+    with pytest.raises(ConfigError, match=r"federated\.aggregatoin"):
+        S.load_sweep_config(_write(tmp_path, good + "[federated]\naggregatoin = 'uniform'\n"))
+
+
+def test_bad_key_through_the_cli_exits_2(assets, tmp_path, capsys):
+    from post_fl.cli import main
+
+    p = _write(tmp_path, "roundz = 2\n" + sweep_toml(assets, tmp_path / "out"))
+    assert main(["sweep", "--config", str(p)]) == 2
+    assert "roundz" in capsys.readouterr().err
+
+
+def test_cells_are_deduplicated_and_keys_stable():
+    cfg = S.SweepConfig(methods=["zero_shot", "direct", "post"], num_clients=[1, 10],
+                        target_epsilon=[1.0, math.inf], partitioning=["iid", "dirichlet"],
+                        dirichlet_alpha=[0.1, 1.0], seeds=[0, 1]).validate()
+    cells = S.expand_cells(cfg)
+    keys = [c.key for c in cells]
+    assert len(keys) == len(set(keys))
+    # per seed: 1 zero-shot + 2 methods x 2 eps x (1 partition for 1 client + 3 for 10 clients)
+    assert len(cells) == 2 * (1 + 2 * 2 * (1 + 3))
+    assert "post|clients=10|eps=1|part=dirichlet(0.1)|seed=1" in keys
+    assert "direct|clients=1|eps=inf|part=iid|seed=0" in keys and "zero_shot|seed=1" in keys
+    assert not any("clients=1|" in k and "dirichlet" in k for k in keys)
+    direct = next(c for c in cells if c.method == "direct" and c.num_clients == 10)
+    post = S.Cell("post", *[getattr(direct, f) for f in ("num_clients", "target_epsilon", "partitioning",
+                                                          "dirichlet_alpha", "seed")])
+    assert direct.run_slug == post.run_slug  # one federated run serves both
+
+
+# ---------------------------------------------------------------- end to end
+def _png_ok(path):
+    import matplotlib.image as mpimg
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = mpimg.imread(str(path))
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+
+
+def test_tiny_sweep_end_to_end_then_resume(assets, tmp_path, monkeypatch, capsys):
+    from post_fl.cli import main
+
+    out = tmp_path / "out"
+    p = _write(tmp_path, sweep_toml(assets, out))
+    assert main(["sweep", "--config", str(p), "--quiet"]) == 0
+    csv_path = out / "results.csv"
+    with csv_path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        assert reader.fieldnames == S.CSV_COLUMNS
+        rows = list(reader)
+    cells = S.expand_cells(S.load_sweep_config(p))
+    assert len(cells) == 17 and [r["key"] for r in rows] == [c.key for c in cells]
+    assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows if r["status"] != "ok"]
+    by = {r["key"]: r for r in rows}
+    for r in rows:
+        assert 0.0 <= float(r["accuracy"]) <= 1.0
+    dim = 32 * 4 * 4  # 4 virtual tokens x width 32 x float32
+    for r in rows:
+        if r["method"] == "zero_shot":
+            continue
+        assert int(r["bytes_up_per_client_round"]) == dim and int(r["bytes_down_per_client_round"]) == dim
+        assert int(r["model_bytes_once"]) > 0
+        assert float(r["student_s_per_client_round"]) > 0 and float(r["teacher_s_per_client_round"]) > 0
+        if r["method"] in ("direct", "post", "teacher_dp") and r["target_epsilon"] != "inf":
+            assert 0 < float(r["epsilon"]) <= 4.0 + 1e-6
+    d, po = by["direct|clients=3|eps=4|part=iid|seed=0"], by["post|clients=3|eps=4|part=iid|seed=0"]
+    assert d["student_accuracy"] and d["student_accuracy"] == po["student_accuracy"] and d["epsilon"] == po["epsilon"]
+    # RAPT: eta maps the sweep's epsilon to per-token epsilon = eta * diameter
+    rapt = by["rapt|clients=1|eps=4|part=iid|seed=0"]
+    teacher = load_scoring_model(str(assets / "teacher"), ["negative", "positive"], WORDS)
+    from post_fl.rapt import per_token_epsilon
+
+    assert per_token_epsilon(float(rapt["rapt_eta"]), teacher.word_embeddings) == pytest.approx(4.0, rel=1e-5)
+    assert by["rapt|clients=1|eps=inf|part=iid|seed=0"]["rapt_eta"] == "inf"
+    assert rapt["accuracy_privatized_inputs"] != ""
+    # audit only on the configured subset (post, single site); below the claim for the DP cell
+    audited = [r for r in rows if r["audit_epsilon_lb"] != ""]
+    assert {r["key"] for r in audited} == {"post|clients=1|eps=4|part=iid|seed=0",
+                                           "post|clients=1|eps=inf|part=iid|seed=0"}
+    assert 0.0 <= float(by["post|clients=1|eps=4|part=iid|seed=0"]["audit_epsilon_lb"]) < 4.0
+    # plots and table
+    _png_ok(out / "plots" / "accuracy_vs_epsilon.png")
+    _png_ok(out / "plots" / "accuracy_vs_clients.png")
+    md = (out / "results.md").read_text()
+    assert md.startswith("| method | clients |") and "NOT the same unit" in md
+    assert md.count("\n| post | ") == 4 and md.count("\n| rapt | ") == 4
+    capsys.readouterr()
+
+    # re-running skips every finished cell
+    def boom(ctx, cell):
+        raise AssertionError(f"finished cell {cell.key} was run again")
+
+    monkeypatch.setattr(S, "run_cell", boom)
+    assert main(["sweep", "--config", str(p), "--quiet"]) == 0
+    assert "17 already done, 0 to run" in capsys.readouterr().out
+    assert len(S.read_results(csv_path)) == 17 and csv_path.read_text().count("\n") == 18
+    # an interrupted sweep (last rows missing) runs exactly the missing cells
+    lines = csv_path.read_text().splitlines(keepends=True)
+    csv_path.write_text("".join(lines[:-2]))
+    ran = []
+    monkeypatch.setattr(S, "run_cell", lambda ctx, cell: ran.append(cell.key) or
+                        {"key": cell.key, "status": "ok", "method": cell.method, "accuracy": 0.5})
+    assert main(["sweep", "--config", str(p), "--quiet"]) == 0
+    assert ran == [c.key for c in cells[-2:]]
+    # only the grid axes may change between runs of one output dir
+    changed = _write(tmp_path, sweep_toml(assets, out).replace("rounds = 1", "rounds = 2"))
+    with pytest.raises(ConfigError, match="other settings"):
+        S.run_sweep(S.load_sweep_config(changed))
+
+
+# ---------------------------------------------------------------- audit
+@pytest.fixture(scope="module")
+def audit_model(tmp_path_factory):
+    d = build_tiny_model("masked", tmp_path_factory.mktemp("audit") / "m", num_layers=2)
+    return load_scoring_model(d, ["negative", "positive"], WORDS)
+
+
+def test_audit_non_private_prompt_memorises_canaries(audit_model):
+    audit = S.AuditSweepConfig(trials=8, canaries=16, base_examples=0, num_virtual_tokens=16, epochs=150,
+                               lr=0.3, batch_size=8)
+    res = S.audit_prompt_tuning(audit_model, make_sentiment(0), math.inf, audit, TuneConfig(), seed=0)
+    assert res.n_members + res.n_nonmembers == 8 * 16
+    assert res.epsilon_lower_bound > 0.2, res
+
+
+def test_audit_dp_prompt_stays_below_claimed_epsilon(audit_model):
+    audit = S.AuditSweepConfig(trials=4, canaries=16, base_examples=8, num_virtual_tokens=16, epochs=10,
+                               lr=0.3, batch_size=8)
+    base = make_sentiment(8, seed=5)
+    res = S.audit_prompt_tuning(audit_model, base, 1.0, audit, TuneConfig(), seed=0)
+    assert 0.0 <= res.epsilon_lower_bound < 1.0, res
+
+
+# ---------------------------------------------------------------- RAPT privatisation of the text span
+def test_rapt_privatises_only_the_text_tokens(audit_model):
+    m = audit_model
+    batch = m.encode(["good movie was very nice", "bad"])
+    mask = S.body_mask(m, batch)
+    # [CLS] text It was [MASK] . [SEP]: only the text tokens are privatised
+    assert mask[0].tolist()[:7] == [0, 1, 1, 1, 1, 1, 0] and mask[1].sum() == 1
+    same, _ = S.privatize_batch(m, batch, math.inf)
+    assert torch.equal(same.input_ids, batch.input_ids)
+    noisy, _ = S.privatize_batch(m, batch, 1e-3, torch.Generator().manual_seed(0))
+    outside = (mask == 0)
+    assert torch.equal(noisy.input_ids[outside], batch.input_ids[outside])
+    assert not torch.equal(noisy.input_ids[mask.bool()], batch.input_ids[mask.bool()])
+    assert S.rapt_eta(4.0, 2.0) == 2.0 and S.rapt_eta(math.inf, 2.0) == math.inf
