@@ -161,6 +161,16 @@ class ScoringModel(nn.Module):
                         raise ModelError(f"labels {a!r} and {b!r} share the label token(s) "
                                          f"{self.tokenizer.convert_ids_to_tokens(sorted(shared))}: the verbalizer "
                                          "scores a class by the first token of each label word; choose other words")
+        else:
+            carriers = {n: tuple(tuple(self._ids(EMBEDDING_LABEL_TEMPLATE.format(word=w)))
+                                 for w in self.label_words[n]) for n in self.label_names}
+            for i, a in enumerate(self.label_names):
+                for b in self.label_names[i + 1:]:
+                    if carriers[a] == carriers[b]:
+                        raise ModelError(
+                            f"labels {a!r} and {b!r} tokenize identically in the carrier sentence "
+                            f"{EMBEDDING_LABEL_TEMPLATE!r} ({self.tokenizer.convert_ids_to_tokens(list(carriers[a][0]))}),"
+                            " so the embedding head cannot tell them apart; choose other label words")
         self._label_embeddings: torch.Tensor | None = None
         # not registered as a submodule: it already belongs to the backbone
         object.__setattr__(self, "_lm_head", self._find_lm_head() if head != "embedding" else None)
@@ -201,6 +211,9 @@ class ScoringModel(nn.Module):
             toks = self._ids(spaced)
             if not toks:
                 raise ModelError(f"label word {w!r} tokenizes to nothing")
+            if self.tokenizer.unk_token_id is not None and toks[0] == self.tokenizer.unk_token_id:
+                raise ModelError(f"label word {w!r} is unknown to the tokenizer of {self.source or 'the model'} "
+                                 f"(it maps to {self.tokenizer.unk_token!r}); choose words in its vocabulary")
             ids.append(toks[0])
         return sorted(set(ids))
 

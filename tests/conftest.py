@@ -18,17 +18,17 @@ POSITIVE = ["good", "great", "fine", "nice", "happy", "love"]
 NEGATIVE = ["bad", "awful", "poor", "sad", "hate", "worst"]
 FILLER = ["the", "movie", "film", "was", "a", "plot", "actor", "story", "it", "this", "and", "very"]
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-VOCAB = SPECIALS + ["positive", "negative", "It", "was", ".", "<eos>"] + POSITIVE + NEGATIVE + FILLER
+VOCAB = SPECIALS + ["positive", "negative", "It", "was", ".", "<eos>", "This", "text", "is"] + POSITIVE + NEGATIVE + FILLER
 
 
 def make_tokenizer():
-    """A whitespace WordLevel tokenizer over VOCAB, with BERT-style special tokens."""
+    """A WordLevel tokenizer (split on spaces and punctuation) over VOCAB, with BERT-style special tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(VOCAB)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()  # splits on spaces and punctuation
     return tok, vocab
 
 

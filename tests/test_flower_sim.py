@@ -146,3 +146,13 @@ def test_site_data_path_is_used_and_bad_site_fails_alone(fed_root, tmp_path):  #
     row = json.loads((tmp_path / "run" / "results.json").read_text())["rounds"][0]
     assert row["valid"] == 2 and row["examples"] == 10 + 14
     assert "site2.csv" in row["failed"]["2"] and "missing column 'label'" in row["failed"]["2"]
+
+
+def test_missing_site_data_file_is_named(tmp_path):
+    """A deployed site whose data-path does not exist fails with the file named (no fallback data)."""
+    from post_fl.config import RunConfig
+    from post_fl.data import DataError
+
+    missing = tmp_path / "absent" / "site.csv"
+    with pytest.raises(DataError, match=f"{missing}: data file does not exist"):
+        F.site_dataset(str(missing), RunConfig(), ["negative", "positive"])

@@ -120,3 +120,16 @@ def test_saved_prompt_loads_in_peft(tmp_path, tiny_dirs):
 def test_classes_sharing_a_label_token_are_refused(tiny_dirs):
     with pytest.raises(ModelError, match="share the label token"):
         load_scoring_model(tiny_dirs["causal"], LABELS, label_words={"negative": ["bad"], "positive": ["bad"]})
+
+
+def test_embedding_classes_that_tokenize_identically_are_refused(tiny_dirs):
+    with pytest.raises(ModelError, match="tokenize identically"):
+        load_scoring_model(tiny_dirs["embedding"], LABELS,
+                           label_words={"negative": ["bad"], "positive": ["bad"]})
+
+
+@pytest.mark.parametrize("kind", ["causal", "masked", "embedding"])
+def test_label_word_unknown_to_the_tokenizer_is_refused(tiny_dirs, kind):
+    with pytest.raises(ModelError, match="'zzzunknown' is unknown to the tokenizer"):
+        load_scoring_model(tiny_dirs[kind], LABELS,
+                           label_words={"negative": ["bad"], "positive": ["zzzunknown"]})

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Start one organisation's Flower SuperNode (Flower >= 1.41): connects out to the SuperLink over
+# TLS, authenticates with the site's private key, and runs post-fl's ClientApp on the site's
+# own data file. Runs in the foreground; stop it with Ctrl-C / SIGTERM.
+#
+#   deploy/start_supernode.sh --superlink HOST:PORT --ca CA_CERT --key PRIVATE_KEY \
+#       --partition-id I --num-partitions N --data FILE [--port PORT] [--state DIR] \
+#       [--max-wait SECONDS] [-- extra flower-supernode args]
+#
+#   --superlink       the SuperLink's address (the federation operator gives it to you)
+#   --ca              the CA certificate that signed the SuperLink's TLS certificate
+#   --key             this site's private key (OpenSSH ECDSA; its .pub must be registered)
+#   --partition-id    this site's client id in the federation, 0..N-1, unique per site
+#   --num-partitions  N, the number of sites (= run-config federated.num_clients)
+#   --data            this site's private data (CSV/TSV/JSONL with text and label columns);
+#                     passed as node config data-path, never sent anywhere
+#   --port            local port of this SuperNode's Runtime API, used only on this machine
+#                     by its ClientApp processes (default 9094; give each SuperNode on one
+#                     machine its own)
+#   --state           folder for installed apps (FLWR_HOME of this node; default ./supernode-state)
+#   --max-wait        give up if the SuperLink is unreachable this long (default: retry forever)
+set -euo pipefail
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+SUPERLINK=""; CA=""; KEY=""; PID=""; NPART=""; DATA=""; PORT="9094"; STATE="./supernode-state"; MAXWAIT=""; EXTRA=()
+[[ $# -gt 0 ]] || usage
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --superlink) SUPERLINK="${2:?}"; shift 2 ;;
+    --ca) CA="${2:?}"; shift 2 ;;
+    --key) KEY="${2:?}"; shift 2 ;;
+    --partition-id) PID="${2:?}"; shift 2 ;;
+    --num-partitions) NPART="${2:?}"; shift 2 ;;
+    --data) DATA="${2:?}"; shift 2 ;;
+    --port) PORT="${2:?}"; shift 2 ;;
+    --state) STATE="${2:?}"; shift 2 ;;
+    --max-wait) MAXWAIT="${2:?}"; shift 2 ;;
+    --) shift; EXTRA=("$@"); break ;;
+    -h|--help) usage 0 ;;
+    *) echo "start_supernode.sh: unknown argument '$1'" >&2; usage ;;
+  esac
+done
+missing=()
+for v in SUPERLINK CA KEY PID NPART DATA; do [[ -n "${!v}" ]] || missing+=("$v"); done
+if [[ ${#missing[@]} -gt 0 ]]; then
+  echo "start_supernode.sh: missing --superlink/--ca/--key/--partition-id/--num-partitions/--data (${missing[*]})" >&2; usage
+fi
+[[ "$PID" =~ ^[0-9]+$ && "$NPART" =~ ^[0-9]+$ && "$PID" -lt "$NPART" ]] || { echo "start_supernode.sh: need 0 <= partition-id < num-partitions" >&2; exit 2; }
+[[ -r "$CA" ]] || { echo "start_supernode.sh: CA certificate '$CA' missing or unreadable" >&2; exit 2; }
+[[ -r "$KEY" ]] || { echo "start_supernode.sh: private key '$KEY' missing or unreadable" >&2; exit 2; }
+[[ "$DATA" != *"'"* && "$DATA" != *'"'* ]] || { echo "start_supernode.sh: data path must not contain quotes" >&2; exit 2; }
+# The data file is checked by the ClientApp when it trains (a bad file fails this site's
+# rounds with a message naming the file); warn early here so the operator sees it at once.
+[[ -r "$DATA" ]] || echo "start_supernode.sh: WARNING: data file '$DATA' missing or unreadable" >&2
+command -v flower-supernode >/dev/null || { echo "start_supernode.sh: flower-supernode not on PATH; activate the post-fl venv" >&2; exit 2; }
+mkdir -p "$STATE"
+export FLWR_HOME="$(realpath "$STATE")"   # installed apps of this node; never ~/.flwr
+DATA="$(realpath -m "$DATA")"
+WAIT=(); [[ -z "$MAXWAIT" ]] || WAIT=(--max-wait-time "$MAXWAIT")
+echo "SuperNode partition $PID/$NPART -> $SUPERLINK (TLS, key $KEY, data $DATA, runtime port $PORT)"
+exec flower-supernode \
+  --superlink "$SUPERLINK" --root-certificates "$CA" \
+  --auth-supernode-private-key "$KEY" \
+  --node-config "partition-id=$PID num-partitions=$NPART data-path='$DATA'" \
+  --host 127.0.0.1 --port "$PORT" \
+  "${WAIT[@]}" "${EXTRA[@]}"

@@ -1,0 +1,377 @@
+"""Cross-organisation deployment on Flower's Deployment Engine (Flower 1.41), for real.
+
+One federation is brought up once for this module with the scripts in ``deploy/``:
+a SuperLink with TLS and SuperNode authentication (``--enable-supernode-auth``), site keys
+registered with ``flwr supernode register``, three SuperNodes (each its own key, Runtime API
+port and CSV file passed as node config ``data-path``), a fourth site whose CSV is malformed,
+and two intruders: a SuperNode whose key was never registered and one speaking plain text to
+the TLS SuperLink. ``flwr run`` (over TLS, with a Flower config in a temporary FLWR_HOME) then
+runs 2 rounds of post-fl with a tiny model. The three tests check that one run: it completes
+with the three good sites; the intruders are refused; the malformed site fails with a message
+naming its file and the problem. Every process is started in its own process group on
+127.0.0.1 with free ports, logs go to files under the test's temporary folder (printed when an
+assertion fails), and teardown stops only those processes and their descendants.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from conftest import build_tiny_model, make_sentiment
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+BIN = Path(sys.executable).parent
+SITE_SIZES = (24, 32, 40)  # distinct, so a site's update shows which file it trained on
+ROUNDS = 2
+RUN_TIMEOUT = 300  # seconds for `flwr run --stream` (2 rounds, tiny model; ~2-3 min on 2 busy cores)
+FRESH_SITE = os.environ.get("POST_FL_DEPLOY_FRESH_SITE") == "1"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "FLWR_HOME": str(tmp / "flwr-home-default"),
+                "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+                "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                "FLWR_TELEMETRY_ENABLED": "0", "PYTHON": sys.executable})
+    return env
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.is_file() else ""
+
+
+@dataclass
+class Federation:
+    root: Path
+    env: dict
+    procs: list[Proc] = field(default_factory=list)
+    run_rc: int | None = None
+    run_log: Path | None = None
+    results: dict | None = None
+    site_files: dict[int, Path] = field(default_factory=dict)
+    num_clients: int = 0
+
+    def start(self, name: str, cmd: list[str], **env: str) -> Proc:
+        log = self.root / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(log, "wb")
+        p = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**self.env, **env}, cwd=self.root,
+                             start_new_session=True)  # own process group: stopped as a group at the end
+        fh.close()
+        proc = Proc(name, p, log)
+        self.procs.append(proc)
+        return proc
+
+    def proc(self, name: str) -> Proc:
+        return next(p for p in self.procs if p.name == name)
+
+    def logs(self, tail: int = 60) -> str:
+        """The last lines of every process's log (shown with failed assertions)."""
+        out = []
+        for log in sorted((self.root / "logs").glob("*.log")):
+            lines = log.read_text(errors="replace").splitlines()
+            out.append(f"----- {log.name} (last {tail} of {len(lines)} lines) -----")
+            out.extend(lines[-tail:])
+        return "\n".join(out)
+
+    def wait_for(self, what: str, predicate, timeout: float, interval: float = 0.5) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(interval)
+        raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{self.logs()}")
+
+    def watch(self) -> None:
+        """Remember every descendant of the started processes (SuperExec and app processes run in
+        their own sessions and can outlive their parent), so teardown can stop exactly those."""
+        import threading
+
+        import psutil
+
+        self._seen: dict[int, float] = {}
+        self._stop_watch = threading.Event()
+
+        def loop() -> None:
+            while not self._stop_watch.wait(1.0):
+                self._record(psutil)
+
+        self._watcher = threading.Thread(target=loop, daemon=True)
+        self._watcher.start()
+
+    def _record(self, psutil) -> None:
+        for p in list(self.procs):
+            try:
+                parent = psutil.Process(p.popen.pid)
+                for q in [parent, *parent.children(recursive=True)]:
+                    self._seen.setdefault(q.pid, q.create_time())
+            except psutil.Error:
+                pass
+
+    def stop_all(self) -> None:
+        """Stop the processes this module started and their descendants; nothing else."""
+        import psutil
+
+        if hasattr(self, "_stop_watch"):
+            self._stop_watch.set()
+            self._watcher.join(timeout=5)
+        self._record(psutil)
+        tree = []
+        for pid, created in getattr(self, "_seen", {}).items():
+            try:
+                q = psutil.Process(pid)
+                if q.create_time() == created:  # the same process, not a reused pid
+                    tree.append(q)
+            except psutil.Error:
+                pass
+        for p in reversed(self.procs):  # nodes before the SuperLink; each is its own process group
+            if p.popen.poll() is None:
+                try:
+                    os.killpg(p.popen.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        _, alive = psutil.wait_procs(tree, timeout=15)
+        for q in alive:  # still running after SIGTERM to their group (e.g. in a session of their own)
+            try:
+                q.terminate() if q.status() != psutil.STATUS_ZOMBIE else None
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(alive, timeout=5)
+        for q in alive:
+            try:
+                q.kill()
+            except psutil.Error:
+                pass
+        for p in self.procs:
+            try:
+                p.popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.popen.kill()
+                p.popen.wait(timeout=5)
+
+
+def _make_assets(root: Path) -> dict[str, Path]:
+    """Tiny masked-LM teacher, a distilled 2-layer student, server-side test/public files, site files."""
+    from post_fl.config import DistillConfig
+    from post_fl.data import TextDataset, write_text_file
+    from post_fl.distill import distill_student, save_student
+    from post_fl.models import load_scoring_model
+
+    a = root / "assets"
+    build_tiny_model("masked", a / "teacher")
+    write_text_file(make_sentiment(48, seed=11), a / "train.csv")  # server side: the label set
+    write_text_file(make_sentiment(32, seed=12), a / "test.csv")
+    pub = make_sentiment(32, seed=13)
+    write_text_file(TextDataset(pub.texts, [], []), a / "public.jsonl")
+    teacher = load_scoring_model(str(a / "teacher"), ["negative", "positive"],
+                                 {"positive": ["good"], "negative": ["bad"]})
+    student, rep = distill_student(teacher, pub, DistillConfig(num_layers=2, steps=3, batch_size=8))
+    save_student(student, a / "student", rep)
+    return {"teacher": a / "teacher", "student": a / "student", "train": a / "train.csv",
+            "test": a / "test.csv", "public": a / "public.jsonl"}
+
+
+def _run(fed: Federation, cmd: list[str], name: str, timeout: float) -> subprocess.CompletedProcess:
+    log = fed.root / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=fed.env, cwd=fed.root,
+                             timeout=timeout, text=True)
+    except subprocess.TimeoutExpired as exc:
+        log.write_text(exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or ""))
+        raise AssertionError(f"{name} timed out after {timeout}s\n{fed.logs()}") from None
+    log.write_text(res.stdout)
+    return res
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    if shutil.which("openssl") is None or shutil.which("ssh-keygen") is None:
+        pytest.skip("needs openssl and ssh-keygen")
+    root = tmp_path_factory.mktemp("deploy")
+    fed = Federation(root, _env(root))
+    fed.watch()
+    try:
+        _bring_up_and_run(fed)
+        yield fed
+    finally:
+        fed.stop_all()
+
+
+def _bring_up_and_run(fed: Federation) -> None:
+    root = fed.root
+    sites = [*range(len(SITE_SIZES)), 3]  # site 3: a malformed file
+    fed.num_clients = len(sites)
+    certs = root / "certs"
+    names = [f"site{i}" for i in sites] + ["intruder"]
+    res = _run(fed, ["bash", str(DEPLOY / "make_certs.sh"), str(certs), "localhost", "127.0.0.1",
+                     "--nodes", ",".join(names)], "make_certs", 60)
+    assert res.returncode == 0, res.stdout
+
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    link = fed.start("superlink", ["bash", str(DEPLOY / "start_superlink.sh"), str(certs), str(root / "superlink"),
+                                   "--host", "127.0.0.1", "--port", str(port)])
+
+    # while the SuperLink starts: the model, the server's files and each site's private file
+    assets = _make_assets(root)
+    labelled = make_sentiment(max(SITE_SIZES), seed=30)
+    from post_fl.data import TextDataset, write_text_file
+
+    for i, n in enumerate(SITE_SIZES):
+        part = TextDataset(labelled.texts[:n], labelled.labels[:n], labelled.label_names)
+        fed.site_files[i] = write_text_file(part.shuffled(i), root / f"site{i}" / "private.csv")
+    bad = root / "site3" / "private.csv"
+    bad.parent.mkdir(parents=True)
+    bad.write_text("text,comment\nthe movie was good,x\nthe film was bad,y\n")  # no label column
+    fed.site_files[3] = bad
+
+    # Each site has its own temp dir, hence its own student cache (post_fl caches the student in
+    # tempfile.gettempdir() when federated.client_cache_dir is empty). The sites already hold the
+    # student, as after an earlier run, which saves one whole message stage: every ClientApp call
+    # is a fresh process in Flower 1.41 (seconds of imports each on 2 cores). With
+    # POST_FL_DEPLOY_FRESH_SITE=1 site 0 starts empty and receives the student over the TLS link.
+    from post_fl import federated as F
+    from post_fl.models import load_scoring_model
+
+    student = load_scoring_model(str(assets["student"]), ["negative", "positive"],
+                                 {"positive": ["good"], "negative": ["bad"]}, "auto", "", 48)
+    package = F.pack_student(assets["student"], student)
+    for i in sites:
+        (root / f"site{i}" / "tmp").mkdir(parents=True, exist_ok=True)
+        if not (FRESH_SITE and i == 0):
+            F._STUDENTS.pop(package.model_hash, None)  # install_student skips the disk when loaded
+            F.install_student(package, root / f"site{i}" / "tmp" / "post_fl_students")
+    F._STUDENTS.pop(package.model_hash, None)
+
+    fed.wait_for("the SuperLink to listen", lambda: link.popen.poll() is not None or "Uvicorn running on" in link.text(),
+                 60)
+    assert link.popen.poll() is None, f"SuperLink exited\n{fed.logs()}"
+
+    res = _run(fed, ["bash", str(DEPLOY / "register_supernode.sh"), str(root / "flwr-home"), address,
+                     str(certs / "ca.crt"), *[str(certs / "nodes" / f"site{i}.pub") for i in sites]],
+               "register", 120)
+    assert res.returncode == 0 and res.stdout.count("registered successfully") == len(sites), \
+        f"{res.stdout}\n{fed.logs()}"
+
+    for i in sites:
+        fed.start(f"supernode-site{i}", [
+            "bash", str(DEPLOY / "start_supernode.sh"), "--superlink", address, "--ca", str(certs / "ca.crt"),
+            "--key", str(certs / "nodes" / f"site{i}"), "--partition-id", str(i),
+            "--num-partitions", str(len(sites)), "--data", str(fed.site_files[i]),
+            "--port", str(_free_port()), "--state", str(root / f"site{i}" / "state"), "--max-wait", "60"],
+            TMPDIR=str(root / f"site{i}" / "tmp"))
+    # intruder 1: a well-formed key the SuperLink operator never registered
+    fed.start("intruder-unregistered", [
+        "bash", str(DEPLOY / "start_supernode.sh"), "--superlink", address, "--ca", str(certs / "ca.crt"),
+        "--key", str(certs / "nodes" / "intruder"), "--partition-id", "0", "--num-partitions", str(len(sites)),
+        "--data", str(fed.site_files[0]), "--port", str(_free_port()), "--state", str(root / "intruder1"),
+        "--max-wait", "30", "--", "--max-retries", "2"])
+    # intruder 2: no TLS, no key (plain flower-supernode --insecure against the TLS SuperLink)
+    fed.start("intruder-plaintext", [
+        str(BIN / "flower-supernode"), "--insecure", "--superlink", address,
+        "--node-config", f"partition-id=0 num-partitions={len(sites)}", "--port", str(_free_port()),
+        "--max-retries", "1", "--max-wait-time", "30"])
+
+    def activated() -> int:
+        return len(set(re.findall(r"\[Fleet\.ActivateNode\] Activated node_id=(\d+)", link.text())))
+
+    fed.wait_for(f"{len(sites)} SuperNodes to connect", lambda: activated() >= len(sites), 120)
+
+    out = root / "out"
+    a = assets
+    overrides = " ".join([
+        f'model.teacher="{a["teacher"]}"', f'model.student="{a["student"]}"', f'data.train="{a["train"]}"',
+        f'data.test="{a["test"]}"', f'data.public="{a["public"]}"', 'model.label_words="positive:good;negative:bad"',
+        f'output_dir="{out}"', "prompt.num_virtual_tokens=4", "tune.epochs=1.0", "tune.batch_size=16",
+        "transfer.steps=4", "transfer.batch_size=8", f"federated.rounds={ROUNDS}",
+        f"federated.num_clients={len(sites)}", "federated.fraction_train=1.0", "federated.min_clients=2",
+        "federated.timeout=150.0"])
+    fed.run_log = root / "logs" / "flwr-run.log"
+    res = _run(fed, ["bash", str(DEPLOY / "run_federation.sh"), str(root / "flwr-home"), address,
+                     str(certs / "ca.crt"), "-c", overrides], "flwr-run", RUN_TIMEOUT)
+    fed.run_rc = res.returncode
+    if (out / "results.json").is_file():
+        fed.results = json.loads((out / "results.json").read_text())
+
+
+def test_tls_federation_of_three_sites_runs_two_rounds(federation):
+    fed = federation
+    assert fed.run_rc == 0, fed.logs()
+    assert fed.results is not None, f"no results.json\n{fed.logs()}"
+    r = fed.results
+    assert [row["round"] for row in r["rounds"]] == list(range(1, ROUNDS + 1)), fed.logs()
+    for row in r["rounds"]:
+        assert row["sampled"] == fed.num_clients and row["valid"] == len(SITE_SIZES), (row, fed.logs())
+        assert not row["rejected"]
+    assert r["data"]["clients"] == fed.num_clients
+    assert set(r["accuracy"]) >= {"student_federated_prompt", "teacher_transferred_prompt", "teacher_zero_shot"}
+    assert all(0.0 <= v <= 1.0 for v in r["accuracy"].values())
+    eps = r["privacy"]["sample_level"]["epsilon_per_client"]
+    assert sorted(eps) == [str(i) for i in range(len(SITE_SIZES))]  # the three good sites, each accounted
+    assert all(0 < e <= 8.0 + 1e-6 for e in eps.values())
+    # each site trained on its own file (sizes 24 + 32 + 40), not on a share of data.train
+    assert all(row["examples"] == sum(SITE_SIZES) for row in r["rounds"]), (r["rounds"], fed.logs())
+    # the student crossed the TLS link only to a site that lacked it
+    assert ("Receiving: query.model" in fed.proc("supernode-site0").text()) == FRESH_SITE, fed.logs()
+    assert "Receiving: query.model" not in fed.proc("supernode-site1").text(), fed.logs()
+    # everything went over TLS: the SuperLink served HTTPS only, the CLI used the CA
+    link = fed.proc("superlink").text()
+    assert re.search(r"Uvicorn running on https://127\.0\.0\.1:\d+", link), fed.logs()
+    assert "SuperNode authentication is disabled" not in link
+
+
+def test_unregistered_and_plaintext_supernodes_are_refused(federation):
+    fed = federation
+    unreg, plain = fed.proc("intruder-unregistered"), fed.proc("intruder-plaintext")
+    for p in (unreg, plain):
+        fed.wait_for(f"{p.name} to give up", lambda: p.popen.poll() is not None, 60)
+    assert unreg.popen.returncode not in (0, None), fed.logs()
+    assert "Failed to activate SuperNode" in unreg.text(), fed.logs()
+    assert "No SuperNode found with the given public key" in fed.proc("superlink").text(), fed.logs()
+    assert plain.popen.returncode not in (0, None), fed.logs()
+    assert "Failed to initialize the connection to the SuperLink" in plain.text(), fed.logs()
+    # only the registered sites ever got a node id, and the run still completed with them
+    link = fed.proc("superlink").text()
+    assert len(set(re.findall(r"Activated node_id=(\d+)", link))) == fed.num_clients, fed.logs()
+    assert fed.run_rc == 0 and fed.results is not None, fed.logs()
+    assert all(row["valid"] == len(SITE_SIZES) for row in fed.results["rounds"]), fed.logs()
+
+
+def test_malformed_site_data_fails_that_site_with_a_clear_message(federation):
+    fed = federation
+    bad = fed.site_files[3]
+    assert fed.run_rc == 0 and fed.results is not None, fed.logs()
+    for row in fed.results["rounds"]:
+        reason = row["failed"].get("3", "")
+        assert str(bad) in reason and "missing column 'label'" in reason, (row, fed.logs())
+        assert row["valid"] == len(SITE_SIZES)
+    node_log = fed.proc("supernode-site3").text()
+    assert str(bad) in node_log, fed.logs()
