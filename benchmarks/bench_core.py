@@ -31,7 +31,7 @@ from post_fl.distill import make_student  # noqa: E402
 from post_fl.embedded import SST2_LABEL_WORDS, load_embedded_task  # noqa: E402
 from post_fl.models import ScoringModel, load_scoring_model  # noqa: E402
 from post_fl.prompt import SoftPrompt, init_from_vocab  # noqa: E402
-from post_fl.tuning import PromptedClassifier, encode_dataset, tune_prompt  # noqa: E402
+from post_fl.tuning import PromptedClassifier, tune_prompt  # noqa: E402
 
 
 def _interleaved_times(fns: dict, repeats: int) -> dict:

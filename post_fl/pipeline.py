@@ -16,13 +16,12 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .config import EMBEDDED_DEFAULT, RunConfig, config_from_dict
-from .data import DataError, TextDataset, read_text_file
+from .data import DataError, Task, read_text_file
 from .evaluate import accuracy, read_json, write_json
 from .models import ScoringModel, load_scoring_model
 from .prompt import SoftPrompt, init_from_text, init_from_vocab, load_prompt, save_prompt
@@ -31,16 +30,6 @@ log = logging.getLogger(__name__)
 
 STUDENT_DIR, PROMPT_STUDENT, PROMPT_TEACHER, PROMPT_TEACHER_TUNED = (
     "student", "prompt_student", "prompt_teacher", "prompt_teacher_tuned")
-
-
-@dataclass
-class Task:
-    """The private train/test split and the public text of one task, with its verbalizer."""
-
-    train: TextDataset
-    test: TextDataset
-    public: TextDataset
-    label_words: dict[str, list[str]]
 
 
 def load_task(cfg: RunConfig) -> Task:

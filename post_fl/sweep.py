@@ -51,14 +51,12 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import hashlib
 import json
 import logging
 import math
 import os
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -66,7 +64,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .config import ConfigError, RunConfig, config_from_dict
+from .config import ConfigError, RunConfig, config_from_dict, read_toml
 from .jsonio import jsonable
 
 log = logging.getLogger(__name__)
@@ -305,12 +303,7 @@ def sweep_config_from_dict(data: dict[str, Any]) -> SweepConfig:
 def load_sweep_config(path: str | Path, output_dir: str | Path | None = None) -> SweepConfig:
     """Read a sweep TOML file; ``output_dir`` overrides the file's. Errors name the file and the key."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"sweep file {p} does not exist")
-    try:
-        data = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"sweep file {p} is not valid TOML: {exc}") from None
+    data = read_toml(p, "sweep file")
     if output_dir is not None:
         data["output_dir"] = str(output_dir)
     try:
@@ -805,7 +798,7 @@ def _cell_configs(ctx: SweepContext, cell: Cell, model_dir: Path, run_dir: Path)
 
 def _federated_run(ctx: SweepContext, cell: Cell) -> dict:
     """Run (or reuse) the federated run behind a cell; returns its summary (accuracies, privacy, cost)."""
-    from .evaluate import accuracy, read_json, write_json
+    from .evaluate import read_json, write_json
     from .federated import FederatedServer, client_partition, run_federated
 
     run_dir = ctx.out / "runs" / cell.run_slug

@@ -23,8 +23,7 @@ VOCAB = SPECIALS + ["positive", "negative", "It", "was", ".", "<eos>", "This", "
 
 def make_tokenizer():
     """A WordLevel tokenizer (split on spaces and punctuation) over VOCAB, with BERT-style special tokens."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {w: i for i, w in enumerate(VOCAB)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from post_fl.embedded import EMBEDDED_LABELS, embedded_model_dir, load_embedded_task
-from post_fl.evaluate import accuracy
 from post_fl.models import load_scoring_model
 
 
