@@ -15,6 +15,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 N="${1:?usage: simulation/flwr_run.sh NUM_SUPERNODES [flwr run args...]}"; shift || true
 export FLWR_HOME="${FLWR_HOME:-$PWD/runs/flwr-home}"
+# The managed SuperLink inherits this: the ServerApp/ClientApps run in this venv instead of a
+# per-run environment that Flower would otherwise build with `uv sync` (slow, and needs a registry).
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="${FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION:-1}"
 mkdir -p "$FLWR_HOME"
 cat > "$FLWR_HOME/config.toml" <<TOML
 [superlink]

@@ -156,3 +156,57 @@ def test_missing_site_data_file_is_named(tmp_path):
     missing = tmp_path / "absent" / "site.csv"
     with pytest.raises(DataError, match=f"{missing}: data file does not exist"):
         F.site_dataset(str(missing), RunConfig(), ["negative", "positive"])
+
+
+@pytest.mark.slow
+def test_flwr_run_on_a_simulation_superlink(fed_root, tmp_path):  # noqa: F811
+    """The real Flower CLI path: `flwr run <app> <connection>` against a `flower-superlink --simulation`
+    (Simulation Engine, 4 virtual SuperNodes, 2 rounds), with the app's pyproject run-config overridden
+    by `-c`. The SuperLink runs in the venv (runtime dependency installation off) and is stopped with
+    everything it started."""
+    import socket
+    import sys
+    from pathlib import Path
+
+    from test_deployment import Federation, _env, _run
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    repo = Path(__file__).resolve().parents[1]
+    fed = Federation(tmp_path, _env(tmp_path))
+    fed.watch()
+    try:
+        port = free_port()
+        link = fed.start("superlink", [str(Path(sys.executable).parent / "flower-superlink"), "--simulation",
+                                       "--insecure", "--disable-runtime-dependency-installation",
+                                       "--host", "127.0.0.1", "--port", str(port),
+                                       "--control-api-address", f"127.0.0.1:{free_port()}",
+                                       "--database", str(tmp_path / "state.db")])
+        fed.wait_for("the SuperLink to listen",
+                     lambda: link.popen.poll() is not None or "Uvicorn running on" in link.text(), 60)
+        assert link.popen.poll() is None, fed.logs()
+        home = Path(fed.env["FLWR_HOME"])
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+        flat = fed_flat(fed_root, tmp_path, **{"federated.num_clients": 4, "tune.batch_size": 24})
+        overrides = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in flat.items()
+                             if not k.startswith("model.label_words"))
+        overrides += ' model.label_words="positive:good;negative:bad"'
+        res = _run(fed, [str(Path(sys.executable).parent / "flwr"), "run", str(repo), "sim", "--stream",
+                         "--federation-config", "num-supernodes=4", "-c", overrides], "flwr-run", 400)
+        assert res.returncode == 0, fed.logs()
+        results = json.loads((tmp_path / "run" / "results.json").read_text())
+        assert [r["round"] for r in results["rounds"]] == [1, 2], fed.logs()
+        assert all(r["valid"] == 2 and not r["rejected"] for r in results["rounds"]), results["rounds"]
+        assert set(results["accuracy"]) >= {"student_federated_prompt", "teacher_transferred_prompt"}
+        assert "[post-fl] round 2/2" in res.stdout
+    finally:
+        fed.stop_all()
+    import psutil
+
+    left = [q.pid for q in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(q.info["cmdline"] or [])]
+    assert left == [], f"processes of this test still running: {left}"
