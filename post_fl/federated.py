@@ -813,9 +813,13 @@ class LocalTransport:
             if student is None:  # the client would reply need-model; the server sends the package
                 self.model_sends += 1
                 student = install_student(self.server.package, root)
-            data = client_partition(self.cfg, self.fed, cid)
-            res = train_client(student, prompt, data, self.cfg, self.fed, self.states.get(cid), server_round,
-                               ins["client-seed"], ins["prior-steps"], ins["clip"])
+            try:  # as in Flower, a client that raises gives an error reply, not a dead run
+                data = client_partition(self.cfg, self.fed, cid)
+                res = train_client(student, prompt, data, self.cfg, self.fed, self.states.get(cid), server_round,
+                                   ins["client-seed"], ins["prior-steps"], ins["clip"])
+            except ValueError as exc:  # bad or empty private data (DataError is a ValueError)
+                out.failures[cid] = f"{type(exc).__name__}: {exc}"
+                continue
             self.states[cid] = res.state
             upd = ClientUpdate(cid, res.delta, int(res.metrics["num-examples"]), res.metrics)
             if self.tamper is not None:

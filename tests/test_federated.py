@@ -10,7 +10,7 @@ from conftest import build_tiny_model, make_sentiment
 from post_fl import federated as F
 from post_fl.aggregate import RoundFailedError
 from post_fl.config import ConfigError
-from post_fl.data import write_text_file
+from post_fl.data import TextDataset, write_text_file
 from post_fl.prompt import load_prompt
 
 
@@ -181,3 +181,19 @@ def test_securely_aggregated_mean_is_used_as_is(fed_root, tmp_path):
                                                                   server.instructions(1, sampled)))
     np.testing.assert_allclose(server.prompt, start + transport.mean, rtol=1e-6)
     assert row["valid"] == 3 and row["rejected"] == {}
+
+
+def test_client_with_empty_partition_fails_alone_in_local_runs(fed_root, tmp_path, monkeypatch):
+    """A client whose partition is empty (e.g. under strong Dirichlet skew) is reported as failed;
+    the round goes on with the others, as it does under Flower."""
+    real = F.client_partition
+
+    def partition(cfg, fed, cid):
+        data = real(cfg, fed, cid)
+        return TextDataset([], [], data.label_names) if cid == 0 else data
+
+    monkeypatch.setattr(F, "client_partition", partition)
+    flat = fed_flat(fed_root, tmp_path, **{"federated.rounds": 1, "federated.fraction_train": 1.0})
+    results, _, _ = run_local(flat)
+    row = results["rounds"][0]
+    assert row["valid"] == 5 and "partition is empty" in row["failed"]["0"]
