@@ -303,10 +303,25 @@ class ScoringModel(nn.Module):
     def answer_logits(self, batch: EncodedBatch, prompt: nn.Module | None = None) -> torch.Tensor:
         """The model's output at the answer position: vocabulary logits (LM heads) or class logits."""
         hidden, mask, n_prompt = self.hidden_states(batch.input_ids, batch.attention_mask, prompt)
+        return self.answer_logits_from_hidden(hidden, mask, n_prompt, batch.answer_index)
+
+    def answer_logits_from_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor, n_prompt: int,
+                                  answer_index: torch.Tensor) -> torch.Tensor:
+        """:meth:`answer_logits` from the outputs of :meth:`hidden_states` (for callers that also need
+        the hidden states, e.g. RAPT's reconstruction head)."""
         if self.head == "embedding":
-            return EMBEDDING_SCALE * self._pool(hidden, mask, n_prompt) @ self.label_embeddings().T
-        rows = torch.arange(len(batch), device=hidden.device)
-        return self._lm_head(hidden[rows, batch.answer_index + n_prompt])
+            return EMBEDDING_SCALE * self._pool(hidden, attention_mask, n_prompt) @ self.label_embeddings().T
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return self._lm_head(hidden[rows, answer_index + n_prompt])
+
+    def text_positions(self, batch: EncodedBatch) -> torch.Tensor:
+        """A 0/1 mask (B x T) of the positions holding the text's own tokens: not the special tokens,
+        not the template's prefix or suffix, not padding."""
+        head = len(self._special_head) + len(self._prefix_ids)
+        tail = len(self._suffix_ids) + len(self._special_tail)
+        lengths = batch.attention_mask.sum(1)
+        pos = torch.arange(batch.input_ids.shape[1], device=batch.input_ids.device).unsqueeze(0)
+        return ((pos >= head) & (pos < (lengths - tail).unsqueeze(1))).long()
 
     def class_scores(self, answer_logits: torch.Tensor) -> torch.Tensor:
         """Verbalizer: class scores (B x C) from answer logits (log-sum-exp over each class's label words)."""

@@ -579,15 +579,6 @@ def _warm_noise_calibration(run_cfg: RunConfig, fed, n: int) -> None:
 
 
 # ---------------------------------------------------------------- RAPT clients
-def body_mask(model, batch) -> torch.Tensor:
-    """1 at the positions of the text's own tokens (not special tokens, not the template), else 0."""
-    head = len(model._special_head) + len(model._prefix_ids)
-    tail = len(model._suffix_ids) + len(model._special_tail)
-    lengths = batch.attention_mask.sum(1)
-    pos = torch.arange(batch.input_ids.shape[1]).unsqueeze(0)
-    return ((pos >= head) & (pos < (lengths - tail).unsqueeze(1))).long()
-
-
 def privatize_batch(model, batch, eta: float, generator: torch.Generator | None = None):
     """RAPT's local step: replace each text token by its d_χ-privatised nearest neighbour (template kept).
 
@@ -596,7 +587,7 @@ def privatize_batch(model, batch, eta: float, generator: torch.Generator | None 
     from .models import EncodedBatch
     from .rapt import privatize_token_ids
 
-    mask = body_mask(model, batch)
+    mask = model.text_positions(batch)
     tok = model.tokenizer
     special = sorted(set(tok.all_special_ids) | ({tok.pad_token_id} if tok.pad_token_id is not None else set()))
     ids = privatize_token_ids(batch.input_ids, model.word_embeddings, eta, generator, special_ids=special,
@@ -606,14 +597,8 @@ def privatize_batch(model, batch, eta: float, generator: torch.Generator | None 
 
 def scores_and_hidden(model, input_ids, attention_mask, answer_index, prompt):
     """Class scores and the text positions' hidden states of one prompted forward pass."""
-    from .models import EMBEDDING_SCALE
-
     hidden, mask, n_prompt = model.hidden_states(input_ids, attention_mask, prompt)
-    if model.head == "embedding":
-        scores = EMBEDDING_SCALE * model._pool(hidden, mask, n_prompt) @ model.label_embeddings().T
-    else:
-        rows = torch.arange(input_ids.shape[0])
-        scores = model.class_scores(model._lm_head(hidden[rows, answer_index + n_prompt]))
+    scores = model.class_scores(model.answer_logits_from_hidden(hidden, mask, n_prompt, answer_index))
     return scores, hidden[:, n_prompt:]
 
 

@@ -246,7 +246,7 @@ def test_audit_dp_prompt_stays_below_claimed_epsilon(audit_model):
 def test_rapt_privatises_only_the_text_tokens(audit_model):
     m = audit_model
     batch = m.encode(["good movie was very nice", "bad"])
-    mask = S.body_mask(m, batch)
+    mask = m.text_positions(batch)
     # [CLS] text It was [MASK] . [SEP]: only the text tokens are privatised
     assert mask[0].tolist()[:7] == [0, 1, 1, 1, 1, 1, 0] and mask[1].sum() == 1
     same, _ = S.privatize_batch(m, batch, math.inf)
