@@ -88,3 +88,25 @@ def tiny_dirs(tmp_path_factory):
 @pytest.fixture
 def sentiment():
     return make_sentiment(64, seed=1)
+
+
+def write_tiny_task(root, n_train: int, seed: int, with_student: bool = True):
+    """A federated task under ``root``: a tiny masked-LM ``teacher``, ``train.csv`` (``n_train`` rows),
+    ``test.csv`` and unlabelled ``public.jsonl`` (32 rows each; seeds ``seed``, ``seed+1``, ``seed+2``)
+    and, with ``with_student``, a 2-layer ``student`` distilled on the public text. Returns ``root``."""
+    from post_fl.config import DistillConfig
+    from post_fl.data import write_text_file
+    from post_fl.distill import distill_student, save_student
+    from post_fl.models import load_scoring_model
+
+    build_tiny_model("masked", root / "teacher")
+    write_text_file(make_sentiment(n_train, seed=seed), root / "train.csv")
+    write_text_file(make_sentiment(32, seed=seed + 1), root / "test.csv")
+    public = make_sentiment(32, seed=seed + 2)
+    write_text_file(TextDataset(public.texts, [], []), root / "public.jsonl")
+    if with_student:
+        teacher = load_scoring_model(str(root / "teacher"), ["negative", "positive"],
+                                     {"positive": ["good"], "negative": ["bad"]})
+        student, report = distill_student(teacher, public, DistillConfig(num_layers=2, steps=3, batch_size=8))
+        save_student(student, root / "student", report)
+    return root

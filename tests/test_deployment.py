@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import build_tiny_model, make_sentiment
+from conftest import make_sentiment, write_tiny_task
 
 pytestmark = pytest.mark.slow
 
@@ -178,24 +178,11 @@ class Federation:
 
 
 def _make_assets(root: Path) -> dict[str, Path]:
-    """Tiny masked-LM teacher, a distilled 2-layer student, server-side test/public files, site files."""
-    from post_fl.config import DistillConfig
-    from post_fl.data import TextDataset, write_text_file
-    from post_fl.distill import distill_student, save_student
-    from post_fl.models import load_scoring_model
-
-    a = root / "assets"
-    build_tiny_model("masked", a / "teacher")
-    write_text_file(make_sentiment(48, seed=11), a / "train.csv")  # server side: the label set
-    write_text_file(make_sentiment(32, seed=12), a / "test.csv")
-    pub = make_sentiment(32, seed=13)
-    write_text_file(TextDataset(pub.texts, [], []), a / "public.jsonl")
-    teacher = load_scoring_model(str(a / "teacher"), ["negative", "positive"],
-                                 {"positive": ["good"], "negative": ["bad"]})
-    student, rep = distill_student(teacher, pub, DistillConfig(num_layers=2, steps=3, batch_size=8))
-    save_student(student, a / "student", rep)
-    return {"teacher": a / "teacher", "student": a / "student", "train": a / "train.csv",
-            "test": a / "test.csv", "public": a / "public.jsonl"}
+    """Tiny masked-LM teacher, a distilled 2-layer student and the server-side files (train.csv only
+    fixes the label set; each site trains on its own file)."""
+    a = write_tiny_task(root / "assets", 48, seed=11)
+    return {name: a / file for name, file in [("teacher", "teacher"), ("student", "student"), ("train", "train.csv"),
+                                              ("test", "test.csv"), ("public", "public.jsonl")]}
 
 
 def _run(fed: Federation, cmd: list[str], name: str, timeout: float) -> subprocess.CompletedProcess:

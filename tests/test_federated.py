@@ -5,12 +5,12 @@ import math
 
 import numpy as np
 import pytest
-from conftest import build_tiny_model, make_sentiment
+from conftest import write_tiny_task
 
 from post_fl import federated as F
 from post_fl.aggregate import RoundFailedError
 from post_fl.config import ConfigError
-from post_fl.data import TextDataset, write_text_file
+from post_fl.data import TextDataset
 from post_fl.prompt import load_prompt
 
 
@@ -31,22 +31,7 @@ def fed_flat(root, tmp, **over):
 @pytest.fixture(scope="session")
 def fed_root(tmp_path_factory):
     """Tiny masked-LM teacher, a distilled 2-layer student and generated task files."""
-    from post_fl.config import DistillConfig
-    from post_fl.data import TextDataset
-    from post_fl.distill import distill_student, save_student
-    from post_fl.models import load_scoring_model
-
-    root = tmp_path_factory.mktemp("fed")
-    build_tiny_model("masked", root / "teacher")
-    write_text_file(make_sentiment(96, seed=11), root / "train.csv")
-    write_text_file(make_sentiment(32, seed=12), root / "test.csv")
-    pub = make_sentiment(32, seed=13)
-    write_text_file(TextDataset(pub.texts, [], []), root / "public.jsonl")
-    teacher = load_scoring_model(str(root / "teacher"), ["negative", "positive"],
-                                 {"positive": ["good"], "negative": ["bad"]})
-    student, rep = distill_student(teacher, pub, DistillConfig(num_layers=2, steps=3, batch_size=8))
-    save_student(student, root / "student", rep)
-    return root
+    return write_tiny_task(tmp_path_factory.mktemp("fed"), 96, seed=11)
 
 
 def run_local(flat, tamper=None, after_round=None):

@@ -8,11 +8,10 @@ import math
 
 import pytest
 import torch
-from conftest import build_tiny_model, make_sentiment
+from conftest import build_tiny_model, make_sentiment, write_tiny_task
 
 from post_fl import sweep as S
 from post_fl.config import ConfigError, TuneConfig
-from post_fl.data import TextDataset, write_text_file
 from post_fl.models import load_scoring_model
 
 WORDS = {"positive": ["good"], "negative": ["bad"]}
@@ -29,13 +28,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sweep-assets")
-    build_tiny_model("masked", root / "teacher")
-    write_text_file(make_sentiment(64, seed=21), root / "train.csv")
-    write_text_file(make_sentiment(32, seed=22), root / "test.csv")
-    pub = make_sentiment(32, seed=23)
-    write_text_file(TextDataset(pub.texts, [], []), root / "public.jsonl")
-    return root
+    return write_tiny_task(tmp_path_factory.mktemp("sweep-assets"), 64, seed=21, with_student=False)
 
 
 def sweep_toml(root, out, extra: str = "") -> str:
