@@ -58,7 +58,8 @@ class DataConfig:
 
     ``train``/``test`` are CSV, TSV or JSONL files with a text and a label column, or
     ``"embedded"`` for the dataset shipped with the default. ``public`` is unlabelled text
-    (a label column is ignored) used only for distillation and prompt transfer.
+    (a label column is ignored) used only for distillation and prompt transfer; its text column
+    is ``public_text_column`` when set (e.g. ``"title+description"`` for AG News), else ``text_column``.
     """
 
     train: str = EMBEDDED_DEFAULT
@@ -66,6 +67,7 @@ class DataConfig:
     public: str = EMBEDDED_DEFAULT
     text_column: str = "text"
     label_column: str = "label"
+    public_text_column: str = ""  # text column of the public file; "" = text_column
     # CPU-sized defaults (a 2-core machine runs the whole pipeline in minutes); 0 = all
     max_train_examples: int = 4000
     max_test_examples: int = 1000

@@ -328,10 +328,7 @@ def _load_task(run_cfg: RunConfig):
     from .pipeline import load_task
 
     task = load_task(run_cfg)
-    if isinstance(task, tuple):
-        train, test, public = task[:3]
-        return train, test, public, dict(run_cfg.model.label_words)
-    return task.train, task.test, task.public, dict(getattr(task, "label_words", run_cfg.model.label_words))
+    return task.train, task.test, task.public, dict(task.label_words)
 
 
 def client_partition(run_cfg: RunConfig, fed_cfg: FederatedConfig, partition_id: int,

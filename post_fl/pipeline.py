@@ -52,7 +52,10 @@ def load_task(cfg: RunConfig) -> Task:
         test = emb.test
     else:
         test = read_text_file(d.test, d.text_column, d.label_column, label_names=train.label_names)
-    public = emb.public if d.public == EMBEDDED_DEFAULT else read_text_file(d.public, d.text_column, None)
+    if d.public == EMBEDDED_DEFAULT:
+        public = emb.public
+    else:
+        public = read_text_file(d.public, d.public_text_column or d.text_column, None)
     train = train.shuffled(cfg.seed).head(d.max_train_examples)
     test = test.head(d.max_test_examples)
     public = public.shuffled(cfg.seed).head(d.max_public_examples)

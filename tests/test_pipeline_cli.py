@@ -87,3 +87,21 @@ def test_help_explains_every_option(capsys):
     out = capsys.readouterr().out
     for opt in ("--config", "--output-dir", "--set", "--seed", "--quiet"):
         assert opt in out
+
+
+def test_public_file_may_name_its_own_text_columns(tmp_path, files):
+    """The POST setting: a labelled private task in one format, public text (AG-News-like) in another."""
+    from post_fl.config import load_config
+    from post_fl.data import DataError
+    from post_fl.pipeline import load_task
+
+    train, test, _ = files
+    public = tmp_path / "news.csv"
+    public.write_text("label,title,description\n1,Stocks rise,Markets gained today\n2,Team wins,A late goal\n")
+    over = {"data.train": str(train), "data.test": str(test), "data.public": str(public),
+            "model.label_words": {"negative": ["bad"], "positive": ["good"]}}
+    with pytest.raises(DataError, match="news.csv.*'text'"):
+        load_task(load_config(None, over))
+    task = load_task(load_config(None, {**over, "data.public_text_column": "title+description"}))
+    assert sorted(task.public.texts) == ["Stocks rise Markets gained today", "Team wins A late goal"]
+    assert task.public.labels == [] and len(task.train) == 48
