@@ -59,7 +59,8 @@ class DataConfig:
     ``train``/``test`` are CSV, TSV or JSONL files with a text and a label column, or
     ``"embedded"`` for the dataset shipped with the default. ``public`` is unlabelled text
     (a label column is ignored) used only for distillation and prompt transfer; its text column
-    is ``public_text_column`` when set (e.g. ``"title+description"`` for AG News), else ``text_column``.
+    is ``public_text_column`` when set (e.g. ``"title+description"`` for AG News), else ``text_column``;
+    likewise ``test_text_column`` for the test file.
     """
 
     train: str = EMBEDDED_DEFAULT
@@ -67,6 +68,7 @@ class DataConfig:
     public: str = EMBEDDED_DEFAULT
     text_column: str = "text"
     label_column: str = "label"
+    test_text_column: str = ""  # text column of the test file; "" = text_column
     public_text_column: str = ""  # text column of the public file; "" = text_column
     # CPU-sized defaults (a 2-core machine runs the whole pipeline in minutes); 0 = all
     max_train_examples: int = 4000

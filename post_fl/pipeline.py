@@ -51,7 +51,8 @@ def load_task(cfg: RunConfig) -> Task:
                             "give a test file with the same labels as data.train")
         test = emb.test
     else:
-        test = read_text_file(d.test, d.text_column, d.label_column, label_names=train.label_names)
+        test = read_text_file(d.test, d.test_text_column or d.text_column, d.label_column,
+                              label_names=train.label_names)
     if d.public == EMBEDDED_DEFAULT:
         public = emb.public
     else:

@@ -105,3 +105,16 @@ def test_public_file_may_name_its_own_text_columns(tmp_path, files):
     task = load_task(load_config(None, {**over, "data.public_text_column": "title+description"}))
     assert sorted(task.public.texts) == ["Stocks rise Markets gained today", "Team wins A late goal"]
     assert task.public.labels == [] and len(task.train) == 48
+
+
+def test_test_file_may_name_its_own_text_column(tmp_path, files):
+    from post_fl.config import load_config
+    from post_fl.pipeline import load_task
+
+    train, _, public = files
+    test = tmp_path / "dev.tsv"
+    test.write_text("label\tcontent\npositive\tgood film\nnegative\tbad plot\n")
+    over = {"data.train": str(train), "data.test": str(test), "data.public": str(public),
+            "data.test_text_column": "content", "model.label_words": {"negative": ["bad"], "positive": ["good"]}}
+    task = load_task(load_config(None, over))
+    assert task.test.texts == ["good film", "bad plot"] and task.test.labels == [1, 0]
