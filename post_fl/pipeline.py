@@ -112,7 +112,9 @@ class Pipeline:
     def save_config(self) -> None:
         self.run.mkdir(parents=True, exist_ok=True)
         cfg_path = self.run / "config.json"
-        if cfg_path.exists():
+        made = [n for n in ("stages", STUDENT_DIR, PROMPT_STUDENT, PROMPT_TEACHER, PROMPT_TEACHER_TUNED,
+                            "results.json") if (self.run / n).exists()]
+        if cfg_path.exists() and made:  # a config that nothing was made with yet (e.g. bad data) may change
             saved = read_json(cfg_path)
             current = self.cfg.to_dict()
             if {k: v for k, v in saved.items() if k != "output_dir"} != \

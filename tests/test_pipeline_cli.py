@@ -70,6 +70,9 @@ def test_bad_input_gives_a_clear_error(tmp_path, tiny_dirs, files, capsys):
     assert main(["distill"] + _args(tiny_dirs, files, run) + ["--set", f'data.train="{bad}"']) == 2
     err = capsys.readouterr().err
     assert "missing column 'text'" in err and str(bad) in err
+    assert not (run / "student").exists()
+    # nothing was made with the rejected config, so the corrected one may use the same folder
+    assert main(["distill"] + _args(tiny_dirs, files, run)) == 0
     assert main(["run", "--output-dir", str(run), "--set", "tune.batchsize=3"]) == 2
     assert "tune.batchsize" in capsys.readouterr().err
 
