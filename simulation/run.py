@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import tomllib
 from typing import Any
+
+from post_fl.config import ConfigError
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -58,17 +59,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
-    flat: dict[str, Any] = {}
-    if args.config:
-        with open(args.config, "rb") as fh:
-            flat.update(_flatten(tomllib.load(fh)))
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            flat[key] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            flat[key] = value
+    try:
+        flat = read_run_config(args.config, args.set)
+    except ConfigError as exc:
+        ap.error(str(exc))
     simulate(flat, args.num_supernodes, args.num_cpus, verbose=args.verbose)
+
+
+def read_run_config(path: str | None, overrides: list[str] = ()) -> dict[str, Any]:
+    """The flat run-config (Flower style, ``section.key``) of a TOML file plus ``KEY=VALUE`` overrides."""
+    from post_fl.cli import parse_overrides
+    from post_fl.config import read_toml
+
+    flat = _flatten(read_toml(path, "config file")) if path else {}
+    flat.update(parse_overrides(list(overrides)))
+    return flat
 
 
 if __name__ == "__main__":

@@ -47,3 +47,25 @@ def test_missing_and_broken_files(tmp_path):
     bad.write_text("[tune\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+def test_every_shipped_config_file_loads():
+    """Run configs (benchmarks/, simulation/configs/) and sweep grids (sweeps/) in the repository parse
+    and validate; data files they name need not exist here."""
+    from pathlib import Path
+
+    from post_fl import federated as F
+    from post_fl.sweep import load_sweep_config
+    from simulation.run import read_run_config
+
+    repo = Path(__file__).resolve().parents[1]
+    run_configs = sorted((repo / "benchmarks").glob("*.toml"))
+    sim_configs = sorted((repo / "simulation" / "configs").glob("*.toml"))
+    sweeps = sorted((repo / "sweeps").glob("*.toml"))
+    assert run_configs and sim_configs and sweeps
+    for path in run_configs:
+        load_config(path)
+    for path in sim_configs:
+        F.build_configs(read_run_config(str(path), ["federated.num_clients=10"]))
+    for path in sweeps:
+        load_sweep_config(path)
