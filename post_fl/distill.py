@@ -212,7 +212,7 @@ def distill_student(teacher: ScoringModel, public: TextDataset, cfg: DistillConf
 
 def save_student(student: ScoringModel, directory: str | Path, report: DistillReport | None = None) -> Path:
     """Save the student with ``save_pretrained`` (model + tokenizer) and its distillation report."""
-    from .evaluate import write_json
+    from .jsonio import write_json
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)

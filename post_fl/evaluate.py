@@ -6,7 +6,6 @@ import torch
 
 from .data import DataError, TextDataset
 from .models import ScoringModel
-from .jsonio import jsonable, read_json, write_json  # noqa: F401  (re-exported)
 from .prompt import SoftPrompt
 
 

@@ -22,7 +22,8 @@ import torch
 
 from .config import EMBEDDED_DEFAULT, RunConfig, config_from_dict
 from .data import DataError, Task, read_text_file
-from .evaluate import accuracy, read_json, write_json
+from .evaluate import accuracy
+from .jsonio import read_json, write_json
 from .models import ScoringModel, load_scoring_model
 from .prompt import SoftPrompt, init_from_text, init_from_vocab, load_prompt, save_prompt
 

@@ -64,7 +64,11 @@ def _series(rows, x_name: str, panel_name: str):
 
 def _save(fig: Figure, path: Path, caption: str) -> Path:
     if caption:
-        fig.text(0.01, 0.01, "\n".join(textwrap.wrap(caption, 150)), fontsize=7, va="bottom", ha="left")
+        width_in, height_in = fig.get_size_inches()
+        lines = textwrap.wrap(caption, int(width_in * 17))  # ~17 characters of 7 pt text per inch
+        fig.text(0.01, 0.01, "\n".join(lines), fontsize=7, va="bottom", ha="left")
+        # leave room for the caption (10 pt per line) plus the x tick labels and axis title (0.75 in)
+        fig.subplots_adjust(bottom=(len(lines) * 10 / 72 + 0.75) / height_in)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
     fig.savefig(path, format="png", dpi=110)
@@ -74,9 +78,12 @@ def _save(fig: Figure, path: Path, caption: str) -> Path:
 def _figure(n_panels: int) -> tuple[Figure, list]:
     cols = min(n_panels, 3) or 1
     rows = max(1, math.ceil(n_panels / cols))
-    fig = Figure(figsize=(5.2 * cols, 3.9 * rows + 1.1))
+    width_in = 5.2 * cols
+    height_in = 3.9 * rows + 1.4
+    fig = Figure(figsize=(width_in, height_in))
     axes = [fig.add_subplot(rows, cols, i + 1) for i in range(max(n_panels, 1))]
-    fig.subplots_adjust(bottom=0.2 + 0.05 / rows, top=0.9, wspace=0.28, hspace=0.45)
+    fig.subplots_adjust(left=0.7 / width_in, right=1 - 0.2 / width_in, bottom=0.2 + 0.05 / rows, top=1 - 0.6 / height_in,
+                        wspace=0.28, hspace=0.45)
     return fig, axes
 
 
@@ -96,41 +103,39 @@ def _draw(ax, series: dict, positions: dict, zero: list[float]) -> None:
     ax.grid(alpha=0.3)
 
 
-def plot_accuracy_vs_epsilon(rows: list[dict], path: str | Path, caption: str = "") -> Path:
-    """Accuracy vs target ε, one panel per client count (``inf`` = no DP, rightmost). Returns the PNG path."""
-    panels, zero = _series(rows, "target_epsilon", "num_clients")
-    eps = sorted({x for p in panels.values() for s in p.values() for x in s})
-    positions = {e: i for i, e in enumerate(eps)}
+def _plot_panels(rows: list[dict], x_field: str, panel_field: str, x_label, x_axis_title: str,
+                 panel_title, title: str, path: str | Path, caption: str) -> Path:
+    """One panel per value of ``panel_field``, accuracy against ``x_field`` (categorical axis) in each."""
+    panels, zero = _series(rows, x_field, panel_field)
+    xs = sorted({x for p in panels.values() for s in p.values() for x in s})
+    positions = {x: i for i, x in enumerate(xs)}
     fig, axes = _figure(len(panels))
-    for ax, n in zip(axes, sorted(panels)):
-        _draw(ax, panels[n], positions, zero)
-        ax.set_xticks(range(len(eps)), [_eps_label(e) for e in eps])
-        ax.set_xlabel("target ε (DP-SGD: example-level; RAPT: per-token local)")
-        ax.set_title("1 client (single site)" if n == 1 else f"{n:g} clients")
-    if not panels:
-        axes[0].text(0.5, 0.5, "no finished cells", ha="center")
-    handles, labels = axes[0].get_legend_handles_labels()
-    if handles:
-        axes[0].legend(fontsize=7, loc="best")
-    fig.suptitle("Privacy-utility: test accuracy vs ε")
-    return _save(fig, Path(path), caption)
-
-
-def plot_accuracy_vs_clients(rows: list[dict], path: str | Path, caption: str = "") -> Path:
-    """Accuracy vs number of clients, one panel per target ε. Returns the PNG path."""
-    panels, zero = _series(rows, "num_clients", "target_epsilon")
-    counts = sorted({x for p in panels.values() for s in p.values() for x in s})
-    positions = {c: i for i, c in enumerate(counts)}
-    fig, axes = _figure(len(panels))
-    for ax, e in zip(axes, sorted(panels)):
-        _draw(ax, panels[e], positions, zero)
-        ax.set_xticks(range(len(counts)), [f"{c:g}" for c in counts])
-        ax.set_xlabel("number of clients")
-        ax.set_title("ε = ∞ (no DP)" if math.isinf(e) else f"target ε = {e:g}")
+    for ax, key in zip(axes, sorted(panels)):
+        _draw(ax, panels[key], positions, zero)
+        ax.set_xticks(range(len(xs)), [x_label(x) for x in xs])
+        ax.set_xlabel(x_axis_title)
+        ax.set_title(panel_title(key))
     if not panels:
         axes[0].text(0.5, 0.5, "no finished cells", ha="center")
     handles, _ = axes[0].get_legend_handles_labels()
     if handles:
         axes[0].legend(fontsize=7, loc="best")
-    fig.suptitle("Privacy-utility: test accuracy vs number of clients")
+    fig.suptitle(title)
     return _save(fig, Path(path), caption)
+
+
+def plot_accuracy_vs_epsilon(rows: list[dict], path: str | Path, caption: str = "") -> Path:
+    """Accuracy vs target ε, one panel per client count (``inf`` = no DP, rightmost). Returns the PNG path."""
+    return _plot_panels(
+        rows, "target_epsilon", "num_clients", _eps_label,
+        "target ε (DP-SGD: example-level; RAPT: per-token local)",
+        lambda n: "1 client (single site)" if n == 1 else f"{n:g} clients",
+        "Privacy-utility: test accuracy vs ε", path, caption)
+
+
+def plot_accuracy_vs_clients(rows: list[dict], path: str | Path, caption: str = "") -> Path:
+    """Accuracy vs number of clients, one panel per target ε. Returns the PNG path."""
+    return _plot_panels(
+        rows, "num_clients", "target_epsilon", lambda c: f"{c:g}", "number of clients",
+        lambda e: "ε = ∞ (no DP)" if math.isinf(e) else f"target ε = {e:g}",
+        "Privacy-utility: test accuracy vs number of clients", path, caption)

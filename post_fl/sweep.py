@@ -783,7 +783,7 @@ def _cell_configs(ctx: SweepContext, cell: Cell, model_dir: Path, run_dir: Path)
 
 def _federated_run(ctx: SweepContext, cell: Cell) -> dict:
     """Run (or reuse) the federated run behind a cell; returns its summary (accuracies, privacy, cost)."""
-    from .evaluate import read_json, write_json
+    from .jsonio import read_json, write_json
     from .federated import FederatedServer, client_partition, run_federated
 
     run_dir = ctx.out / "runs" / cell.run_slug

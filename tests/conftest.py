@@ -110,3 +110,10 @@ def write_tiny_task(root, n_train: int, seed: int, with_student: bool = True):
         student, report = distill_student(teacher, public, DistillConfig(num_layers=2, steps=3, batch_size=8))
         save_student(student, root / "student", report)
     return root
+
+
+@pytest.fixture(scope="session")
+def fed_root(tmp_path_factory):
+    """Tiny masked-LM teacher, a distilled 2-layer student and generated task files (shared by the
+    federated and Flower test modules)."""
+    return write_tiny_task(tmp_path_factory.mktemp("fed"), 96, seed=11)

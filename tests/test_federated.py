@@ -5,7 +5,6 @@ import math
 
 import numpy as np
 import pytest
-from conftest import write_tiny_task
 
 from post_fl import federated as F
 from post_fl.aggregate import RoundFailedError
@@ -26,12 +25,6 @@ def fed_flat(root, tmp, **over):
             "federated.min_clients": 2, "federated.client_cache_dir": str(tmp / "cache")}
     flat.update(over)
     return flat
-
-
-@pytest.fixture(scope="session")
-def fed_root(tmp_path_factory):
-    """Tiny masked-LM teacher, a distilled 2-layer student and generated task files."""
-    return write_tiny_task(tmp_path_factory.mktemp("fed"), 96, seed=11)
 
 
 def run_local(flat, tamper=None, after_round=None):

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 from conftest import make_sentiment
-from test_federated import fed_flat, fed_root  # noqa: F401  (session fixture)
+from test_federated import fed_flat
 
 from post_fl import federated as F
 
