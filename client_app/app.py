@@ -45,6 +45,7 @@ def make_client_app(run_config: dict[str, Any] | None = None, mods: list | None 
 
     @app.query("hello")
     def hello(msg: Message, context: Context) -> Message:
+        """Tell the server whether this node already caches the student with the announced content hash."""
         _, fed = _configs(context, run_config)
         model_hash = str(msg.content.config_records[fl.TRAIN_CONFIG_RECORD]["model-hash"])
         has = fl.cached_student(model_hash, fl.cache_root(fed)) is not None
@@ -53,6 +54,7 @@ def make_client_app(run_config: dict[str, Any] | None = None, mods: list | None 
 
     @app.query("model")
     def receive_model(msg: Message, context: Context) -> Message:
+        """Install the student sent by the server into the node's cache (verified against its content hash)."""
         _, fed = _configs(context, run_config)
         cfg = msg.content.config_records[fl.STUDENT_FILES_RECORD]
         weights = {k: v.numpy() for k, v in msg.content.array_records[fl.STUDENT_WEIGHTS_RECORD].items()}
@@ -66,6 +68,8 @@ def make_client_app(run_config: dict[str, Any] | None = None, mods: list | None 
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        """Tune the global soft prompt on this node's private partition with DP-SGD; reply with the prompt
+        update and metrics only (examples, loss, epsilon spent so far across rounds)."""
         run_cfg, fed = _configs(context, run_config)
         legacy = "fitins.config" in msg.content.config_records  # SecAgg+ speaks FitIns/FitRes
         ins = msg.content.config_records["fitins.config" if legacy else fl.TRAIN_CONFIG_RECORD]

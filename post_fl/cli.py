@@ -62,6 +62,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``post-fl`` argument parser: one subcommand per pipeline stage, plus ``run``, ``sweep`` and ``show-config``."""
     parser = argparse.ArgumentParser(
         prog="post-fl",
         description="POST: privacy-preserving soft-prompt transfer. A prompt is tuned with DP-SGD on a small "

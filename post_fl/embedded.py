@@ -60,6 +60,7 @@ def cache_dir() -> Path:
 
 
 def is_embedded_model(name: str) -> bool:
+    """True if ``name`` is one of the registry-packaged models (e.g. ``embedded``), not a path or hub name."""
     return name in EMBEDDED_MODELS
 
 

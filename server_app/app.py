@@ -212,6 +212,7 @@ def make_server_app(run_config: dict[str, Any] | None = None, after_round=None) 
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        """Run the federated POST rounds over ``grid``, then transfer the global prompt and write results."""
         run_cfg, fed = fl.build_configs(run_config if run_config is not None else dict(context.run_config))
         _one_log_view()
         server = fl.FederatedServer(run_cfg, fed, report=lambda m: log(INFO, "[post-fl] %s", m))

@@ -51,6 +51,7 @@ def simulate(run_config: dict[str, Any], num_supernodes: int, num_cpus: int = 2,
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Command line: run one federated POST simulation on Flower's Simulation Engine (see the module docstring)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="post-fl TOML with a [federated] table")
     ap.add_argument("-c", "--set", action="append", default=[], metavar="KEY=VALUE",

@@ -89,6 +89,7 @@ def prepare_tiny(root: Path, n_train: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Command line: time and measure peak memory of simulations with each client count given."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
     ap.add_argument("--per-round", type=int, default=10, help="clients sampled per round")
