@@ -5,7 +5,8 @@ Both functions take the rows of a sweep's results.csv (dicts of strings, as
 
 * :func:`plot_accuracy_vs_epsilon`: one panel per number of clients, test accuracy against
   the target ε (``inf`` = non-private, drawn rightmost), one line per method and partitioning;
-  the teacher's zero-shot accuracy is a dashed horizontal line.
+  the teacher's zero-shot accuracy is a dashed horizontal line, the majority-class accuracy
+  (always the most frequent training label) a dotted one.
 * :func:`plot_accuracy_vs_clients`: one panel per target ε, accuracy against the number of
   clients (1 = single site).
 
@@ -25,11 +26,13 @@ from matplotlib.figure import Figure
 
 METHOD_STYLE = {
     "zero_shot": dict(color="0.4", linestyle="--"),
+    "majority": dict(color="0.55", linestyle=(0, (1, 1.5))),
     "direct": dict(color="tab:orange", marker="s"),
     "post": dict(color="tab:blue", marker="o"),
     "teacher_dp": dict(color="tab:green", marker="^"),
     "rapt": dict(color="tab:red", marker="D"),
 }
+REFERENCE_LABELS = {"zero_shot": "zero_shot (teacher)", "majority": "majority class"}
 PART_STYLE = {"iid": "-", "dirichlet": ":", "pathological": "-."}
 
 
@@ -45,21 +48,21 @@ def _eps_label(e: float) -> str:
 
 
 def _series(rows, x_name: str, panel_name: str):
-    """{panel value: {(method, partition label): {x: [accuracies]}}} and the zero-shot accuracies."""
+    """{panel value: {(method, partition label): {x: [accuracies]}}} and {reference method: [accuracies]}."""
     panels: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
-    zero = []
+    references: dict = defaultdict(list)
     for r in rows:
         acc = _f(r.get("accuracy"))
         if math.isnan(acc):
             continue
-        if r.get("method") == "zero_shot":
-            zero.append(acc)
+        if r.get("method") in REFERENCE_LABELS:
+            references[r["method"]].append(acc)
             continue
         part = r.get("partitioning", "")
         if part == "dirichlet":
             part = f"dirichlet(α={_f(r.get('dirichlet_alpha')):g})"
         panels[_f(r[panel_name])][(r["method"], part)][_f(r[x_name])].append(acc)
-    return panels, zero
+    return panels, references
 
 
 def _save(fig: Figure, path: Path, caption: str) -> Path:
@@ -87,7 +90,7 @@ def _figure(n_panels: int) -> tuple[Figure, list]:
     return fig, axes
 
 
-def _draw(ax, series: dict, positions: dict, zero: list[float]) -> None:
+def _draw(ax, series: dict, positions: dict, references: dict) -> None:
     for (method, part), points in sorted(series.items()):
         xs = sorted(points)
         style = dict(METHOD_STYLE.get(method, {}))
@@ -97,8 +100,8 @@ def _draw(ax, series: dict, positions: dict, zero: list[float]) -> None:
         hi = [max(points[x]) - m for m, x in zip(means, xs)]
         ax.errorbar([positions[x] for x in xs], means, yerr=[lo, hi], capsize=2, label=f"{method} [{part}]",
                     **style)
-    if zero:
-        ax.axhline(sum(zero) / len(zero), label="zero_shot (teacher)", **METHOD_STYLE["zero_shot"])
+    for method, accs in sorted(references.items()):
+        ax.axhline(sum(accs) / len(accs), label=REFERENCE_LABELS[method], **METHOD_STYLE[method])
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
 
@@ -106,12 +109,12 @@ def _draw(ax, series: dict, positions: dict, zero: list[float]) -> None:
 def _plot_panels(rows: list[dict], x_field: str, panel_field: str, x_label, x_axis_title: str,
                  panel_title, title: str, path: str | Path, caption: str) -> Path:
     """One panel per value of ``panel_field``, accuracy against ``x_field`` (categorical axis) in each."""
-    panels, zero = _series(rows, x_field, panel_field)
+    panels, references = _series(rows, x_field, panel_field)
     xs = sorted({x for p in panels.values() for s in p.values() for x in s})
     positions = {x: i for i, x in enumerate(xs)}
     fig, axes = _figure(len(panels))
     for ax, key in zip(axes, sorted(panels)):
-        _draw(ax, panels[key], positions, zero)
+        _draw(ax, panels[key], positions, references)
         ax.set_xticks(range(len(xs)), [x_label(x) for x in xs])
         ax.set_xlabel(x_axis_title)
         ax.set_title(panel_title(key))

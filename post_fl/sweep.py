@@ -6,7 +6,7 @@
 A sweep file (TOML) names the grid axes and a base run config::
 
     output_dir = "runs/sweep-default"
-    methods = ["zero_shot", "direct", "post", "teacher_dp", "rapt"]
+    methods = ["zero_shot", "majority", "direct", "post", "teacher_dp", "rapt"]
     num_clients = [1, 10, 100]          # 1 = a single-site run
     target_epsilon = [1, 4, 8, inf]     # inf = no DP
     partitioning = ["iid", "dirichlet"] # label skew across clients (ignored for 1 client)
@@ -23,6 +23,10 @@ Methods, all on the same data split and the same teacher:
 
 ``zero_shot``
     the teacher without a prompt (one cell per seed).
+``majority``
+    a reference line, not a learner: every test example gets the most frequent label of the
+    training split (one cell per seed). A prompt that does no better has learnt only the
+    class prior.
 ``direct``
     federated DP-SGD prompt tuned on the student, used on the teacher untransferred; the
     student's own accuracy with that prompt is in ``student_accuracy``.
@@ -69,7 +73,8 @@ from .jsonio import jsonable
 
 log = logging.getLogger(__name__)
 
-METHODS = ("zero_shot", "direct", "post", "teacher_dp", "rapt")
+METHODS = ("zero_shot", "majority", "direct", "post", "teacher_dp", "rapt")
+REFERENCE_METHODS = ("zero_shot", "majority")  # one cell per seed, no clients, no privacy cost
 STUDENT_METHODS = ("direct", "post")  # share one federated run on the student
 PARTITIONINGS = ("iid", "dirichlet", "pathological")
 RESULTS_CSV, RESULTS_MD, SETTINGS_JSON = "results.csv", "results.md", "sweep_settings.json"
@@ -323,7 +328,7 @@ class Cell:
     """One point of the grid. ``key`` is stable across runs and identifies the cell in results.csv."""
 
     method: str
-    num_clients: int = 0  # 0 for zero_shot (no training)
+    num_clients: int = 0  # 0 for the reference methods (no training)
     target_epsilon: float = math.inf
     partitioning: str = ""
     dirichlet_alpha: float = 0.0
@@ -335,8 +340,8 @@ class Cell:
 
     @property
     def key(self) -> str:
-        if self.method == "zero_shot":
-            return f"zero_shot|seed={self.seed}"
+        if self.method in REFERENCE_METHODS:
+            return f"{self.method}|seed={self.seed}"
         return (f"{self.method}|clients={self.num_clients}|eps={_fmt_eps(self.target_epsilon)}|"
                 f"part={self.partition_label}|seed={self.seed}")
 
@@ -362,13 +367,14 @@ def expand_cells(cfg: SweepConfig) -> list[Cell]:
     for p in cfg.partitioning:
         parts += [(p, a) for a in cfg.dirichlet_alpha] if p == "dirichlet" else [(p, 0.0)]
     for seed in cfg.seeds:
-        if "zero_shot" in cfg.methods:
-            add(Cell("zero_shot", seed=seed))
+        for m in REFERENCE_METHODS:
+            if m in cfg.methods:
+                add(Cell(m, seed=seed))
         for n in cfg.num_clients:
             for p, a in (parts if n > 1 else [("iid", 0.0)]):
                 for eps in cfg.target_epsilon:
                     for m in cfg.methods:
-                        if m != "zero_shot":
+                        if m not in REFERENCE_METHODS:
                             add(Cell(m, n, eps, p, a, seed))
     return cells
 
@@ -863,6 +869,15 @@ def server_prompt_rounds(server, transport) -> None:
                                                                   server.instructions(rnd, sampled)))
 
 
+def majority_class_accuracy(train_labels, test_labels) -> float:
+    """Accuracy of always predicting the most frequent training label (ties: the smallest label id)."""
+    if len(train_labels) == 0 or len(test_labels) == 0:
+        raise ValueError("majority_class_accuracy: empty train or test labels")
+    counts = np.bincount(np.asarray(train_labels, dtype=np.int64))
+    majority = int(np.argmax(counts))
+    return float(np.mean(np.asarray(test_labels) == majority))
+
+
 def run_cell(ctx: SweepContext, cell: Cell) -> dict[str, Any]:
     """Run one cell and return its CSV row (accuracy, privacy spent, cost, optional audit)."""
     from .evaluate import accuracy
@@ -875,6 +890,13 @@ def run_cell(ctx: SweepContext, cell: Cell) -> dict[str, Any]:
         row.update(accuracy=accuracy(ctx.teacher, task.test, None, cfg.base.eval.batch_size),
                    test_examples=len(task.test), train_examples=len(task.train), epsilon=0.0, delta=0.0,
                    epsilon_unit="none (no private data used)")
+        row["cell_seconds"] = time.perf_counter() - t0
+        return row
+    if cell.method == "majority":
+        task = ctx.task(cell.seed)
+        row.update(accuracy=majority_class_accuracy(task.train.labels, task.test.labels),
+                   test_examples=len(task.test), train_examples=len(task.train), epsilon=0.0, delta=0.0,
+                   epsilon_unit="none (reference: the training split's most frequent label)")
         row["cell_seconds"] = time.perf_counter() - t0
         return row
     row.update(num_clients=cell.num_clients, target_epsilon=cell.target_epsilon, partitioning=cell.partitioning,

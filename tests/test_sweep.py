@@ -34,7 +34,7 @@ def assets(tmp_path_factory):
 def sweep_toml(root, out, extra: str = "") -> str:
     return f"""
 output_dir = "{out}"
-methods = ["zero_shot", "direct", "post", "teacher_dp", "rapt"]
+methods = ["zero_shot", "majority", "direct", "post", "teacher_dp", "rapt"]
 num_clients = [1, 3]
 target_epsilon = [4, inf]
 partitioning = ["iid"]
@@ -114,6 +114,13 @@ def test_bad_key_through_the_cli_exits_2(assets, tmp_path, capsys):
     assert "roundz" in capsys.readouterr().err
 
 
+def test_majority_class_accuracy():
+    assert S.majority_class_accuracy([0, 1, 1, 2], [1, 1, 0, 2, 1]) == pytest.approx(0.6)
+    assert S.majority_class_accuracy([2, 0, 0, 2], [0, 2]) == pytest.approx(0.5)  # tie: smallest label id
+    with pytest.raises(ValueError, match="empty"):
+        S.majority_class_accuracy([], [0])
+
+
 def test_cells_are_deduplicated_and_keys_stable():
     cfg = S.SweepConfig(methods=["zero_shot", "direct", "post"], num_clients=[1, 10],
                         target_epsilon=[1.0, math.inf], partitioning=["iid", "dirichlet"],
@@ -153,20 +160,32 @@ def test_tiny_sweep_end_to_end_then_resume(assets, tmp_path, monkeypatch, capsys
         assert reader.fieldnames == S.CSV_COLUMNS
         rows = list(reader)
     cells = S.expand_cells(S.load_sweep_config(p))
-    assert len(cells) == 17 and [r["key"] for r in rows] == [c.key for c in cells]
+    assert len(cells) == 18 and [r["key"] for r in rows] == [c.key for c in cells]
     assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows if r["status"] != "ok"]
     by = {r["key"]: r for r in rows}
     for r in rows:
         assert 0.0 <= float(r["accuracy"]) <= 1.0
     dim = 32 * 4 * 4  # 4 virtual tokens x width 32 x float32
     for r in rows:
-        if r["method"] == "zero_shot":
+        if r["method"] in S.REFERENCE_METHODS:
             continue
         assert int(r["bytes_up_per_client_round"]) == dim and int(r["bytes_down_per_client_round"]) == dim
         assert int(r["model_bytes_once"]) > 0
         assert float(r["student_s_per_client_round"]) > 0 and float(r["teacher_s_per_client_round"]) > 0
         if r["method"] in ("direct", "post", "teacher_dp") and r["target_epsilon"] != "inf":
             assert 0 < float(r["epsilon"]) <= 4.0 + 1e-6
+    # the majority-class reference: the training split's most frequent label on every test example
+    from collections import Counter
+
+    def labels(name):
+        with (assets / name).open(newline="") as fh:
+            return [r["label"] for r in csv.DictReader(fh)]
+
+    (top, n_top), (_, n_second) = Counter(labels("train.csv")).most_common(2)
+    assert n_top > n_second  # no tie, so the expected label is unambiguous
+    test_labels = labels("test.csv")
+    expected = sum(y == top for y in test_labels) / len(test_labels)
+    assert float(by["majority|seed=0"]["accuracy"]) == pytest.approx(expected)
     d, po = by["direct|clients=3|eps=4|part=iid|seed=0"], by["post|clients=3|eps=4|part=iid|seed=0"]
     assert d["student_accuracy"] and d["student_accuracy"] == po["student_accuracy"] and d["epsilon"] == po["epsilon"]
     # RAPT: eta maps the sweep's epsilon to per-token epsilon = eta * diameter
@@ -196,8 +215,8 @@ def test_tiny_sweep_end_to_end_then_resume(assets, tmp_path, monkeypatch, capsys
 
     monkeypatch.setattr(S, "run_cell", boom)
     assert main(["sweep", "--config", str(p), "--quiet"]) == 0
-    assert "17 already done, 0 to run" in capsys.readouterr().out
-    assert len(S.read_results(csv_path)) == 17 and csv_path.read_text().count("\n") == 18
+    assert "18 already done, 0 to run" in capsys.readouterr().out
+    assert len(S.read_results(csv_path)) == 18 and csv_path.read_text().count("\n") == 19
     # an interrupted sweep (last rows missing) runs exactly the missing cells
     lines = csv_path.read_text().splitlines(keepends=True)
     csv_path.write_text("".join(lines[:-2]))
