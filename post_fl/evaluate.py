@@ -28,3 +28,16 @@ def accuracy(model: ScoringModel, data: TextDataset, prompt: SoftPrompt | None =
         raise DataError(f"test labels {data.label_names} differ from the model's labels {model.label_names}")
     preds = predict(model, data.texts, prompt, batch_size)
     return float((preds == torch.tensor(data.labels)).float().mean())
+
+
+def majority_class_accuracy(train_labels, test_labels) -> float:
+    """Accuracy of the majority-class reference: always predict the most frequent training label.
+
+    A classifier (or prompt) at this level has learnt only the class prior. Ties go to the
+    smallest label id.
+    """
+    if len(train_labels) == 0 or len(test_labels) == 0:
+        raise ValueError("majority_class_accuracy: empty train or test labels")
+    counts = torch.bincount(torch.as_tensor(list(train_labels), dtype=torch.long))
+    majority = int(torch.argmax(counts))  # first maximum: the smallest label id on ties
+    return float((torch.as_tensor(list(test_labels)) == majority).float().mean())

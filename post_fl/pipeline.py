@@ -22,7 +22,7 @@ import torch
 
 from .config import EMBEDDED_DEFAULT, RunConfig, config_from_dict
 from .data import DataError, Task, read_text_file
-from .evaluate import accuracy
+from .evaluate import accuracy, majority_class_accuracy
 from .jsonio import read_json, write_json
 from .models import ScoringModel, load_scoring_model
 from .prompt import SoftPrompt, init_from_text, init_from_vocab, load_prompt, save_prompt
@@ -224,6 +224,7 @@ class Pipeline:
         teacher, student = self.teacher, self.student
         student_prompt = self.prompt(PROMPT_STUDENT, student)
         acc = {
+            "majority_class": majority_class_accuracy(self.task.train.labels, test.labels),
             "teacher_zero_shot": accuracy(teacher, test, None, bs),
             "student_zero_shot": accuracy(student, test, None, bs),
             "student_private_prompt": accuracy(student, test, student_prompt, bs),

@@ -869,18 +869,9 @@ def server_prompt_rounds(server, transport) -> None:
                                                                   server.instructions(rnd, sampled)))
 
 
-def majority_class_accuracy(train_labels, test_labels) -> float:
-    """Accuracy of always predicting the most frequent training label (ties: the smallest label id)."""
-    if len(train_labels) == 0 or len(test_labels) == 0:
-        raise ValueError("majority_class_accuracy: empty train or test labels")
-    counts = np.bincount(np.asarray(train_labels, dtype=np.int64))
-    majority = int(np.argmax(counts))
-    return float(np.mean(np.asarray(test_labels) == majority))
-
-
 def run_cell(ctx: SweepContext, cell: Cell) -> dict[str, Any]:
     """Run one cell and return its CSV row (accuracy, privacy spent, cost, optional audit)."""
-    from .evaluate import accuracy
+    from .evaluate import accuracy, majority_class_accuracy
 
     t0 = time.perf_counter()
     cfg = ctx.cfg

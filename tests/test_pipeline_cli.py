@@ -34,7 +34,7 @@ def test_run_writes_every_artifact_and_result(tmp_path, tiny_dirs, files, capsys
     run = tmp_path / "run"
     assert main(["run"] + _args(tiny_dirs, files, run)) == 0
     results = json.loads((run / "results.json").read_text())
-    assert set(results["accuracy"]) == {"teacher_zero_shot", "student_zero_shot", "student_private_prompt",
+    assert set(results["accuracy"]) == {"majority_class", "teacher_zero_shot", "student_zero_shot", "student_private_prompt",
                                         "teacher_direct_prompt", "teacher_transferred_prompt",
                                         "teacher_tuned_prompt_nonprivate"}
     assert all(0 <= a <= 1 for a in results["accuracy"].values())

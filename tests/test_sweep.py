@@ -115,10 +115,12 @@ def test_bad_key_through_the_cli_exits_2(assets, tmp_path, capsys):
 
 
 def test_majority_class_accuracy():
-    assert S.majority_class_accuracy([0, 1, 1, 2], [1, 1, 0, 2, 1]) == pytest.approx(0.6)
-    assert S.majority_class_accuracy([2, 0, 0, 2], [0, 2]) == pytest.approx(0.5)  # tie: smallest label id
+    from post_fl.evaluate import majority_class_accuracy
+
+    assert majority_class_accuracy([0, 1, 1, 2], [1, 1, 0, 2, 1]) == pytest.approx(0.6)
+    assert majority_class_accuracy([2, 0, 0, 2], [0, 2]) == pytest.approx(0.5)  # tie: smallest label id
     with pytest.raises(ValueError, match="empty"):
-        S.majority_class_accuracy([], [0])
+        majority_class_accuracy([], [0])
 
 
 def test_cells_are_deduplicated_and_keys_stable():
