@@ -876,19 +876,16 @@ def run_cell(ctx: SweepContext, cell: Cell) -> dict[str, Any]:
     t0 = time.perf_counter()
     cfg = ctx.cfg
     row: dict[str, Any] = {"key": cell.key, "status": "ok", "method": cell.method, "seed": cell.seed}
-    if cell.method == "zero_shot":
+    if cell.method in REFERENCE_METHODS:
         task = ctx.task(cell.seed)
-        row.update(accuracy=accuracy(ctx.teacher, task.test, None, cfg.base.eval.batch_size),
-                   test_examples=len(task.test), train_examples=len(task.train), epsilon=0.0, delta=0.0,
-                   epsilon_unit="none (no private data used)")
-        row["cell_seconds"] = time.perf_counter() - t0
-        return row
-    if cell.method == "majority":
-        task = ctx.task(cell.seed)
-        row.update(accuracy=majority_class_accuracy(task.train.labels, task.test.labels),
-                   test_examples=len(task.test), train_examples=len(task.train), epsilon=0.0, delta=0.0,
-                   epsilon_unit="none (reference: the training split's most frequent label)")
-        row["cell_seconds"] = time.perf_counter() - t0
+        if cell.method == "zero_shot":
+            acc, unit = (accuracy(ctx.teacher, task.test, None, cfg.base.eval.batch_size),
+                         "none (no private data used)")
+        else:
+            acc, unit = (majority_class_accuracy(task.train.labels, task.test.labels),
+                         "none (reference: the training split's most frequent label)")
+        row.update(accuracy=acc, test_examples=len(task.test), train_examples=len(task.train), epsilon=0.0,
+                   delta=0.0, epsilon_unit=unit, cell_seconds=time.perf_counter() - t0)
         return row
     row.update(num_clients=cell.num_clients, target_epsilon=cell.target_epsilon, partitioning=cell.partitioning,
                dirichlet_alpha=cell.dirichlet_alpha if cell.partitioning == "dirichlet" else "",

@@ -34,9 +34,9 @@ def test_run_writes_every_artifact_and_result(tmp_path, tiny_dirs, files, capsys
     run = tmp_path / "run"
     assert main(["run"] + _args(tiny_dirs, files, run)) == 0
     results = json.loads((run / "results.json").read_text())
-    assert set(results["accuracy"]) == {"majority_class", "teacher_zero_shot", "student_zero_shot", "student_private_prompt",
-                                        "teacher_direct_prompt", "teacher_transferred_prompt",
-                                        "teacher_tuned_prompt_nonprivate"}
+    assert set(results["accuracy"]) == {"majority_class", "teacher_zero_shot", "student_zero_shot",
+                                        "student_private_prompt", "teacher_direct_prompt",
+                                        "teacher_transferred_prompt", "teacher_tuned_prompt_nonprivate"}
     assert all(0 <= a <= 1 for a in results["accuracy"].values())
     assert 0 < results["privacy"]["epsilon"] <= 4.02 and results["privacy"]["delta"] == pytest.approx(1 / 48)
     for d in ("student", "prompt_student", "prompt_teacher", "prompt_teacher_tuned"):
