@@ -214,10 +214,18 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    """A whole single-site POST run: every stage's settings plus one seed."""
+    """A whole single-site POST run: every stage's settings plus one seed.
+
+    ``seed`` drives every non-private random choice (initialisation, splits, batches of
+    distillation and transfer). Privacy mechanisms never use it unless ``insecure_reproducible``
+    is set (see :mod:`post_fl.randomness`).
+    """
 
     seed: int = 0
     output_dir: str = "runs/default"
+    # True = DP noise and privacy-relevant sampling are seeded from `seed` (bit-exact reruns). NOT PRIVATE:
+    # every output is labelled so. False (default) = fresh OS entropy on the party that adds the noise.
+    insecure_reproducible: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
