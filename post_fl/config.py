@@ -74,11 +74,16 @@ class DataConfig:
     max_train_examples: int = 4000
     max_test_examples: int = 1000
     max_public_examples: int = 2000
+    # a training label seen in fewer rows is refused as a likely typo (e.g. 'postive'), unless allowed
+    min_label_count: int = 5
+    allow_rare_labels: bool = False
 
     def validate(self) -> None:
         for name in ("max_train_examples", "max_test_examples", "max_public_examples"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"data.{name}: expected >= 0, got {getattr(self, name)}")
+        if self.min_label_count < 1:
+            raise ConfigError(f"data.min_label_count: expected >= 1, got {self.min_label_count}")
 
 
 @dataclass

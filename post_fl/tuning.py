@@ -7,23 +7,45 @@ batches. Privacy accounting is kept apart from the optimiser, as in Opacus: the
 accountant's *history* (noise multiplier, sample rate, steps) is plain data that a
 federated client carries from round to round, so epsilon composes over every step the
 client ever took, not over one call.
+
+Randomness: the Poisson batch sampler and the Gaussian noise draw from one generator of
+:func:`post_fl.randomness.dp_torch_generator`, seeded from fresh OS entropy on every call
+(``insecure_seed=None``); only the non-private shuffle of plain tuning follows ``seed``.
+Opacus' ``secure_mode`` needs ``torchcsprng``, which has no build for the pinned torch, so the
+engine runs with it off and its "Secure RNG turned off" warning (which assumes a seeded,
+predictable generator) is replaced by one accurate log line; the optimiser still draws its noise
+the floating-point-attack-resistant way Opacus uses in secure mode (the mean of 4 Gaussians,
+Holohan & Braghin 2021), from the OS-entropy generator.
+
+delta: :func:`resolve_delta` defaults to ``min(1e-5, 1/(10 N))`` and refuses ``delta >= 1/N``
+(N = the examples of the dataset being protected).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .config import TuneConfig
+from .config import ConfigError, TuneConfig
 from .data import DataError, TextDataset
 from .models import ScoringModel
 from .prompt import SoftPrompt
+from .randomness import dp_torch_generator
+
+log = logging.getLogger(__name__)
+
+# stream id of DP-SGD in the insecure (seeded) mode of post_fl.randomness
+DP_SGD_STREAM = 11
+DEFAULT_MAX_DELTA = 1e-5
+_RNG_NOTE = [False]  # the one-time explanation of Opacus' secure_mode has been logged
 
 
 class PromptedClassifier(nn.Module):
@@ -61,9 +83,37 @@ class TuneResult:
     accountant_history: list = field(default_factory=list)
 
 
+def default_delta(n: int) -> float:
+    """The default delta for a dataset of ``n`` records: ``min(1e-5, 1 / (10 n))``."""
+    return min(DEFAULT_MAX_DELTA, 1.0 / (10.0 * max(int(n), 1)))
+
+
+def check_delta(delta: float, n: int, key: str, what: str) -> float:
+    """``delta`` if ``0 < delta < 1/n``, else :class:`ConfigError` naming ``key``, ``n`` and the bound.
+
+    A delta of 1/n or more allows a mechanism that publishes one of ``n`` records in the clear
+    with probability delta and still "satisfies" (epsilon, delta)-DP; the guarantee is void.
+    """
+    n = max(int(n), 1)
+    if not delta > 0:
+        raise ConfigError(f"{key}: expected > 0, got {delta}")
+    if delta >= 1.0 / n:
+        raise ConfigError(f"{key} = {delta:g} is >= 1/N = {1.0 / n:g} (N = {n} {what}): such a delta lets a "
+                          f"mechanism publish a record in the clear; use delta < 1/N, e.g. 0 for the default "
+                          f"min(1e-5, 1/(10 N)) = {default_delta(n):g}")
+    return float(delta)
+
+
 def resolve_delta(cfg: TuneConfig, n_examples: int) -> float:
-    """The delta to use: ``cfg.delta`` or, when 0, 1/N (N = number of private examples)."""
-    return cfg.delta if cfg.delta > 0 else 1.0 / max(n_examples, 1)
+    """The example-level delta for ``n_examples`` private examples.
+
+    ``cfg.delta`` when set (it must be < 1/N: :class:`ConfigError` naming ``tune.delta``
+    otherwise), else ``min(1e-5, 1/(10 N))``, so a client with 1-3 examples never reports
+    delta = 1/N.
+    """
+    if cfg.delta > 0:
+        return check_delta(cfg.delta, n_examples, "tune.delta", "private examples")
+    return default_delta(n_examples)
 
 
 def planned_steps(cfg: TuneConfig, n_examples: int) -> int:
@@ -113,6 +163,29 @@ def encode_dataset(model: ScoringModel, data: TextDataset) -> TensorDataset:
     return TensorDataset(b.input_ids, b.attention_mask, b.answer_index, torch.tensor(data.labels))
 
 
+def _privacy_engine(accountant: str, insecure: bool):
+    """An Opacus ``PrivacyEngine`` without ``secure_mode`` (no torchcsprng for the pinned torch).
+
+    Opacus warns "Secure RNG turned off ... perfectly fine for experimentation", which describes
+    a seeded generator; here the generators are OS-entropy seeded, so that warning is caught and
+    one accurate line is logged instead (per process; in insecure mode every call logs it).
+    """
+    from opacus import PrivacyEngine
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+        engine = PrivacyEngine(accountant=accountant)
+    if insecure:
+        log.warning("DP-SGD noise and Poisson sampling seeded from insecure_seed: the released prompt is NOT "
+                    "private against anyone who knows the seed (insecure_reproducible mode)")
+    elif not _RNG_NOTE[0]:
+        _RNG_NOTE[0] = True
+        log.info("DP-SGD: Opacus secure_mode is off because torchcsprng has no build for the pinned torch; "
+                 "the Poisson sampler and the Gaussian noise use torch's generator seeded with 63 bits from "
+                 "os.urandom per call (unpredictable to the server, not a CSPRNG), noise drawn as in secure_mode")
+    return engine
+
+
 def _trim(input_ids: torch.Tensor, attention_mask: torch.Tensor):
     width = int(attention_mask.sum(1).max()) if len(attention_mask) else 1
     return input_ids[:, :width], attention_mask[:, :width]
@@ -120,19 +193,31 @@ def _trim(input_ids: torch.Tensor, attention_mask: torch.Tensor):
 
 def tune_prompt(model: ScoringModel, prompt: SoftPrompt, data: TextDataset, cfg: TuneConfig, seed: int = 0,
                 accountant_history: list | None = None, noise_multiplier: float | None = None,
-                total_steps: int | None = None, progress: bool = False) -> TuneResult:
+                total_steps: int | None = None, progress: bool = False,
+                insecure_seed: int | None = None) -> TuneResult:
     """Train ``prompt`` on ``data`` for ``cfg.epochs`` epochs, with DP-SGD when ``cfg.private``.
 
     ``accountant_history`` continues an earlier accountant (federated rounds);
     ``noise_multiplier`` fixes sigma (else it is calibrated so that ``total_steps`` steps,
     default this call's steps, spend ``cfg.target_epsilon``). The prompt is trained in place
     and returned with epsilon spent over the whole history at delta.
+
+    DP-SGD's Poisson batches and Gaussian noise come from fresh OS entropy
+    (:func:`post_fl.randomness.dp_torch_generator`); two calls with equal arguments release
+    different prompts. ``insecure_seed`` (an int, only in ``insecure_reproducible`` mode) seeds
+    them instead: bit-exact, and NOT private against anyone who knows it. ``seed`` drives only the
+    shuffle of non-private tuning. A caller that tunes repeatedly in insecure mode (federated
+    rounds) passes a distinct ``insecure_seed`` per call, or every call repeats the same noise.
     """
     if len(data) == 0:
         raise DataError("cannot tune a prompt on an empty dataset")
     if prompt.dim != model.embedding_dim:
         raise ValueError(f"prompt has embedding size {prompt.dim}, model expects {model.embedding_dim}")
-    generator = torch.Generator().manual_seed(seed)
+    if insecure_seed is not None and (isinstance(insecure_seed, bool) or not isinstance(insecure_seed, int)):
+        raise TypeError(f"insecure_seed must be None or an int, got {insecure_seed!r}")
+    # non-private tuning shuffles with the run's seed; DP-SGD samples its Poisson batches from the DP generator
+    generator = dp_torch_generator(insecure_seed, DP_SGD_STREAM) if cfg.private else \
+        torch.Generator().manual_seed(seed)
     dataset = encode_dataset(model, data)
     n = len(dataset)
     steps = planned_steps(cfg, n)
@@ -144,16 +229,16 @@ def tune_prompt(model: ScoringModel, prompt: SoftPrompt, data: TextDataset, cfg:
     sigma, q = 0.0, sample_rate(cfg, n)
     engine = None
     if cfg.private:
-        from opacus import PrivacyEngine
-
         sigma = noise_multiplier if noise_multiplier is not None else \
             calibrate_noise_multiplier(cfg, n, total_steps or steps)
-        engine = PrivacyEngine(accountant=cfg.accountant)
+        engine = _privacy_engine(cfg.accountant, insecure_seed is not None)
         engine.accountant.history = list(history)
-        noise_gen = torch.Generator().manual_seed(seed + 1)
+        # one DP generator for both the Poisson sampler (the loader's generator, which Opacus' DPDataLoader
+        # keeps) and the noise: never the config seed, never a server-sent seed
         net, optimizer, loader = engine.make_private(
             module=net, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
-            max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, noise_generator=noise_gen)
+            max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, noise_generator=generator)
+        optimizer.secure_mode = True  # noise as the mean of 4 Gaussians (floating-point attack resistant)
     net.train()
     start = time.perf_counter()  # training time only: not tokenization or noise calibration
     losses: list[float] = []

@@ -4,12 +4,12 @@ import math
 import pytest
 import torch
 
-from post_fl.config import TuneConfig
+from post_fl.config import ConfigError, TuneConfig
 from post_fl.data import DataError
 from post_fl.models import load_scoring_model
 from post_fl.prompt import SoftPrompt, init_from_vocab
 from post_fl.tuning import (PromptedClassifier, calibrate_noise_multiplier, encode_dataset, epsilon_from_history,
-                            tune_prompt)
+                            resolve_delta, tune_prompt)
 
 LABELS = ["negative", "positive"]
 
@@ -51,7 +51,7 @@ def test_reported_epsilon_matches_the_accountant_and_target(tiny_dirs, sentiment
     prompt = init_from_vocab(m.word_embeddings, 2, torch.Generator().manual_seed(0))
     cfg = TuneConfig(epochs=2, batch_size=8, target_epsilon=3.0)
     r = tune_prompt(m, prompt, sentiment, cfg)
-    assert r.delta == pytest.approx(1 / len(sentiment))
+    assert r.delta == pytest.approx(min(1e-5, 1 / (10 * len(sentiment))))
     assert r.epsilon == pytest.approx(epsilon_from_history(r.accountant_history, r.delta), rel=1e-9)
     assert r.epsilon <= 3.0 + 0.02 and r.epsilon > 2.5
     assert r.accountant_history == [[r.noise_multiplier, r.sample_rate, r.steps]]
@@ -110,3 +110,53 @@ def test_bad_inputs(tiny_dirs, sentiment):
     other.label_names = ["neg", "pos"]
     with pytest.raises(DataError, match="differ"):
         tune_prompt(m, init_from_vocab(m.word_embeddings, 2), other, TuneConfig())
+
+
+def _dp_prompt(m, data, cfg, **kw):
+    prompt = init_from_vocab(m.word_embeddings, 2, torch.Generator().manual_seed(0))
+    tune_prompt(m, prompt, data, cfg, **kw)
+    return prompt.weight.detach().clone()
+
+
+def test_dp_randomness_is_fresh_unless_insecure_seed_is_given(tiny_dirs, sentiment):
+    # same seed, same data, same config: a DP release must not be predictable from the seed
+    m = load_scoring_model(tiny_dirs["embedding"], LABELS)
+    cfg = TuneConfig(epochs=1, batch_size=8, target_epsilon=4.0)
+    a, b = _dp_prompt(m, sentiment, cfg, seed=3), _dp_prompt(m, sentiment, cfg, seed=3)
+    assert not torch.equal(a, b)
+    # insecure (reproducible, NOT private) mode: bit-exact reruns, and the seed matters
+    c, d = _dp_prompt(m, sentiment, cfg, seed=3, insecure_seed=7), _dp_prompt(m, sentiment, cfg, seed=3, insecure_seed=7)
+    assert torch.equal(c, d)
+    assert not torch.equal(c, _dp_prompt(m, sentiment, cfg, seed=3, insecure_seed=8))
+    with pytest.raises(TypeError, match="insecure_seed"):
+        _dp_prompt(m, sentiment, cfg, insecure_seed="7")
+
+
+def test_dp_tuning_emits_no_misleading_secure_rng_warning(tiny_dirs, sentiment, recwarn):
+    m = load_scoring_model(tiny_dirs["embedding"], LABELS)
+    _dp_prompt(m, sentiment.head(8), TuneConfig(epochs=1, batch_size=4, target_epsilon=4.0))
+    assert not [w for w in recwarn if "Secure RNG" in str(w.message)]
+
+
+def test_delta_default_and_bound():
+    cfg = TuneConfig()
+    assert resolve_delta(cfg, 64) == 1e-5
+    assert resolve_delta(cfg, 1_000_000) == pytest.approx(1e-7)
+    for n in (1, 2, 3):  # tiny clients never report delta = 1/N (issue 14)
+        assert resolve_delta(cfg, n) == 1e-5
+    assert resolve_delta(TuneConfig(delta=1e-3), 999) == 1e-3
+    with pytest.raises(ConfigError, match=r"tune.delta = 0.001 is >= 1/N = 0.001 \(N = 1000"):
+        resolve_delta(TuneConfig(delta=1e-3), 1000)
+    with pytest.raises(ConfigError, match="tune.delta"):
+        resolve_delta(TuneConfig(delta=0.5), 3)
+
+
+def test_clients_with_one_to_three_examples_report_a_small_delta(tiny_dirs, sentiment):
+    m = load_scoring_model(tiny_dirs["embedding"], LABELS)
+    for n in (1, 2, 3):
+        prompt = init_from_vocab(m.word_embeddings, 2, torch.Generator().manual_seed(0))
+        r = tune_prompt(m, prompt, sentiment.head(n), TuneConfig(epochs=1, batch_size=4, target_epsilon=8.0))
+        assert r.delta == 1e-5 and math.isfinite(r.epsilon) and r.epsilon <= 8.0 + 0.02
+    with pytest.raises(ConfigError, match="tune.delta"):
+        tune_prompt(m, init_from_vocab(m.word_embeddings, 2), sentiment.head(3),
+                    TuneConfig(epochs=1, batch_size=4, delta=0.4))
