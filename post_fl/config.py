@@ -36,7 +36,7 @@ class ModelConfig:
     embeddings).
     """
 
-    teacher: str = EMBEDDED_DEFAULT
+    teacher: str = "embedded-smollm2"  # the causal LM default; "embedded" = MiniLM (fast, no LM head)
     student: str = ""
     head: str = "auto"
     max_length: int = 48
