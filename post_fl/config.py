@@ -108,8 +108,10 @@ class TuneConfig:
     """Prompt tuning on private data, optionally with DP-SGD (Opacus).
 
     ``target_epsilon = inf`` (or ``dp = false``) trains without DP. ``delta = 0`` means
-    ``1 / n_examples``. The noise multiplier is calibrated once so that ``epochs`` epochs
-    (times ``rounds`` rounds when federated) spend at most ``target_epsilon``.
+    ``min(1e-5, 1 / (10 N))`` with N the examples being protected (per client when federated);
+    an explicit ``delta >= 1 / N`` is refused when tuning starts. The noise multiplier is
+    calibrated once so that ``epochs`` epochs (times ``rounds`` rounds when federated) spend at
+    most ``target_epsilon``.
     """
 
     epochs: float = 1.0
