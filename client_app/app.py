@@ -5,8 +5,16 @@ Private data: node config ``data-path`` (a deployed site's own CSV/TSV/JSONL fil
 
 Handlers: ``query.hello`` (client id, whether the student with the given hash is cached),
 ``query.model`` (receive and cache the student), ``train`` (DP prompt tuning; replies with
-the prompt update and metrics only). The client's privacy record lives in
-``context.state``; the student is cached per process by content hash.
+the prompt update and, under DP, nothing data-dependent besides it). The student is cached per
+process by content hash.
+
+The site's privacy record is its own: a :class:`post_fl.ledger.PrivacyLedger` keyed by the
+sha256 of its data, in node config ``privacy-ledger`` (a deployed site's default: under
+``$XDG_DATA_HOME/post_fl``; simulation: ``<output_dir>/client-ledgers``), enforcing node config
+``privacy-budget-epsilon`` (required on a deployed site; the run's ``tune.target_epsilon`` in
+simulation). A round that would exceed it is refused with a ``budget-exhausted`` status reply.
+A deployed site refuses ``insecure_reproducible`` runs unless node config
+``allow-insecure-reproducible=true``.
 """
 
 from __future__ import annotations
@@ -34,9 +42,8 @@ def _configs(context: Context, run_config: dict | None):
     return fl.build_configs(run_config if run_config is not None else dict(context.run_config))
 
 
-def _load_state(context: Context) -> dict:
-    rec = context.state.config_records.get(fl.CLIENT_STATE_RECORD)
-    return dict(rec) if rec is not None else {}
+def _status(msg: Message, fields: dict) -> Message:
+    return Message(RecordDict({fl.REPLY_STATUS_RECORD: ConfigRecord(dict(fields))}), reply_to=msg)
 
 
 def make_client_app(run_config: dict[str, Any] | None = None, mods: list | None = None) -> ClientApp:
@@ -46,7 +53,11 @@ def make_client_app(run_config: dict[str, Any] | None = None, mods: list | None 
     @app.query("hello")
     def hello(msg: Message, context: Context) -> Message:
         """Tell the server whether this node already caches the student with the announced content hash."""
-        _, fed = _configs(context, run_config)
+        run_cfg, fed = _configs(context, run_config)
+        if context.node_config.get("data-path"):  # a site's own file: checked once, before any round
+            from post_fl.preflight import check_site_file
+
+            check_site_file(str(context.node_config["data-path"]), run_cfg)
         model_hash = str(msg.content.config_records[fl.TRAIN_CONFIG_RECORD]["model-hash"])
         has = fl.cached_student(model_hash, fl.cache_root(fed)) is not None
         reply = ConfigRecord({"client-id": client_id(context), "has-model": has, "cache-key": fl.cache_key()})
@@ -68,30 +79,43 @@ def make_client_app(run_config: dict[str, Any] | None = None, mods: list | None 
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        """Tune the global soft prompt on this node's private partition with DP-SGD; reply with the prompt
-        update and metrics only (examples, loss, epsilon spent so far across rounds)."""
+        """Tune the global soft prompt on this node's private data with DP-SGD (fresh noise, budget checked
+        against the site's ledger); reply with the prompt update only (plus the round number under DP),
+        or with a ``budget-exhausted`` / ``refused`` status."""
+        from post_fl.ledger import BudgetExhausted
+
         run_cfg, fed = _configs(context, run_config)
+        node_config = dict(context.node_config)
         legacy = "fitins.config" in msg.content.config_records  # SecAgg+ speaks FitIns/FitRes
         ins = msg.content.config_records["fitins.config" if legacy else fl.TRAIN_CONFIG_RECORD]
         student = fl.cached_student(str(ins["model-hash"]), fl.cache_root(fed))
         if student is None:
-            status = ConfigRecord({"status": fl.NEED_MODEL, "cache-key": fl.cache_key()})
-            return Message(RecordDict({fl.REPLY_STATUS_RECORD: status}), reply_to=msg)
+            return _status(msg, {"status": fl.NEED_MODEL, "cache-key": fl.cache_key()})
         if legacy:
             prompt = next(iter(msg.content.array_records["fitins.parameters"].values())).numpy()
         else:
             prompt = msg.content.array_records[fl.TRAIN_PROMPT_RECORD]["prompt"].numpy()
-        data_path = context.node_config.get("data-path")
-        if data_path:  # a deployed site: its own file, which never leaves the site
-            data = fl.site_dataset(str(data_path), run_cfg, student.label_names)
-        else:  # simulation: this node's partition of the shared training set
-            num_partitions = context.node_config.get("num-partitions")
-            data = fl.client_partition(run_cfg, fed, client_id(context),
-                                       int(num_partitions) if num_partitions is not None else None)
-        res = fl.train_client(student, prompt, data, run_cfg, fed, _load_state(context), int(ins["round"]),
-                              int(ins["client-seed"]), int(ins["prior-steps"]), float(ins["clip"]))
-        context.state.config_records[fl.CLIENT_STATE_RECORD] = ConfigRecord(res.state)
-        if legacy:  # equal weights (num_examples = 1): the protocol reveals the uniform mean only
+        cid = client_id(context)
+        try:
+            fl.check_site_allows(run_cfg, node_config)
+            data_path = node_config.get("data-path")
+            if data_path:  # a deployed site: its own file, which never leaves the site
+                data = fl.site_dataset(str(data_path), run_cfg, student.label_names)
+            else:  # simulation: this node's partition of the shared training set
+                num_partitions = node_config.get("num-partitions")
+                data = fl.client_partition(run_cfg, fed, cid, int(num_partitions) if num_partitions is not None else None)
+            ledger = fl.open_ledger(run_cfg, data, cid, node_config) if (run_cfg.tune.private or data_path) else None
+            res = fl.train_client(student, prompt, data, run_cfg, fed, int(ins["round"]), cid, float(ins["clip"]),
+                                  ledger, run_id=str(context.run_id))
+        except BudgetExhausted as exc:
+            if legacy:  # SecAgg+ has no status reply: the mod turns this into a dropout with this reason
+                raise
+            return _status(msg, fl.budget_status(exc))
+        except fl.ClientRefusal as exc:
+            if legacy:
+                raise
+            return _status(msg, {"status": fl.REFUSED, "reason": str(exc)})
+        if legacy:  # equal weights (num_examples = 1): the protocol reveals the uniform sum only
             import flwr.compat.common.recorddict_compat as compat
             from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 

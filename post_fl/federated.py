@@ -2,29 +2,42 @@
 
 One round (server round r)::
 
-    server: sample clients (seeded by (seed, r)) ──▶ global prompt P_r, student hash, client seed
+    server: sample clients ──▶ global prompt P_r, student hash, clip bound (nothing else)
     client: student from its cache (by sha256 of the safetensors state; asks once if missing)
-            DP-SGD on its private partition (accountant history kept in its state across rounds)
-            ──▶ prompt update P_client - P_r, num-examples, loss, epsilon, delta (nothing else)
-    server: validate updates (shape, finite, norm bound), FedAvg (or DP-FedAvg with noise),
-            P_{r+1} = P_r + mean update; evaluate; checkpoint atomically
+            budget check against its own ledger; DP-SGD on its private data (fresh OS-entropy
+            noise and Poisson batches); write-ahead ledger record; clip; [distributed-DP noise share]
+            ──▶ the prompt update P_client - P_r (+ data-independent metadata only)
+    server: validate updates (shape, finite, norm bound), aggregate (uniform mean under DP,
+            capped FedAvg / median / trimmed mean otherwise, or DP-FedAvg),
+            P_{r+1} = P_r + aggregate; evaluate; checkpoint atomically
     after R rounds: POST transfer of P_R to the teacher on public data; evaluate; results.json
 
 Message schema (names shared by ``server_app`` and ``client_app``; only these cross the wire):
 
 * train instruction: ArrayRecord ``global-prompt`` {``prompt``}; ConfigRecord ``config``
-  {``round``, ``model-hash``, ``client-seed``, ``prior-steps``, ``clip``}
+  {``round``, ``model-hash``, ``clip``}. No seed: the server cannot predict a client's noise.
 * train reply: ArrayRecord ``prompt-update`` {``delta``}; MetricRecord ``metrics``
-  {``num-examples``, ``loss``, ``epsilon``, ``delta``, ``steps``, ``noise-multiplier``,
-  ``sample-rate``} -- or ConfigRecord ``status`` {``status`` = ``need-model``, ``cache-key``}
+  {``round``} under DP (:data:`DP_REPLY_METRIC_KEYS`: nothing data-dependent besides the noised
+  update), or {``round``, ``num-examples``, ``loss``, ``steps``, ``sample-rate``} in a non-DP run
+  (labelled non-private) -- or ConfigRecord ``status`` {``status`` = ``need-model``, ``cache-key``}
+  | {``status`` = ``budget-exhausted``, ``spent``, ``after``, ``budget``, ``delta``}
+  | {``status`` = ``refused``, ``reason``}
 * query ``hello``: ConfigRecord ``config`` {``model-hash``} -> ConfigRecord ``hello``
   {``client-id``, ``has-model``, ``cache-key``}
 * query ``model``: ArrayRecord ``student-weights``; ConfigRecord ``student`` {``model-hash``,
   ``spec`` (JSON: labels, verbalizer, head, template), ``file:<name>`` (config/tokenizer bytes)}
 
-Randomness is derived from one seed: the round's client sample and DP-FedAvg noise from
-(seed, round), each client's DP-SGD from (seed, round, client id). A run resumed from its
-checkpoint therefore repeats an uninterrupted run exactly.
+Randomness (see :mod:`post_fl.randomness`): DP-SGD noise and Poisson batches are drawn by each
+client from fresh OS entropy; DP-FedAvg noise and Poisson client sampling by the server from
+fresh OS entropy; distributed-DP noise shares by each client likewise. Only non-private choices
+(initial prompt, data partition, fixed-size client sampling without user-level DP) follow
+``seed``. A resumed run therefore continues with new noise: it repeats the rounds and the privacy
+accounting of an uninterrupted run, not its bits. With ``insecure_reproducible`` every mechanism is
+seeded from (seed, round[, client]) -- the client derives its own seed from its run config, the
+server sends none -- so runs repeat bit for bit, and every output says :data:`NOT_PRIVATE_LABEL`.
+
+Privacy accounting lives with the data: each client keeps a :class:`post_fl.ledger.PrivacyLedger`
+(keyed by the sha256 of its data) and refuses a round that would exceed its site's budget.
 """
 
 from __future__ import annotations
@@ -52,6 +65,7 @@ from .data import PARTITION_SCHEMES, TextDataset, partition
 from .jsonio import jsonable, write_json
 from .models import ScoringModel, load_scoring_model
 from .prompt import SoftPrompt, init_from_text, init_from_vocab, save_prompt
+from .randomness import NOT_PRIVATE_LABEL
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +74,10 @@ TRAIN_PROMPT_RECORD, TRAIN_CONFIG_RECORD = "global-prompt", "config"
 REPLY_UPDATE_RECORD, REPLY_METRICS_RECORD, REPLY_STATUS_RECORD = "prompt-update", "metrics", "status"
 HELLO_RECORD, STUDENT_WEIGHTS_RECORD, STUDENT_FILES_RECORD = "hello", "student-weights", "student"
 NEED_MODEL = "need-model"
-REPLY_METRIC_KEYS = ("num-examples", "loss", "epsilon", "delta", "steps", "noise-multiplier", "sample-rate")
-CLIENT_STATE_RECORD = "post-fl-client"
+DP_REPLY_METRIC_KEYS = ("round",)  # all a DP client reports besides its noised update: data-independent
+NON_DP_REPLY_METRIC_KEYS = ("round", "num-examples", "loss", "steps", "sample-rate")  # non-private runs only
+BUDGET_EXHAUSTED, REFUSED = "budget-exhausted", "refused"
+LEDGER_DIR_NAME = "client-ledgers"  # simulation: <output_dir>/client-ledgers (the harness reads them)
 CHECKPOINT_FILE = "checkpoint.safetensors"
 STUDENT_WEIGHTS_FILE = "model.safetensors"
 STUDENT_SPEC_FILE = "post_fl_student_spec.json"
@@ -73,14 +89,23 @@ class FederatedConfig:
     """Settings of the federation: rounds, client sampling, data split, aggregation, privacy, checkpoints.
 
     ``fraction_train`` of ``num_clients`` clients are sampled each round (at least
-    ``min_clients``); a round with fewer than ``min_clients`` valid updates fails.
-    ``aggregation`` is ``fedavg`` (weighted by examples) or ``uniform``. Updates with L2 norm
-    above ``max_update_norm`` are rejected (0 = no bound). ``user_dp`` switches on DP-FedAvg:
-    Poisson client sampling at rate ``fraction_train``, clipping to ``user_dp_clip``, Gaussian
-    noise with multiplier ``user_dp_noise_multiplier`` (0 = calibrated to
-    ``user_dp_target_epsilon`` over ``rounds``) at ``user_dp_delta`` (0 = 1/num_clients).
-    ``secagg`` aggregates with Flower's SecAgg+ (clients clip to ``max_update_norm`` or
-    ``user_dp_clip``, weigh updates equally); the server then sees only the mean.
+    ``min_clients``); a round with fewer than ``min_clients`` valid updates fails (not under
+    user-level DP, whose rounds always release). ``aggregation``: ``auto`` (= ``uniform`` when
+    DP-SGD is on -- DP clients do not reveal their example counts -- else ``fedavg``),
+    ``uniform``, ``fedavg`` (weights capped at ``weight_cap_factor`` x the lower median of the
+    reported counts; non-DP runs only), ``median`` (coordinate-wise) or ``trimmed_mean``
+    (``trim_fraction`` cut at each end per coordinate). Clients clip their update to
+    ``max_update_norm`` and the server rejects larger ones; 0 = derived as
+    ``max_update_norm_factor`` x the L2 norm of the initial prompt, inf = no bound.
+    ``user_dp`` switches on DP-FedAvg: Poisson client sampling at rate ``fraction_train``,
+    clipping to ``user_dp_clip``, Gaussian noise with multiplier ``user_dp_noise_multiplier``
+    (0 = calibrated to ``user_dp_target_epsilon`` over ``rounds``) at ``user_dp_delta``
+    (0 = min(1e-5, 1/(10 num_clients))). ``user_dp_noise`` says who adds that noise:
+    ``distributed`` (each client adds a share of variance sigma^2 C^2 / min_clients before
+    SecAgg+ masking; the default under ``secagg``) or ``server`` (after aggregation: the server
+    sees the un-noised sum or the individual updates, so the guarantee trusts the server; the
+    only option without ``secagg``). ``secagg`` aggregates with Flower's SecAgg+: the server then
+    sees only the sum of the clients that completed the protocol.
     """
 
     rounds: int = 3
@@ -90,13 +115,17 @@ class FederatedConfig:
     partitioning: str = "iid"
     dirichlet_alpha: float = 0.5
     classes_per_client: int = 1
-    aggregation: str = "fedavg"
-    max_update_norm: float = 0.0
+    aggregation: str = "auto"
+    trim_fraction: float = 0.1
+    weight_cap_factor: float = 3.0
+    max_update_norm: float = 0.0  # 0 = max_update_norm_factor x |initial prompt|; inf = no bound
+    max_update_norm_factor: float = 1.0
     user_dp: bool = False
     user_dp_clip: float = 1.0
     user_dp_noise_multiplier: float = 0.0
     user_dp_target_epsilon: float = 8.0
     user_dp_delta: float = 0.0
+    user_dp_noise: str = ""  # "" = distributed under secagg, else server
     secagg: bool = False
     secagg_num_shares: int = 3
     secagg_reconstruction_threshold: int = 2
@@ -123,10 +152,19 @@ class FederatedConfig:
             raise ConfigError(f"federated.dirichlet_alpha: expected > 0, got {self.dirichlet_alpha}")
         if self.classes_per_client < 1:
             raise ConfigError(f"federated.classes_per_client: expected >= 1, got {self.classes_per_client}")
-        if self.aggregation not in AGGREGATIONS:
-            raise ConfigError(f"federated.aggregation: expected one of {AGGREGATIONS}, got {self.aggregation!r}")
-        if self.max_update_norm < 0:
-            raise ConfigError(f"federated.max_update_norm: expected >= 0 (0 = no bound), got {self.max_update_norm}")
+        if self.aggregation not in ("auto", *AGGREGATIONS):
+            raise ConfigError(f"federated.aggregation: expected one of {('auto', *AGGREGATIONS)}, "
+                              f"got {self.aggregation!r}")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ConfigError(f"federated.trim_fraction: expected in [0, 0.5), got {self.trim_fraction}")
+        if not self.weight_cap_factor >= 1:
+            raise ConfigError(f"federated.weight_cap_factor: expected >= 1, got {self.weight_cap_factor}")
+        if not self.max_update_norm >= 0:
+            raise ConfigError(f"federated.max_update_norm: expected >= 0 (0 = derived, inf = no bound), "
+                              f"got {self.max_update_norm}")
+        if not (self.max_update_norm_factor > 0 and math.isfinite(self.max_update_norm_factor)):
+            raise ConfigError(f"federated.max_update_norm_factor: expected a finite number > 0, "
+                              f"got {self.max_update_norm_factor}")
         if self.user_dp_clip <= 0:
             raise ConfigError(f"federated.user_dp_clip: expected > 0, got {self.user_dp_clip}")
         if self.user_dp_noise_multiplier < 0:
@@ -135,9 +173,21 @@ class FederatedConfig:
             raise ConfigError(f"federated.user_dp_target_epsilon: expected > 0, got {self.user_dp_target_epsilon}")
         if not 0 <= self.user_dp_delta < 1:
             raise ConfigError(f"federated.user_dp_delta: expected in [0, 1), got {self.user_dp_delta}")
-        if self.secagg and not (self.max_update_norm > 0 or self.user_dp):
-            raise ConfigError("federated.secagg: needs client-side clipping; set federated.max_update_norm > 0 "
-                              "or federated.user_dp = true")
+        if self.user_dp_noise not in ("", "distributed", "server"):
+            raise ConfigError(f"federated.user_dp_noise: expected distributed, server or empty (= distributed "
+                              f"under secagg, else server), got {self.user_dp_noise!r}")
+        if self.user_dp_noise == "distributed" and not self.secagg:
+            raise ConfigError("federated.user_dp_noise = distributed needs federated.secagg = true (without "
+                              "secure aggregation the server sees every update; use server)")
+        if self.user_dp and self.aggregation not in ("auto", "uniform"):
+            raise ConfigError(f"federated.aggregation = {self.aggregation}: user-level DP (DP-FedAvg) releases "
+                              "the noised uniform sum; use auto or uniform")
+        if self.secagg and self.aggregation not in ("auto", "uniform"):
+            raise ConfigError(f"federated.aggregation = {self.aggregation}: SecAgg+ reveals only the uniform "
+                              "sum; use auto or uniform")
+        if self.secagg and math.isinf(self.max_update_norm) and not self.user_dp:
+            raise ConfigError("federated.secagg: needs a finite client-side clipping bound; set "
+                              "federated.max_update_norm (0 = derived) or federated.user_dp = true")
         if self.eval_every < 1:
             raise ConfigError(f"federated.eval_every: expected >= 1, got {self.eval_every}")
         if self.timeout < 0:
@@ -149,15 +199,32 @@ class FederatedConfig:
         return min(self.num_clients, max(self.min_clients, math.ceil(self.fraction_train * self.num_clients)))
 
     @property
-    def client_clip(self) -> float:
-        """The L2 bound clients clip their update to (user-DP clip, or the norm bound under SecAgg); 0 = none."""
-        if self.user_dp:
-            return self.user_dp_clip
-        return self.max_update_norm if self.secagg else 0.0
+    def user_noise_mode(self) -> str:
+        """Who adds the DP-FedAvg noise: ``distributed`` (clients, before SecAgg+) or ``server``; "" without user DP."""
+        if not self.user_dp:
+            return ""
+        return self.user_dp_noise or ("distributed" if self.secagg else "server")
 
     @property
     def resolved_user_delta(self) -> float:
-        return self.user_dp_delta if self.user_dp_delta > 0 else 1.0 / self.num_clients
+        """User-level delta: ``user_dp_delta`` or min(1e-5, 1/(10 N)); refuses delta >= 1/N."""
+        from .user_dp import resolve_user_delta
+
+        return resolve_user_delta(self.user_dp_delta, self.num_clients)
+
+
+def resolve_aggregation(fed_cfg: FederatedConfig, run_cfg: RunConfig) -> str:
+    """The aggregator a run uses: ``auto`` is ``uniform`` under DP-SGD or user DP, else ``fedavg``.
+
+    ``fedavg`` with DP-SGD on is refused: it needs each client's example count, which a DP
+    client does not reveal (the count is not covered by the guarantee).
+    """
+    if fed_cfg.aggregation == "auto":
+        return "uniform" if (run_cfg.tune.private or fed_cfg.user_dp or fed_cfg.secagg) else "fedavg"
+    if fed_cfg.aggregation == "fedavg" and run_cfg.tune.private:
+        raise ConfigError("federated.aggregation = fedavg: DP clients do not reveal their example counts "
+                          "(they are not covered by the guarantee); use auto, uniform, median or trimmed_mean")
+    return fed_cfg.aggregation
 
 
 def build_configs(run_config: dict[str, Any]) -> tuple[RunConfig, FederatedConfig]:
@@ -177,7 +244,9 @@ def build_configs(run_config: dict[str, Any]) -> tuple[RunConfig, FederatedConfi
     except ConfigError as exc:
         msg = str(exc)
         raise ConfigError(msg if msg.startswith("federated.") else f"federated: {msg}") from None
-    return config_from_dict(nested), fed_cfg
+    run_cfg = config_from_dict(nested)
+    resolve_aggregation(fed_cfg, run_cfg)  # refuses fedavg under DP-SGD
+    return run_cfg, fed_cfg
 
 
 def parse_label_words(text: str) -> dict[str, list[str]]:
@@ -381,58 +450,184 @@ def site_dataset(path: str, run_cfg: RunConfig, label_names: list[str]) -> TextD
     return _SITE_DATA[key]
 
 
+class ClientRefusal(RuntimeError):
+    """A client declines a round for a stated reason (reply status ``refused``); the run goes on."""
+
+
+def one_line_reason(text: Any, limit: int = 300) -> str:
+    """A failure reason as one line: ANSI codes removed, the last meaningful line of a traceback.
+
+    Flower and Ray wrap a client's exception in its whole (coloured) traceback; results files
+    keep only the line that says what went wrong (``ValueError: ...``), at most ``limit`` chars.
+    """
+    import re
+
+    plain = re.sub(r"\x1b\[[0-9;?]*[ -/]*[@-~]", "", str(text))
+    skip = ("Traceback", 'File "', "During handling", "The above exception", "ray::", "(pid=")
+    lines = [ln.strip() for ln in plain.splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith(skip) and set(ln) - set("^~-=*+| ")]
+    line = lines[-1] if lines else "unknown error (empty reason)"
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def insecure_seed_for(run_cfg: RunConfig, server_round: int, client_id: int) -> int | None:
+    """The seed of a client's DP mechanisms in ``insecure_reproducible`` mode, derived *by the client*
+    from its own run config, the round and its id; None (fresh OS entropy) otherwise."""
+    if not run_cfg.insecure_reproducible:
+        return None
+    return derive_seed(run_cfg.seed, server_round, 2, client_id)
+
+
+def check_site_allows(run_cfg: RunConfig, node_config: dict) -> None:
+    """A deployed site (node config ``data-path``) refuses ``insecure_reproducible`` runs unless its own
+    node config says ``allow-insecure-reproducible=true``: their noise is predictable from the run config."""
+    if not node_config.get("data-path") or not run_cfg.insecure_reproducible:
+        return
+    allowed = str(node_config.get("allow-insecure-reproducible", "false")).strip().lower() in ("true", "1", "yes")
+    if not allowed:
+        raise ClientRefusal("this site refuses insecure_reproducible runs (their DP noise is seeded from the run "
+                            "config, so the update is not private); set node config "
+                            "allow-insecure-reproducible=true to allow them")
+
+
+def ledger_dir_for(run_cfg: RunConfig, node_config: dict | None = None) -> Path:
+    """Where a client keeps its privacy ledgers: node config ``privacy-ledger``; else, on a deployed
+    site, :func:`post_fl.ledger.default_site_ledger_dir`; else (simulation) ``<output_dir>/client-ledgers``,
+    one set of virtual sites per experiment, continued by a resumed run."""
+    from .ledger import default_site_ledger_dir
+
+    node_config = node_config or {}
+    if node_config.get("privacy-ledger"):
+        return Path(str(node_config["privacy-ledger"]))
+    if node_config.get("data-path"):
+        return default_site_ledger_dir()
+    return Path(run_cfg.output_dir) / LEDGER_DIR_NAME
+
+
+def site_budget(run_cfg: RunConfig, node_config: dict | None = None) -> float:
+    """The epsilon budget a client enforces: node config ``privacy-budget-epsilon`` (set by the site);
+    in simulation only, the run's ``tune.target_epsilon`` when none is set. A deployed site without a
+    budget refuses to train."""
+    node_config = node_config or {}
+    raw = node_config.get("privacy-budget-epsilon")
+    if raw is not None and str(raw).strip() != "":
+        try:
+            budget = float(raw)
+        except ValueError:
+            raise ClientRefusal(f"node config privacy-budget-epsilon: expected a number, got {raw!r}") from None
+        if not budget > 0:
+            raise ClientRefusal(f"node config privacy-budget-epsilon: expected > 0, got {raw!r}")
+        return budget
+    if node_config.get("data-path"):
+        raise ClientRefusal("this site has no privacy budget: set node config privacy-budget-epsilon=<epsilon> "
+                            "(the most this site's data may ever spend, over all runs)")
+    return float(run_cfg.tune.target_epsilon) if run_cfg.tune.private else math.inf
+
+
+def open_ledger(run_cfg: RunConfig, data: TextDataset, client_id: int, node_config: dict | None = None):
+    """This client's :class:`post_fl.ledger.PrivacyLedger` (keyed by its data's sha256, see the helpers above)."""
+    from .ledger import PrivacyLedger, dataset_sha256, file_sha256
+
+    node_config = node_config or {}
+    path = node_config.get("data-path")
+    data_hash = file_sha256(str(path)) if path else dataset_sha256(data)
+    return PrivacyLedger.open(ledger_dir_for(run_cfg, node_config), data_hash, site_budget(run_cfg, node_config),
+                              run_cfg.tune.accountant, client_id)
+
+
+_USER_SIGMAS: dict[tuple, float] = {}
+
+
+def user_noise_multiplier(fed_cfg: FederatedConfig) -> float:
+    """DP-FedAvg's noise multiplier: ``user_dp_noise_multiplier`` or calibrated to the user-level target
+    over ``rounds`` at rate ``fraction_train`` (memoised). Server and clients compute it the same way."""
+    if fed_cfg.user_dp_noise_multiplier > 0:
+        return float(fed_cfg.user_dp_noise_multiplier)
+    key = (fed_cfg.user_dp_target_epsilon, fed_cfg.resolved_user_delta, fed_cfg.fraction_train, fed_cfg.rounds)
+    if key not in _USER_SIGMAS:
+        from .user_dp import calibrate_user_noise
+
+        _USER_SIGMAS[key] = float(calibrate_user_noise(*key))
+    return _USER_SIGMAS[key]
+
+
 @dataclass
 class ClientResult:
-    """A client's prompt update, the metrics it reports and its new private state."""
+    """A client's prompt update, what its reply may say (``metrics``) and what it keeps (``private``)."""
 
     delta: np.ndarray
     metrics: dict[str, float | int]
-    state: dict[str, float | int]
+    private: dict[str, float | int]
 
 
 def train_client(student: ScoringModel, global_prompt: np.ndarray, data: TextDataset, run_cfg: RunConfig,
-                 fed_cfg: FederatedConfig, state: dict | None, server_round: int, seed: int,
-                 prior_steps: int = 0, clip: float = 0.0) -> ClientResult:
-    """One client's round: DP-SGD prompt tuning from the global prompt on its private partition.
+                 fed_cfg: FederatedConfig, server_round: int, client_id: int, clip: float = 0.0,
+                 ledger=None, run_id: str = "") -> ClientResult:
+    """One client's round: DP-SGD prompt tuning from the global prompt on its private data.
 
-    ``state`` is the client's own record from earlier rounds (noise multiplier, sample rate,
-    DP-SGD steps taken); the sample-level accountant composes over all of them. The noise
-    multiplier is calibrated once, on first participation, for ``rounds`` rounds of
-    ``tune.epochs`` epochs (the most this client can take part in), so epsilon never exceeds
-    ``tune.target_epsilon``. ``prior_steps`` (from the server's checkpoint after a resume) can
-    only raise the step count, never lower it. ``clip`` > 0 clips the update's L2 norm.
-    Returns the update (tuned prompt minus global prompt) and the reply metrics.
+    Under DP (``tune.private``): the noise multiplier is calibrated for ``rounds`` rounds of
+    ``tune.epochs`` epochs (the most a client takes part in a run); ``ledger`` (required, a
+    :class:`post_fl.ledger.PrivacyLedger`) must allow this round within the site's budget, else
+    :class:`post_fl.ledger.BudgetExhausted` is raised before any training; the round's steps are
+    recorded in the ledger after training and *before* the update is returned (write-ahead: a
+    round whose noise was drawn counts even if its update is lost). The DP noise and batches are
+    fresh OS entropy unless ``run_cfg.insecure_reproducible``. The update (tuned minus global
+    prompt) is clipped to L2 norm ``clip`` (> 0; under user-level DP ``user_dp_clip``), and with
+    distributed user-level DP a Gaussian share of std ``sigma C / sqrt(min_clients)`` is added.
+    ``metrics`` holds what the reply may carry (:data:`DP_REPLY_METRIC_KEYS` under DP), ``private``
+    what the client keeps (epsilon, delta, loss, examples).
     """
-    from .tuning import planned_steps, sample_rate, tune_prompt
+    from .randomness import dp_numpy_rng
+    from .tuning import planned_steps, resolve_delta, sample_rate, tune_prompt
 
-    state = dict(state or {})
     tune = run_cfg.tune
     n = len(data)
     if n == 0:
         raise ValueError(f"round {server_round}: this client's partition is empty")
     q = sample_rate(tune, n)
+    steps = planned_steps(tune, n)
+    delta = resolve_delta(tune, n)
     sigma = 0.0
+    history: list = []
     if tune.private:
-        sigma = float(state.get("noise-multiplier") or
-                      _calibrated_sigma(tune, n, fed_cfg.rounds * planned_steps(tune, n)))
-    steps_before = max(int(state.get("steps", 0)), int(prior_steps))
-    history = [(sigma, q, steps_before)] if tune.private and steps_before else []
-    torch.manual_seed(seed)
+        if ledger is None:
+            raise ValueError("train_client: a DP client needs its privacy ledger")
+        sigma = _calibrated_sigma(tune, n, fed_cfg.rounds * steps)
+        ledger.check(sigma, q, steps, delta)  # raises BudgetExhausted before anything is trained
+        history = ledger.history()
+    elif ledger is not None and math.isfinite(ledger.budget):
+        from .ledger import BudgetExhausted
+
+        raise BudgetExhausted(ledger.epsilon(delta), math.inf, ledger.budget, delta)
+    insecure = insecure_seed_for(run_cfg, server_round, client_id)
+    torch.manual_seed(derive_seed(run_cfg.seed, server_round, 3, client_id))  # dropout etc.: not a DP mechanism
     prompt = SoftPrompt(torch.from_numpy(np.array(global_prompt, dtype=np.float32)))
-    res = tune_prompt(student, prompt, data, tune, seed=seed, accountant_history=history,
-                      noise_multiplier=sigma if tune.private else None)
-    delta = res.prompt.weight.detach().cpu().numpy().astype(np.float32) - np.asarray(global_prompt, np.float32)
-    if clip > 0:
+    res = tune_prompt(student, prompt, data, tune, seed=derive_seed(run_cfg.seed, server_round, 4, client_id),
+                      accountant_history=history, noise_multiplier=sigma if tune.private else None,
+                      insecure_seed=insecure)
+    epsilon = math.inf
+    if tune.private:  # write-ahead: the record exists before the update leaves this function
+        epsilon = ledger.record(sigma, q, res.steps, delta, run_id, server_round)
+    delta_prompt = res.prompt.weight.detach().cpu().numpy().astype(np.float32) - np.asarray(global_prompt, np.float32)
+    clip = fed_cfg.user_dp_clip if fed_cfg.user_dp else clip
+    if clip > 0 and math.isfinite(clip):
         from .user_dp import clip_update
 
-        delta, _ = clip_update(delta, clip)
-    steps = steps_before + res.steps
-    metrics = {"num-examples": int(n), "loss": float(res.mean_loss), "epsilon": float(res.epsilon),
-               "delta": float(res.delta), "steps": int(steps), "noise-multiplier": float(sigma),
-               "sample-rate": float(q)}
-    new_state = {"noise-multiplier": float(sigma), "sample-rate": float(q), "steps": int(steps),
-                 "rounds": int(state.get("rounds", 0)) + 1, "epsilon": float(res.epsilon)}
-    return ClientResult(delta, metrics, new_state)
+        delta_prompt, _ = clip_update(delta_prompt, clip)
+    if fed_cfg.user_noise_mode == "distributed":
+        from .user_dp import noise_share
+
+        share = noise_share(delta_prompt.shape, fed_cfg.user_dp_clip, user_noise_multiplier(fed_cfg),
+                            fed_cfg.min_clients, dp_numpy_rng(insecure, 5))
+        delta_prompt = (delta_prompt.astype(np.float64) + share).astype(np.float32)
+    private = {"epsilon": float(epsilon), "delta": float(delta), "examples": int(n), "loss": float(res.mean_loss),
+               "steps": int(res.steps), "noise-multiplier": float(sigma), "sample-rate": float(q)}
+    if tune.private:
+        metrics: dict[str, float | int] = {"round": int(server_round)}
+    else:  # a non-private run: the reply may say more (the run is labelled non-private)
+        metrics = {"round": int(server_round), "num-examples": int(n), "loss": float(res.mean_loss),
+                   "steps": int(res.steps), "sample-rate": float(q)}
+    return ClientResult(delta_prompt, metrics, private)
 
 
 # ---------------------------------------------------------------- server side
@@ -441,14 +636,17 @@ class RoundReplies:
     """What came back from one round's sampled clients.
 
     ``updates`` are individual updates (plain aggregation); with secure aggregation they are
-    empty and ``secure_mean`` holds the (example-weighted or uniform) mean the protocol revealed,
+    empty and ``secure_mean`` holds the uniform mean the protocol revealed (None if it halted),
     ``secure_count`` how many clients it covers. ``metrics`` are per-client reply metrics
-    either way; ``failures`` maps clients that gave no usable reply to the reason.
+    either way; ``failures`` maps clients that gave no usable reply to a one-line reason;
+    ``refusals`` maps clients that declined (budget exhausted, insecure run refused) to their
+    status fields.
     """
 
     updates: list[ClientUpdate] = field(default_factory=list)
     metrics: dict[int, dict] = field(default_factory=dict)
     failures: dict[int, str] = field(default_factory=dict)
+    refusals: dict[int, dict] = field(default_factory=dict)
     secure_mean: np.ndarray | None = None
     secure_count: int = 0
 
@@ -483,6 +681,10 @@ class FederatedServer:
         self.clients: dict[int, dict] = {}  # client id -> privacy record
         self.user_dp_rounds = 0
         self.user_dp_sigma = 0.0
+        self.user_dp_short_rounds = 0  # distributed DP: rounds with fewer than min_clients noise shares
+        self.refusals: dict[int, dict] = {}  # client id -> its last refusal (budget exhausted, ...)
+        self.max_norm = math.inf  # the resolved federated.max_update_norm
+        self.aggregation = resolve_aggregation(fed_cfg, run_cfg)
         self.started = time.perf_counter()
         self._prepared = False
 
@@ -503,26 +705,32 @@ class FederatedServer:
             self.report(f"no saved student at {self.student_dir}: distilling one from {m.teacher}")
             public_train, held_out = (self.public.split(0.9, self.cfg.seed) if len(self.public) >= 20
                                       else (self.public, self.public))
-            student, rep = distill_student(self.teacher, public_train, self.cfg.distill, self.cfg.seed, held_out)
+            student, rep = distill_student(self.teacher, public_train, self.cfg.distill, self.cfg.seed, held_out,
+                                           progress=True)  # post_fl.progress: bar / log lines / quiet
             save_student(student, self.student_dir, rep)
         self.student = load_scoring_model(str(self.student_dir), self.train.label_names, self.teacher.label_words,
                                           self.teacher.head, self.teacher.template, self.teacher.max_length)
         self.package = pack_student(self.student_dir, self.student)
         self.model_hash = self.package.model_hash
         if self.fed.user_dp:
-            q = self.fed.fraction_train
-            self.user_dp_sigma = self.fed.user_dp_noise_multiplier or self._calibrate_user_noise(q)
+            self.user_dp_sigma = user_noise_multiplier(self.fed)
+        initial = self._initial_prompt()
+        self.max_norm = (self.fed.max_update_norm if self.fed.max_update_norm > 0
+                         else self.fed.max_update_norm_factor * update_norm(initial))
         if not (self.fed.resume and self.load_checkpoint()):
-            self.prompt = self._initial_prompt()
+            self.prompt = initial
         self._prepared = True
         self.report(f"federation ready: {self.fed.num_clients} clients, {self.fed.rounds} rounds, "
                     f"student {self.model_hash[:12]}, starting after round {self.round}")
 
-    def _calibrate_user_noise(self, q: float) -> float:
-        from .user_dp import calibrate_user_noise
+    @property
+    def client_clip(self) -> float:
+        """The L2 bound clients clip their update to: ``user_dp_clip`` under user DP, else the norm bound."""
+        return float(self.fed.user_dp_clip if self.fed.user_dp else self.max_norm)
 
-        return calibrate_user_noise(self.fed.user_dp_target_epsilon, self.fed.resolved_user_delta, q,
-                                    self.fed.rounds)
+    @property
+    def insecure(self) -> bool:
+        return bool(self.cfg.insecure_reproducible)
 
     def _initial_prompt(self) -> np.ndarray:
         p = self.cfg.prompt
@@ -544,82 +752,121 @@ class FederatedServer:
 
     # ------------------------------------------------------------ rounds
     def sample(self, server_round: int, client_ids: list[int]) -> list[int]:
-        """The clients of this round: fixed-size uniform sample, or Poisson at ``fraction_train`` with user DP."""
+        """The clients of this round: Poisson at ``fraction_train`` with user DP, else a fixed-size sample.
+
+        Poisson sampling is part of the user-level guarantee (privacy amplification), so it draws
+        fresh OS entropy (:func:`post_fl.randomness.dp_numpy_rng`). The fixed-size sample of a run
+        without user-level DP is not a privacy mechanism (no guarantee relies on it being secret),
+        so it stays seeded by (seed, round) and repeats.
+        """
         ids = sorted(client_ids)
-        seed = derive_seed(self.cfg.seed, server_round, 1)
         if self.fed.user_dp:
+            from .randomness import dp_numpy_rng
             from .user_dp import poisson_sample
 
-            return poisson_sample(ids, self.fed.fraction_train, seed)
+            rng = dp_numpy_rng(self.cfg.seed if self.insecure else None, server_round, 1)
+            return poisson_sample(ids, self.fed.fraction_train, rng)
         k = min(len(ids), self.fed.clients_per_round)
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(derive_seed(self.cfg.seed, server_round, 1))
         return sorted(int(c) for c in rng.choice(ids, size=k, replace=False))
 
     def instructions(self, server_round: int, sampled: list[int]) -> dict[int, dict]:
-        """Per-client train config: round, student hash, client seed, steps on record, clip bound."""
-        return {c: {"round": server_round, "model-hash": self.model_hash,
-                    "client-seed": derive_seed(self.cfg.seed, server_round, 2, c),
-                    "prior-steps": int(self.clients.get(c, {}).get("steps", 0)),
-                    "clip": float(self.fed.client_clip)} for c in sampled}
+        """Per-client train config: round, student hash, clip bound. No seed and nothing else."""
+        return {c: {"round": server_round, "model-hash": self.model_hash, "clip": self.client_clip}
+                for c in sampled}
+
+    def _user_dp_release(self, server_round: int, update_sum: np.ndarray, contributors: int) -> np.ndarray:
+        """DP-FedAvg release: (sum + the noise not yet in it) / (q N); never fails, even for 0 clients.
+
+        ``server`` mode adds N(0, (sigma C)^2). ``distributed`` mode: each of the ``contributors``
+        clients already added a share of variance (sigma C)^2 / m (m = ``min_clients``); when fewer
+        than m shares arrived the server tops the noise up to (sigma C)^2, so the released prompt is
+        as private as always against everyone else, while against the server that round relies on
+        the shares only (counted in ``user_dp_short_rounds`` and reported).
+        """
+        from .randomness import dp_numpy_rng
+        from .user_dp import noised_mean
+
+        m, sigma = self.fed.min_clients, self.user_dp_sigma
+        if self.fed.user_noise_mode == "distributed":
+            missing = max(0, m - contributors)
+            if missing:
+                self.user_dp_short_rounds += 1
+            sigma = sigma * math.sqrt(missing / m)
+        rng = dp_numpy_rng(self.cfg.seed if self.insecure else None, server_round, 3)
+        return noised_mean(update_sum, self.fed.user_dp_clip, sigma,
+                           self.fed.fraction_train * self.fed.num_clients, rng)
 
     def complete_round(self, server_round: int, sampled: list[int], replies: RoundReplies) -> dict:
-        """Validate and aggregate the replies, update the global prompt, evaluate, checkpoint."""
+        """Validate and aggregate the replies, update the global prompt, evaluate, checkpoint.
+
+        Clients that trained count in the privacy report whether their update was used or
+        rejected; refusals (budget exhausted) are recorded per client. Without user-level DP a
+        round with fewer than ``min_clients`` valid updates fails; with it, the round always
+        releases the noised sum of whoever was sampled (the DP-FedAvg estimator).
+        """
         t0 = time.perf_counter()
         assert self.prompt is not None
         shape = tuple(self.prompt.shape)
-        failed = dict(replies.failures)
+        failed = {c: one_line_reason(why) for c, why in replies.failures.items()}
+        refused = dict(replies.refusals)
         for c in sampled:
-            if c not in replies.metrics and c not in failed and replies.secure_mean is None:
+            if c not in replies.metrics and c not in failed and c not in refused and not self.fed.secagg:
                 failed[c] = "no reply"
         for c, why in failed.items():
             log.warning("round %s: client %s gave no usable reply: %s", server_round, c, why)
-        if replies.secure_mean is not None:
-            valid_ids, rejected = sorted(replies.metrics), {}
-            mean = np.asarray(replies.secure_mean, np.float64)
-            if mean.shape != shape or not np.isfinite(mean).all():
-                raise RoundFailedError(f"round {server_round} failed: securely aggregated update has shape "
-                                       f"{mean.shape} or non-finite values")
-            require_min_clients(server_round, replies.secure_count, len(sampled), self.fed.min_clients,
-                                0, len(failed))
-            if self.fed.user_dp:  # the protocol gave a uniform mean of clipped updates: noise its sum
-                from .user_dp import noised_mean
-
-                mean = noised_mean(mean * replies.secure_count, self.fed.user_dp_clip, self.user_dp_sigma,
-                                   self.fed.fraction_train * self.fed.num_clients,
-                                   derive_seed(self.cfg.seed, server_round, 3))
+        for c, info in refused.items():
+            log.warning("round %s: client %s refused: %s", server_round, c, info.get("reason", info))
+            self.refusals[c] = {"round": server_round, **info}
+        rejected: dict[int, str] = {}
+        if self.fed.secagg:
+            count = int(replies.secure_count) if replies.secure_mean is not None else 0
+            valid_ids = sorted(replies.metrics) if replies.secure_mean is not None else []
+            if replies.secure_mean is not None:
+                mean = np.asarray(replies.secure_mean, np.float64)
+                if mean.shape != shape or not np.isfinite(mean).all():
+                    raise RoundFailedError(f"round {server_round} failed: securely aggregated update has shape "
+                                           f"{mean.shape} or non-finite values")
+            else:
+                mean = np.zeros(shape)
+            if self.fed.user_dp:  # the protocol gave the uniform mean of clipped (and share-noised) updates
+                mean = self._user_dp_release(server_round, mean * count, count)
+            else:
+                require_min_clients(server_round, count, len(sampled), self.fed.min_clients, 0, len(failed),
+                                    len(refused))
         else:
-            max_norm = self.fed.max_update_norm
-            valid, rejected = filter_updates(replies.updates, shape, max_norm, server_round)
+            valid, rejected = filter_updates(replies.updates, shape, self.max_norm, server_round)
             valid_ids = [u.client_id for u in valid]
-            require_min_clients(server_round, len(valid), len(sampled), self.fed.min_clients, len(rejected),
-                                len(failed))
             if self.fed.user_dp:
-                from .user_dp import clip_update, noised_mean
+                from .user_dp import clip_update
 
                 clipped = [dataclasses.replace(u, delta=clip_update(u.delta, self.fed.user_dp_clip)[0])
                            for u in valid]
-                mean = noised_mean(sum_updates(clipped), self.fed.user_dp_clip, self.user_dp_sigma,
-                                   self.fed.fraction_train * self.fed.num_clients,
-                                   derive_seed(self.cfg.seed, server_round, 3))
+                mean = self._user_dp_release(server_round, sum_updates(clipped, shape), len(clipped))
             else:
-                mean = aggregate_updates(valid, self.fed.aggregation)
+                require_min_clients(server_round, len(valid), len(sampled), self.fed.min_clients, len(rejected),
+                                    len(failed), len(refused))
+                mean = aggregate_updates(valid, self.aggregation, self.fed.trim_fraction,
+                                         self.fed.weight_cap_factor)
         self.prompt = (self.prompt.astype(np.float64) + np.asarray(mean, np.float64)).astype(np.float32)
         if self.fed.user_dp:
             self.user_dp_rounds += 1
-        for c in valid_ids:
-            m = replies.metrics[c]
+        trained = sorted(set(valid_ids) | set(rejected))  # every client that replied with an update
+        for c in trained:
             rec = self.clients.setdefault(c, {"rounds": []})
-            rec.update({k: m[k] for k in ("epsilon", "delta", "steps", "noise-multiplier", "sample-rate") if k in m})
             rec["rounds"] = sorted(set(rec["rounds"]) | {server_round})
-        used = [replies.metrics[c] for c in valid_ids]
-        n_ex = sum(int(m.get("num-examples", 0)) for m in used)
-        losses = [(m["loss"], m.get("num-examples", 1)) for m in used if math.isfinite(m.get("loss", math.nan))]
+            if c in rejected:
+                rec["rejected_rounds"] = sorted(set(rec.get("rejected_rounds", [])) | {server_round})
+        used = [replies.metrics.get(c, {}) for c in valid_ids]
         row = {"round": server_round, "sampled": len(sampled), "valid": len(valid_ids),
                "rejected": {str(k): v for k, v in rejected.items()}, "failed": {str(k): v for k, v in failed.items()},
-               "examples": n_ex,
-               "train_loss": (sum(l * w for l, w in losses) / sum(w for _, w in losses)) if losses else math.nan,
-               "update_norm": update_norm(mean),
-               "max_client_epsilon": max((float(m.get("epsilon", 0.0)) for m in used), default=0.0)}
+               "refused": {str(k): v.get("reason", v.get("status", "refused")) for k, v in refused.items()},
+               "update_norm": update_norm(mean)}
+        if not self.cfg.tune.private:  # non-private runs report sizes and losses (labelled non-private)
+            n_ex = sum(int(m.get("num-examples", 0)) for m in used)
+            losses = [(m["loss"], m.get("num-examples", 1)) for m in used if math.isfinite(m.get("loss", math.nan))]
+            row["examples"] = n_ex
+            row["train_loss"] = (sum(l * w for l, w in losses) / sum(w for _, w in losses)) if losses else math.nan
         if self.fed.user_dp:
             row["user_epsilon"] = self.user_epsilon()
         if server_round % self.fed.eval_every == 0 or server_round == self.fed.rounds:
@@ -629,9 +876,10 @@ class FederatedServer:
         self.round = server_round
         self.save_checkpoint()
         acc = f", test acc {row['test_accuracy']:.3f}" if "test_accuracy" in row else ""
+        loss = f", loss {row['train_loss']:.4f}" if "train_loss" in row else ""
         self.report(f"round {server_round}/{self.fed.rounds}: {row['valid']}/{row['sampled']} updates "
-                    f"({len(rejected)} rejected, {len(failed)} failed), loss {row['train_loss']:.4f}, "
-                    f"max client eps {row['max_client_epsilon']:.3g}{acc}")
+                    f"({len(rejected)} rejected, {len(failed)} failed, {len(refused)} refused){loss}{acc}"
+                    + (" [NOT PRIVATE: insecure_reproducible]" if self.insecure else ""))
         return row
 
     def evaluate_student(self) -> float:
@@ -650,6 +898,27 @@ class FederatedServer:
         return user_level_epsilon(self.user_dp_sigma, self.fed.fraction_train, self.user_dp_rounds,
                                   self.fed.resolved_user_delta)
 
+    @property
+    def ledger_dir(self) -> Path:
+        """Where simulated clients keep their ledgers (the harness reads them; a deployment's sites keep theirs)."""
+        return Path(self.cfg.output_dir) / LEDGER_DIR_NAME
+
+    def client_privacy(self) -> dict[int, dict]:
+        """Per client that trained: epsilon/delta from its ledger where this machine can read it (simulation);
+        otherwise only the rounds it replied in (a deployed site's epsilon stays in its own ledger)."""
+        from .ledger import read_ledgers
+
+        ledgers = read_ledgers(self.ledger_dir, self.cfg.tune.accountant) if self.cfg.tune.private else {}
+        out: dict[int, dict] = {}
+        for c in sorted(set(self.clients) | set(ledgers)):
+            rec = dict(self.clients.get(c, {}))
+            if c in ledgers:
+                rec.update(ledgers[c])
+            elif not self.cfg.tune.private:
+                rec.update({"epsilon": math.inf, "delta": 0.0})
+            out[c] = rec
+        return out
+
     # ------------------------------------------------------------ checkpoints
     @property
     def checkpoint_path(self) -> Path:
@@ -660,10 +929,13 @@ class FederatedServer:
         from safetensors.torch import save_file
 
         state = {"round": self.round, "fingerprint": self.fingerprint(), "seed": self.cfg.seed,
-                 "rng": "per-round streams derived from (seed, round[, client]) with numpy SeedSequence",
+                 "rng": ("insecure_reproducible: DP streams seeded from (seed, round[, client])" if self.insecure
+                         else "DP noise and sampling from fresh OS entropy; resumed rounds draw new noise"),
                  "model_hash": self.model_hash, "metrics": self.metrics,
                  "clients": {str(k): v for k, v in self.clients.items()},
-                 "user_dp": {"rounds": self.user_dp_rounds, "noise_multiplier": self.user_dp_sigma}}
+                 "refusals": {str(k): v for k, v in self.refusals.items()},
+                 "user_dp": {"rounds": self.user_dp_rounds, "noise_multiplier": self.user_dp_sigma,
+                             "short_rounds": self.user_dp_short_rounds}}
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.checkpoint_path.with_suffix(".tmp")
         save_file({"prompt": torch.from_numpy(self.prompt.copy())}, str(tmp),
@@ -691,11 +963,53 @@ class FederatedServer:
                              f"but the student now hashes to {self.model_hash[:12]}")
         self.round, self.prompt, self.metrics = int(state["round"]), prompt, _floats(state["metrics"])
         self.clients = {int(k): _floats(v) for k, v in state["clients"].items()}
+        self.refusals = {int(k): _floats(v) for k, v in state.get("refusals", {}).items()}
         self.user_dp_rounds = int(state["user_dp"]["rounds"])
+        self.user_dp_short_rounds = int(state["user_dp"].get("short_rounds", 0))
         self.report(f"resuming from {p} after round {self.round}")
         return True
 
     # ------------------------------------------------------------ the end
+    def privacy_report(self) -> dict:
+        """The privacy section of results.json: per-client sample-level epsilon (every client that trained,
+        rejected ones included; from the ledgers where readable), refusals, user-level epsilon and who is
+        trusted for it, and the NOT-PRIVATE label of insecure or non-DP runs."""
+        tune = self.cfg.tune
+        per_client = self.client_privacy()
+        eps = {str(c): float(r["epsilon"]) for c, r in per_client.items() if "epsilon" in r}
+        source = ("not private (tune.dp off): clients report sizes and losses" if not tune.private else
+                  "each client's own privacy ledger, read by the simulation harness" if eps else
+                  "each site's own privacy ledger (a deployed site's epsilon never reaches the server)")
+        sample = {"dp": tune.private, "target_epsilon": tune.target_epsilon, "epsilon_per_client": eps,
+                  "max_epsilon": max(eps.values(), default=0.0 if tune.private else math.inf),
+                  "delta_per_client": {str(c): r.get("delta") for c, r in per_client.items() if "delta" in r},
+                  "rounds_per_client": {str(c): r.get("rounds") for c, r in per_client.items()},
+                  "rejected_rounds_per_client": {str(c): r["rejected_rounds"] for c, r in per_client.items()
+                                                 if r.get("rejected_rounds")},
+                  "refused": {str(c): v for c, v in sorted(self.refusals.items())},
+                  "source": source,
+                  "unit": "example-level, composed over every round the client's data was ever used in "
+                          "(its ledger), at the client's delta"}
+        user = None
+        if self.fed.user_dp:
+            mode = self.fed.user_noise_mode
+            user = {"epsilon": self.user_epsilon(), "delta": self.fed.resolved_user_delta,
+                    "noise_multiplier": self.user_dp_sigma, "clip": self.fed.user_dp_clip,
+                    "sample_rate": self.fed.fraction_train, "rounds": self.user_dp_rounds,
+                    "noise": mode, "trusts_server": mode == "server",
+                    "holds_against_server": mode == "distributed" and self.user_dp_short_rounds == 0,
+                    "rounds_with_fewer_than_min_clients_shares": self.user_dp_short_rounds,
+                    "unit": "user-level (DP-FedAvg, RDP accountant)" + (
+                        "; the server sees the exact sum (or each update) before noising: trusts the server"
+                        if mode == "server" else "; noise added by the clients before SecAgg+ masking")}
+        out = {"sample_level": sample, "user_level": user, "secure_aggregation": self.fed.secagg,
+               "aggregation": self.aggregation, "max_update_norm": self.max_norm}
+        if self.insecure:
+            out["not_private"] = NOT_PRIVATE_LABEL
+        elif not tune.private:
+            out["not_private"] = "NOT PRIVATE at sample level: tune.dp is off (clients report sizes and losses)"
+        return out
+
     def finish(self) -> dict:
         """Transfer the global prompt to the teacher (POST, public data), evaluate everything, write results."""
         from .evaluate import accuracy
@@ -703,17 +1017,18 @@ class FederatedServer:
 
         bs = self.cfg.eval.batch_size
         student_prompt = SoftPrompt(torch.from_numpy(self.prompt.copy()))
-        eps = {str(c): float(r.get("epsilon", math.inf)) for c, r in sorted(self.clients.items())}
-        max_eps = max(eps.values(), default=0.0)
-        tune = self.cfg.tune
+        privacy = self.privacy_report()
+        max_eps = privacy["sample_level"]["max_epsilon"]
         meta = {"stage": "federated-dp-tune", "rounds": self.round, "max_client_epsilon": max_eps,
                 "user_epsilon": self.user_epsilon(), "label_words": self.student.label_words,
                 "template": self.student.template}
+        if self.insecure:
+            meta["not_private"] = NOT_PRIVATE_LABEL
         save_prompt(student_prompt, self.run / "prompt_student", head=self.student.head,
                     base_model=str(self.student_dir), metadata=meta)
         self.report("transferring the global prompt to the teacher on public data (POST)")
         tr = transfer_prompt(self.student, student_prompt, self.teacher, self.public, self.cfg.transfer,
-                             self.cfg.seed)
+                             self.cfg.seed, progress=True)
         tcfg = self.teacher.backbone.config
         save_prompt(tr.prompt, self.run / "prompt_teacher", head=self.teacher.head, base_model=self.teacher.source,
                     num_layers=getattr(tcfg, "num_hidden_layers", None),
@@ -726,19 +1041,10 @@ class FederatedServer:
             acc["teacher_direct_prompt"] = accuracy(self.teacher, self.test, student_prompt, bs)
         acc["teacher_transferred_prompt"] = accuracy(self.teacher, self.test, tr.prompt, bs)
         results = {
+            **({"not_private": NOT_PRIVATE_LABEL} if self.insecure else {}),
             "accuracy": acc,
             "rounds": self.metrics,
-            "privacy": {
-                "sample_level": {"dp": tune.private, "target_epsilon": tune.target_epsilon,
-                                 "epsilon_per_client": eps, "max_epsilon": max_eps,
-                                 "delta_per_client": {str(c): r.get("delta") for c, r in sorted(self.clients.items())},
-                                 "unit": "example-level, composed over every round a client took part in"},
-                "user_level": ({"epsilon": self.user_epsilon(), "delta": self.fed.resolved_user_delta,
-                                "noise_multiplier": self.user_dp_sigma, "clip": self.fed.user_dp_clip,
-                                "sample_rate": self.fed.fraction_train, "rounds": self.user_dp_rounds,
-                                "unit": "user-level (DP-FedAvg, RDP accountant)"} if self.fed.user_dp else None),
-                "secure_aggregation": self.fed.secagg,
-            },
+            "privacy": privacy,
             "transfer": {"first_loss": tr.first_loss, "last_loss": tr.last_loss, "steps": len(tr.losses),
                          "public_examples": tr.public_examples, "seconds": tr.seconds},
             "data": {"train": len(self.train), "test": len(self.test), "public": len(self.public),
@@ -776,11 +1082,18 @@ def run_federated(server: FederatedServer, transport: Transport,
     """
     server.prepare()
     ids = transport.client_ids()
-    if len(ids) != server.fed.num_clients:
-        raise ConfigError(f"federated.num_clients is {server.fed.num_clients} but {len(ids)} clients answered")
+    n = server.fed.num_clients
+    if len(ids) > n or len(ids) < server.fed.min_clients:
+        raise ConfigError(f"federated.num_clients is {n} (min_clients {server.fed.min_clients}) but "
+                          f"{len(ids)} distinct clients answered")
+    if len(ids) < n:
+        server.report(f"warning: {len(ids)} of federated.num_clients = {n} distinct clients answered; "
+                      "going on with them")
     for rnd in range(server.round + 1, server.fed.rounds + 1):
         sampled = server.sample(rnd, ids)
-        replies = transport.train_round(rnd, server.prompt, server.instructions(rnd, sampled))
+        # a user-DP Poisson sample may be empty: the round still releases (noise only) and counts
+        replies = transport.train_round(rnd, server.prompt, server.instructions(rnd, sampled)) if sampled \
+            else RoundReplies()
         server.complete_round(rnd, sampled, replies)
         if after_round is not None:
             after_round(rnd)
@@ -803,6 +1116,8 @@ class LocalTransport:
         return list(range(self.fed.num_clients))
 
     def train_round(self, server_round: int, prompt: np.ndarray, instructions: dict[int, dict]) -> RoundReplies:
+        from .ledger import BudgetExhausted
+
         out = RoundReplies()
         root = cache_root(self.fed)
         for cid, ins in instructions.items():
@@ -812,15 +1127,27 @@ class LocalTransport:
                 student = install_student(self.server.package, root)
             try:  # as in Flower, a client that raises gives an error reply, not a dead run
                 data = client_partition(self.cfg, self.fed, cid)
-                res = train_client(student, prompt, data, self.cfg, self.fed, self.states.get(cid), server_round,
-                                   ins["client-seed"], ins["prior-steps"], ins["clip"])
+                ledger = open_ledger(self.cfg, data, cid) if self.cfg.tune.private else None
+                res = train_client(student, prompt, data, self.cfg, self.fed, server_round, cid, ins["clip"],
+                                   ledger, run_id="local")
+            except BudgetExhausted as exc:
+                out.refusals[cid] = budget_status(exc)
+                continue
+            except ClientRefusal as exc:
+                out.refusals[cid] = {"status": REFUSED, "reason": str(exc)}
+                continue
             except ValueError as exc:  # bad or empty private data (DataError is a ValueError)
                 out.failures[cid] = f"{type(exc).__name__}: {exc}"
                 continue
-            self.states[cid] = res.state
-            upd = ClientUpdate(cid, res.delta, int(res.metrics["num-examples"]), res.metrics)
+            upd = ClientUpdate(cid, res.delta, res.metrics.get("num-examples"), res.metrics)
             if self.tamper is not None:
                 upd = self.tamper(upd)
             out.updates.append(upd)
             out.metrics[cid] = upd.metrics
         return out
+
+
+def budget_status(exc) -> dict:
+    """The ``budget-exhausted`` status fields of a :class:`post_fl.ledger.BudgetExhausted` refusal."""
+    return {"status": BUDGET_EXHAUSTED, "spent": float(exc.spent), "after": float(exc.after),
+            "budget": float(exc.budget), "delta": float(exc.delta), "reason": str(exc)}

@@ -555,21 +555,21 @@ class SweepTransport:
 def _dp_client_fn(server, run_cfg: RunConfig, fed) -> Callable:
     """A client doing ``post_fl.federated.train_client`` (DP-SGD on its partition), with its state."""
     from .aggregate import ClientUpdate
-    from .federated import client_partition, train_client
+    from .federated import client_partition, open_ledger, train_client
 
-    states: dict[int, dict] = {}
+    seen: set[int] = set()
 
     def fn(cid: int, ins: dict, prompt: np.ndarray):
         data = client_partition(run_cfg, fed, cid)
-        before = int(states.get(cid, {}).get("steps", ins["prior-steps"]))
-        if run_cfg.tune.private and len(data) and cid not in states:
+        if run_cfg.tune.private and len(data) and cid not in seen:
             _warm_noise_calibration(run_cfg, fed, len(data))
+        seen.add(cid)
+        ledger = open_ledger(run_cfg, data, cid) if run_cfg.tune.private and len(data) else None
         t0 = time.perf_counter()
-        res = train_client(server.student, prompt, data, run_cfg, fed, states.get(cid), ins["round"],
-                           ins["client-seed"], ins["prior-steps"], ins["clip"])
-        states[cid] = res.state
-        return (ClientUpdate(cid, res.delta, int(res.metrics["num-examples"]), res.metrics),
-                int(res.metrics["steps"]) - before, time.perf_counter() - t0)
+        res = train_client(server.student, prompt, data, run_cfg, fed, ins["round"], cid, ins["clip"], ledger,
+                           run_id="sweep")
+        return (ClientUpdate(cid, res.delta, res.metrics.get("num-examples"), res.metrics),
+                int(res.private["steps"]), time.perf_counter() - t0)
 
     return fn
 
@@ -634,14 +634,15 @@ def _rapt_client_fn(server, run_cfg: RunConfig, fed, eta: float, rapt_cfg: RaptS
         priv, targets, labels = private[cid]
         head = heads[cid]
         tune = run_cfg.tune
-        torch.manual_seed(ins["client-seed"])
+        batch_seed = derive_seed(run_cfg.seed, ins["round"], 2, cid)  # minibatches: not a DP mechanism
+        torch.manual_seed(batch_seed)
         prompt = SoftPrompt(torch.from_numpy(np.array(prompt_np, dtype=np.float32)))
         opt = torch.optim.Adam([{"params": prompt.parameters(), "lr": tune.lr},
                                 {"params": head.parameters(), "lr": rapt_cfg.head_lr}])
         n = len(labels)
         steps = planned_steps(tune, n)
         bs = min(tune.batch_size, n)
-        gen = torch.Generator().manual_seed(ins["client-seed"])
+        gen = torch.Generator().manual_seed(batch_seed)
         losses = []
         t0 = time.perf_counter()
         for _ in range(steps):
@@ -829,8 +830,9 @@ def _federated_run(ctx: SweepContext, cell: Cell) -> dict:
                 preds = torch.cat([server.student(priv.rows(slice(i, i + bs)), prompt).argmax(-1)
                                    for i in range(0, len(test), bs)])
             summary["accuracy_privatized_inputs"] = float((preds == torch.tensor(test.labels)).float().mean())
-    eps = [float(r.get("epsilon", math.inf)) for r in server.clients.values()]
-    deltas = [float(r.get("delta", 0.0)) for r in server.clients.values() if r.get("delta") is not None]
+    per_client = server.client_privacy().values()  # the clients' ledgers (every client that trained)
+    eps = [float(r.get("epsilon", math.inf)) for r in per_client]
+    deltas = [float(r.get("delta", 0.0)) for r in per_client if r.get("delta") is not None]
     private = run_cfg.tune.private
     summary.update(
         epsilon=max(eps) if (eps and private) else math.inf, delta=max(deltas) if (deltas and private) else 0.0,

@@ -1,9 +1,11 @@
 """post-fl ServerApp (Flower Message API): the round loop of :mod:`post_fl.federated` over a Grid.
 
 ``GridTransport`` is the only Flower-specific part: it learns each node's client id with a
-``query.hello`` (which also says whether the node already caches the student), sends the
-student once per client process that lacks it (``query.model``), and runs train rounds,
-re-sending the weights only to clients that answer ``need-model``.
+``query.hello`` (which also says whether the node already caches the student) and binds it to
+that node's Flower node id (a second node claiming the same id is refused, logged, and the
+run goes on without it), sends the student once per client process that lacks it
+(``query.model``), and runs train rounds, re-sending the weights only to clients that answer
+``need-model``. Failure reasons are kept as one line (:func:`post_fl.federated.one_line_reason`).
 """
 
 from __future__ import annotations
@@ -39,15 +41,20 @@ class GridTransport:
         cfg = RecordDict({fl.TRAIN_CONFIG_RECORD: ConfigRecord({"model-hash": self.server.model_hash})})
         replies = self._send([Message(cfg, n, "query.hello", group_id="hello") for n in nodes])
         missing: dict[str, int] = {}
-        for r in replies:
+        self.duplicates: dict[int, str] = {}  # node id -> why it was refused
+        for r in sorted(replies, key=lambda m: m.metadata.src_node_id):
+            node = r.metadata.src_node_id
             if r.has_error():
-                log(WARNING, "node %s did not answer hello: %s", r.metadata.src_node_id, r.error.reason)
+                log(WARNING, "node %s did not answer hello: %s", node, fl.one_line_reason(r.error.reason))
                 continue
             h = r.content.config_records[fl.HELLO_RECORD]
             cid = int(h["client-id"])
-            if cid in self.node_of:
-                raise ValueError(f"two nodes report client id {cid}")
-            self.node_of[cid] = r.metadata.src_node_id
+            if cid in self.node_of:  # first (lowest) node id keeps the client id; the other is left out
+                why = f"claims client id {cid}, already bound to node {self.node_of[cid]}"
+                self.duplicates[node] = why
+                log(WARNING, "node %s refused: %s", node, why)
+                continue
+            self.node_of[cid] = node
             if not h["has-model"]:
                 missing.setdefault(str(h["cache-key"]), r.metadata.src_node_id)
         self.send_model(list(missing.values()))
@@ -89,14 +96,22 @@ class GridTransport:
             need: dict[str, int] = {}
             retry: dict[int, dict] = {}
             for r in self._send(self._train_messages(server_round, prompt, pending)):
-                cid = client_of[r.metadata.src_node_id]
+                cid = client_of.get(r.metadata.src_node_id)
+                if cid is None or cid not in pending:  # not the node this client id is bound to
+                    log(WARNING, "round %s: ignored a train reply from unbound node %s", server_round,
+                        r.metadata.src_node_id)
+                    continue
                 if r.has_error():
-                    out.failures[cid] = f"error {r.error.code}: {r.error.reason}"
+                    reason = fl.one_line_reason(r.error.reason)
+                    out.failures[cid] = f"error {r.error.code}: {reason}"
                     continue
                 status = r.content.config_records.get(fl.REPLY_STATUS_RECORD)
                 if status is not None and status.get("status") == fl.NEED_MODEL:
                     need.setdefault(str(status.get("cache-key")), r.metadata.src_node_id)
                     retry[cid] = pending[cid]
+                    continue
+                if status is not None and status.get("status") in (fl.BUDGET_EXHAUSTED, fl.REFUSED):
+                    out.refusals[cid] = {k: status[k] for k in status}
                     continue
                 try:
                     upd = parse_train_reply(cid, r.content)
@@ -115,7 +130,6 @@ class GridTransport:
                     out.failures[cid] = "still lacks the student after it was sent"
         return out
 
-
     def secure_train_round(self, server_round: int, prompt: np.ndarray,
                            instructions: dict[int, dict]) -> fl.RoundReplies:
         """One round through Flower's SecAgg+ (``SecAggPlusWorkflow``): the server learns only the mean.
@@ -123,7 +137,10 @@ class GridTransport:
         Flower 1.41's SecAgg+ workflow is written against the legacy strategy API, so it runs here
         inside a ``LegacyContext`` whose strategy only hands out this round's instructions and
         captures the unmasked aggregate. Clients weigh their (clipped) updates equally, so the
-        result is the uniform mean over the clients that completed the protocol.
+        result is the uniform mean over the clients that completed the protocol. Under distributed
+        user-level DP each client's vector carries its Gaussian noise share, so the quantisation range
+        is widened to C (1 + 10 sigma / sqrt(m)) per coordinate: a share is clipped by the quantiser
+        with probability < 1e-23 per coordinate, so the noise reaches the sum intact.
         """
         from flwr.common import FitIns, ndarrays_to_parameters
         from flwr.common import parameters_to_ndarrays
@@ -169,12 +186,18 @@ class GridTransport:
         ctx = LegacyContext(base, strategy=_Capture(), client_manager=SimpleClientManager())
         ctx.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
         ctx.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(params, True)
+        clip_range = float(self.server.client_clip)
+        if self.fed.user_noise_mode == "distributed":
+            clip_range *= 1.0 + 10.0 * self.server.user_dp_sigma / np.sqrt(self.fed.min_clients)
         SecAggPlusWorkflow(num_shares=self.fed.secagg_num_shares,
                            reconstruction_threshold=self.fed.secagg_reconstruction_threshold,
-                           clipping_range=float(self.fed.client_clip), max_weight=1.0,
+                           clipping_range=clip_range, max_weight=1.0,
                            quantization_range=self.fed.secagg_quantization_range,
                            timeout=self.timeout)(self.grid, ctx)
         out = fl.RoundReplies()
+        for failure in captured.get("failures", []) or []:
+            reason = fl.one_line_reason(getattr(failure, "reason", failure))
+            log(WARNING, "round %s: SecAgg+ failure: %s", server_round, reason)
         if captured.get("mean") is None:
             out.failures = {c: "secure aggregation halted (too few clients completed SecAgg+)" for c in instructions}
             return out
@@ -191,9 +214,8 @@ def parse_train_reply(cid: int, content: RecordDict) -> ClientUpdate:
     if arrays is None or "delta" not in arrays or metrics is None:
         raise ValueError(f"reply lacks {fl.REPLY_UPDATE_RECORD}.delta or {fl.REPLY_METRICS_RECORD}")
     m = dict(metrics)
-    if "num-examples" not in m:
-        raise ValueError("reply metrics lack num-examples")
-    return ClientUpdate(cid, arrays["delta"].numpy(), int(m["num-examples"]), m)
+    n = m.get("num-examples")  # only non-DP clients report it
+    return ClientUpdate(cid, arrays["delta"].numpy(), int(n) if n is not None else None, m)
 
 
 def _one_log_view() -> None:
@@ -215,6 +237,9 @@ def make_server_app(run_config: dict[str, Any] | None = None, after_round=None) 
         """Run the federated POST rounds over ``grid``, then transfer the global prompt and write results."""
         run_cfg, fed = fl.build_configs(run_config if run_config is not None else dict(context.run_config))
         _one_log_view()
+        from post_fl.preflight import check_federated
+
+        check_federated(run_cfg, fed)  # every server-side input checked before any work; all problems at once
         server = fl.FederatedServer(run_cfg, fed, report=lambda m: log(INFO, "[post-fl] %s", m))
         fl.run_federated(server, GridTransport(grid, server, fed), after_round)
 

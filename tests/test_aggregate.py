@@ -6,8 +6,10 @@ import math
 import numpy as np
 import pytest
 
-from post_fl.aggregate import (ClientUpdate, RoundFailedError, aggregate_updates, filter_updates,
-                               require_min_clients, validate_update, weighted_mean)
+from post_fl.aggregate import (ClientUpdate, RoundFailedError, aggregate_updates, capped_weights,
+                               coordinate_median, filter_updates, require_min_clients, trimmed_mean,
+                               validate_update, weighted_mean)
+from post_fl.randomness import dp_numpy_rng
 from post_fl.user_dp import (calibrate_user_noise, clip_update, noised_mean, poisson_sample,
                              user_level_epsilon)
 
@@ -28,6 +30,7 @@ def test_validate_accepts_good_and_names_each_problem():
     assert "above the bound" in validate_update(upd(3, value=5.0), SHAPE, max_norm=1.0)
     assert validate_update(upd(3, value=5.0), SHAPE, max_norm=0.0) is None  # 0 = no bound
     assert "num-examples" in validate_update(upd(4, n=0), SHAPE)
+    assert validate_update(upd(5, n=None), SHAPE) is None  # DP clients do not report their size
 
 
 def test_filter_logs_rejections_and_keeps_the_rest(caplog):
@@ -47,10 +50,36 @@ def test_fedavg_weights_by_examples_and_ignores_order():
     rng = np.random.default_rng(0)
     ups = [ClientUpdate(i, rng.normal(size=SHAPE).astype(np.float32), i + 1) for i in range(7)]
     assert np.array_equal(aggregate_updates(ups), aggregate_updates(ups[::-1]))
-    with pytest.raises(ValueError):
-        aggregate_updates(ups, "median")
+    with pytest.raises(ValueError, match="unknown"):
+        aggregate_updates(ups, "krum")
+    with pytest.raises(ValueError, match="num-examples"):
+        aggregate_updates([upd(0, n=None), upd(1)], "fedavg")
     with pytest.raises(ValueError):
         weighted_mean([], [])
+
+
+def test_fedavg_weight_of_a_liar_is_capped():
+    """One client claiming 1e12 examples weighs at most 3x the lower median count, not 1e12."""
+    honest = [upd(i, 0.0, n=10) for i in range(4)]
+    liar = upd(9, 1.0, n=10**12)
+    assert capped_weights([10, 10, 10, 10, 10**12], 3.0) == [10, 10, 10, 10, 30]
+    assert capped_weights([10, 10**12], 3.0) == [10, 30]  # lower median: the liar cannot set it
+    mean = aggregate_updates(honest + [liar], "fedavg", weight_cap_factor=3.0)
+    np.testing.assert_allclose(mean, 30 / 70, rtol=1e-6)  # uncapped it would be ~1.0
+    np.testing.assert_allclose(aggregate_updates(honest + [liar], "fedavg", weight_cap_factor=1e15), 1.0, atol=1e-9)
+
+
+def test_median_and_trimmed_mean_resist_one_outlier():
+    ups = [upd(i, v) for i, v in enumerate([0.1, 0.2, 0.3, 0.4, 1e6])]
+    np.testing.assert_allclose(aggregate_updates(ups, "median"), 0.3, rtol=1e-6)
+    np.testing.assert_allclose(aggregate_updates(ups, "trimmed_mean", trim_fraction=0.2), 0.3, rtol=1e-6)
+    assert float(aggregate_updates(ups, "uniform").mean()) > 1e5  # the plain mean is taken over
+    # per coordinate: the median of each entry, not of whole updates
+    d = [np.array([[0.0, 5.0]], np.float32), np.array([[1.0, 6.0]], np.float32), np.array([[9.0, -1.0]], np.float32)]
+    np.testing.assert_allclose(coordinate_median(d), [[1.0, 5.0]])
+    np.testing.assert_allclose(trimmed_mean(d, 0.0), [[10 / 3, 10 / 3]], rtol=1e-6)
+    with pytest.raises(ValueError, match="trim fraction"):
+        trimmed_mean(d, 0.5)
 
 
 def test_min_clients_failure_names_round_and_counts():
@@ -67,9 +96,9 @@ def test_clip_and_noised_mean():
     small, _ = clip_update(d * 1e-3, 2.0)
     np.testing.assert_array_equal(small, d * 1e-3)
     s = np.ones(SHAPE)
-    np.testing.assert_allclose(noised_mean(s, 1.0, 0.0, 4.0, seed=0), 0.25)  # no noise: sum / expected clients
-    n1, n2 = noised_mean(s, 1.0, 1.0, 4.0, seed=5), noised_mean(s, 1.0, 1.0, 4.0, seed=5)
-    assert np.array_equal(n1, n2) and not np.allclose(n1, 0.25)
+    np.testing.assert_allclose(noised_mean(s, 1.0, 0.0, 4.0, dp_numpy_rng()), 0.25)  # no noise: sum / q N
+    n1, n2 = noised_mean(s, 1.0, 1.0, 4.0, dp_numpy_rng()), noised_mean(s, 1.0, 1.0, 4.0, dp_numpy_rng())
+    assert not np.array_equal(n1, n2) and not np.allclose(n1, 0.25)  # fresh noise every release
 
 
 def test_user_level_accounting():
@@ -79,6 +108,6 @@ def test_user_level_accounting():
     assert user_level_epsilon(1.0, 0.1, 0, 1e-3) == 0.0
     sigma = calibrate_user_noise(4.0, 1e-3, 0.1, 10)
     assert user_level_epsilon(sigma, 0.1, 10, 1e-3) <= 4.0 + 1e-3
-    picked = poisson_sample(list(range(1000)), 0.1, seed=1)
-    assert picked == poisson_sample(list(range(1000))[::-1], 0.1, seed=1)
+    picked = poisson_sample(list(range(1000)), 0.1, dp_numpy_rng(7, 1))
+    assert picked == poisson_sample(list(range(1000))[::-1], 0.1, dp_numpy_rng(7, 1))  # insecure mode repeats
     assert 60 < len(picked) < 140

@@ -44,7 +44,20 @@ def test_build_configs_from_flat_run_config(fed_root, tmp_path):
     with pytest.raises(ConfigError, match="min_clients"):
         F.build_configs({"federated.min_clients": 20, "federated.num_clients": 10})
     with pytest.raises(ConfigError, match="secagg"):
-        F.build_configs({"federated.secagg": True})
+        F.build_configs({"federated.secagg": True, "federated.max_update_norm": math.inf})
+    with pytest.raises(ConfigError, match="fedavg: DP clients do not reveal"):
+        F.build_configs({"federated.aggregation": "fedavg"})  # DP-SGD is on by default
+    assert F.resolve_aggregation(fed, run_cfg) == "uniform"
+    _, plain = F.build_configs({"federated.aggregation": "fedavg", "tune.dp": False})
+    assert plain.aggregation == "fedavg"
+    with pytest.raises(ConfigError, match="distributed needs federated.secagg"):
+        F.build_configs({"federated.user_dp": True, "federated.user_dp_noise": "distributed"})
+    with pytest.raises(ConfigError, match="user-level DP.*uniform"):
+        F.build_configs({"federated.user_dp": True, "federated.aggregation": "median"})
+    with pytest.raises(ConfigError, match="user_dp_delta"):
+        F.build_configs({"federated.user_dp": True, "federated.user_dp_delta": 0.2})[1].resolved_user_delta
+    _, sec = F.build_configs({"federated.secagg": True, "federated.user_dp": True})
+    assert sec.user_noise_mode == "distributed"  # the default under SecAgg+: the server never sees the sum
     again = F.build_configs(F.flatten_configs(run_cfg, fed))
     assert again == (run_cfg, fed)
 
@@ -62,7 +75,11 @@ def test_rounds_results_and_privacy(fed_root, tmp_path):
                         "teacher_direct_prompt", "teacher_transferred_prompt"}
     eps = results["privacy"]["sample_level"]["epsilon_per_client"]
     assert eps and all(0 < e <= 8.0 + 1e-6 for e in eps.values())
+    assert "ledger" in results["privacy"]["sample_level"]["source"]
+    assert set(eps) == {str(c) for c in server.clients}  # every client that trained, from its own ledger
     assert results["privacy"]["user_level"] is None
+    assert "not_private" not in results and "examples" not in results["rounds"][0]  # DP: sizes stay local
+    assert results["privacy"]["aggregation"] == "uniform" and results["privacy"]["max_update_norm"] > 0
     on_disk = json.loads((run / "results.json").read_text())
     assert on_disk["rounds"][-1]["round"] == 2
     prompt, cfg = load_prompt(run / "prompt_teacher", expected_dim=32)
@@ -83,9 +100,15 @@ def test_bad_updates_are_rejected_and_round_continues(fed_root, tmp_path, caplog
     sampled_first = server.sample(1, list(range(6)))
     results, _, _ = run_local(fed_flat(fed_root, tmp_path, **{"federated.rounds": 1}), tamper)
     row = results["rounds"][0]
-    assert row["valid"] == 2 and list(row["rejected"]) == [str(min(sampled_first))]
-    assert "non-finite" in row["rejected"][str(min(sampled_first))]
+    bad = str(min(sampled_first))
+    assert row["valid"] == 2 and list(row["rejected"]) == [bad]
+    assert "non-finite" in row["rejected"][bad]
     assert "rejected update of client" in caplog.text
+    # the rejected client trained on its data: it still counts in the privacy report (finding 9)
+    priv = results["privacy"]["sample_level"]
+    assert 0 < priv["epsilon_per_client"][bad] <= 8.0 + 1e-6
+    assert priv["rejected_rounds_per_client"] == {bad: [1]}
+    assert set(priv["epsilon_per_client"]) == {str(c) for c in sampled_first}
 
 
 def test_norm_bound_and_min_clients_failure(fed_root, tmp_path):
@@ -99,30 +122,72 @@ def test_norm_bound_and_min_clients_failure(fed_root, tmp_path):
         run_local(flat, blow_up)
 
 
-def test_resume_after_kill_gives_same_result(fed_root, tmp_path):
-    flat_a = fed_flat(fed_root, tmp_path / "a", **{"federated.rounds": 3})
-    full, server_a, _ = run_local(flat_a)
+class Killed(Exception):
+    pass
 
-    class Killed(Exception):
-        pass
 
-    def kill(rnd):
-        if rnd == 1:
-            raise Killed
+def _kill_after_first(rnd):
+    if rnd == 1:
+        raise Killed
 
-    flat_b = fed_flat(fed_root, tmp_path / "b", **{"federated.rounds": 3})
+
+def test_resume_after_kill_is_bit_exact_in_insecure_mode(fed_root, tmp_path):
+    """insecure_reproducible seeds every mechanism: a resumed run repeats an uninterrupted one bit for bit,
+    and its results carry the NOT PRIVATE label."""
+    from post_fl.randomness import NOT_PRIVATE_LABEL
+
+    over = {"federated.rounds": 3, "insecure_reproducible": True}
+    full, server_a, _ = run_local(fed_flat(fed_root, tmp_path / "a", **over))
+    flat_b = fed_flat(fed_root, tmp_path / "b", **over)
     with pytest.raises(Killed):
-        run_local(flat_b, after_round=kill)
-    resumed, server_b, _ = run_local(flat_b)  # a new server and fresh clients: state from the checkpoint only
+        run_local(flat_b, after_round=_kill_after_first)
+    resumed, server_b, _ = run_local(flat_b)  # a new server and fresh clients: checkpoint + ledgers only
     assert np.array_equal(server_a.prompt, server_b.prompt)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(full["rounds"]) == strip(resumed["rounds"])
     assert full["privacy"]["sample_level"]["epsilon_per_client"] == \
         resumed["privacy"]["sample_level"]["epsilon_per_client"]
     assert full["accuracy"] == resumed["accuracy"]
+    assert resumed["not_private"] == NOT_PRIVATE_LABEL == resumed["privacy"]["not_private"]
+    on_disk = json.loads((tmp_path / "b" / "run" / "results.json").read_text())
+    assert on_disk["not_private"] == NOT_PRIVATE_LABEL
+    meta = json.loads((tmp_path / "b" / "run" / "prompt_teacher" / "post_fl.json").read_text())
+    assert NOT_PRIVATE_LABEL in json.dumps(meta)
     # a checkpoint from other settings is refused, not silently mixed in
     with pytest.raises(ValueError, match="different settings"):
         run_local({**flat_b, "tune.lr": 0.5})
+
+
+def test_resume_with_fresh_noise_keeps_rounds_and_accounting(fed_root, tmp_path):
+    """With fresh DP noise a resumed run is not bit-identical, but it runs the same rounds, samples the
+    same clients and every client's ledger holds the same epsilon as in an uninterrupted run."""
+    full, server_a, _ = run_local(fed_flat(fed_root, tmp_path / "a", **{"federated.rounds": 3}))
+    flat_b = fed_flat(fed_root, tmp_path / "b", **{"federated.rounds": 3})
+    with pytest.raises(Killed):
+        run_local(flat_b, after_round=_kill_after_first)
+    resumed, server_b, _ = run_local(flat_b)
+    assert not np.array_equal(server_a.prompt, server_b.prompt)  # fresh noise: no bit-exact repeat
+    key = lambda rows: [(r["round"], r["sampled"], r["valid"]) for r in rows]  # noqa: E731
+    assert key(full["rounds"]) == key(resumed["rounds"]) == [(1, 3, 3), (2, 3, 3), (3, 3, 3)]
+    pa, pb = full["privacy"]["sample_level"], resumed["privacy"]["sample_level"]
+    assert pa["rounds_per_client"] == pb["rounds_per_client"]
+    assert pa["epsilon_per_client"].keys() == pb["epsilon_per_client"].keys()
+    for c, e in pa["epsilon_per_client"].items():
+        assert math.isclose(e, pb["epsilon_per_client"][c], rel_tol=1e-9)
+    assert "not_private" not in resumed
+
+
+def test_two_runs_with_the_same_seed_give_different_dp_outputs(fed_root, tmp_path):
+    """Fresh OS entropy: the same seed, data and settings give different released prompts (they would be
+    equal if the DP-SGD noise or batches were seeded from the config)."""
+    over = {"federated.rounds": 1, "transfer.steps": 1}
+    _, a, _ = run_local(fed_flat(fed_root, tmp_path / "a", **over))
+    _, b, _ = run_local(fed_flat(fed_root, tmp_path / "b", **over))
+    assert not np.allclose(a.prompt, b.prompt)
+    over["insecure_reproducible"] = True
+    _, c, _ = run_local(fed_flat(fed_root, tmp_path / "c", **over))
+    _, d, _ = run_local(fed_flat(fed_root, tmp_path / "d", **over))
+    assert np.array_equal(c.prompt, d.prompt)
 
 
 def test_user_level_dp(fed_root, tmp_path):
@@ -132,8 +197,23 @@ def test_user_level_dp(fed_root, tmp_path):
     results, server, _ = run_local(flat)
     user = results["privacy"]["user_level"]
     assert 0 < user["epsilon"] <= 20.0 + 1e-6 and user["rounds"] == 2
-    assert user["noise_multiplier"] > 0
+    assert user["noise_multiplier"] > 0 and user["delta"] == min(1e-5, 1 / 60)
+    assert user["noise"] == "server" and user["trusts_server"] and not user["holds_against_server"]
     assert all(not math.isnan(r["update_norm"]) for r in results["rounds"])
+
+
+def test_user_dp_round_with_a_tiny_poisson_sample_never_fails(fed_root, tmp_path):
+    """Finding 10: a Poisson sample below min_clients (even empty) still releases the noised sum / (q N)
+    and counts in the accountant; the run does not fail."""
+    flat = fed_flat(fed_root, tmp_path, **{"federated.user_dp": True, "federated.fraction_train": 0.05,
+                                           "federated.min_clients": 3, "federated.rounds": 4,
+                                           "federated.user_dp_noise_multiplier": 1.0, "transfer.steps": 1})
+    results, server, _ = run_local(flat)
+    rows = results["rounds"]
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    assert any(r["sampled"] < 3 for r in rows)
+    assert results["privacy"]["user_level"]["rounds"] == 4  # every released round is accounted
+    assert all(r["update_norm"] > 0 for r in rows)  # noise is released even when nobody was sampled
 
 
 def test_securely_aggregated_mean_is_used_as_is(fed_root, tmp_path):
@@ -144,7 +224,8 @@ def test_securely_aggregated_mean_is_used_as_is(fed_root, tmp_path):
         def train_round(self, server_round, prompt, instructions):
             plain = super().train_round(server_round, prompt, instructions)
             assert all(ins["clip"] == 5.0 for ins in instructions.values())  # clients clip before masking
-            self.mean = aggregate_updates(plain.updates, "fedavg")
+            assert all(set(ins) == {"round", "model-hash", "clip"} for ins in instructions.values())  # no seed
+            self.mean = aggregate_updates(plain.updates, "uniform")
             return F.RoundReplies(metrics=plain.metrics, secure_mean=self.mean, secure_count=len(plain.updates))
 
     flat = fed_flat(fed_root, tmp_path, **{"federated.rounds": 1, "federated.secagg": True,
