@@ -57,7 +57,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one setting, e.g. --set tune.target_epsilon=4 --set data.train=my.csv "
                         "(repeatable; values are TOML: numbers, true/false, \"strings\", inf)")
-    p.add_argument("--seed", type=int, default=None, help="the one seed every stage derives its randomness from")
+    p.add_argument("--seed", type=int, default=None,
+                   help="the one seed of every non-private random choice (DP noise never uses it)")
+    p.add_argument("--insecure-reproducible", action="store_true", default=None,
+                   help="seed the DP noise and sampling from --seed for bit-exact reruns: the outputs are NOT "
+                        "private and are labelled so (tests and debugging only)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, warnings only")
 
 
@@ -90,12 +94,14 @@ def _extra_commands() -> dict:
 
 
 def resolve_config(args) -> RunConfig:
-    """The RunConfig from --config, --set overrides, --seed and --output-dir."""
+    """The RunConfig from --config, --set overrides, --seed, --output-dir and --insecure-reproducible."""
     overrides = parse_overrides(args.overrides)
     if args.seed is not None:
         overrides["seed"] = args.seed
     if args.output_dir is not None:
         overrides["output_dir"] = str(args.output_dir)
+    if getattr(args, "insecure_reproducible", None):
+        overrides["insecure_reproducible"] = True
     return load_config(args.config, overrides)
 
 

@@ -26,6 +26,7 @@ from .evaluate import accuracy, majority_class_accuracy
 from .jsonio import read_json, write_json
 from .models import ScoringModel, load_scoring_model
 from .prompt import SoftPrompt, init_from_text, init_from_vocab, load_prompt, save_prompt
+from .randomness import NOT_PRIVATE_LABEL
 
 log = logging.getLogger(__name__)
 
@@ -181,10 +182,14 @@ class Pipeline:
 
         student = self.student
         prompt = initial_prompt(self.cfg, student, self.cfg.seed)
-        result = tune_prompt(student, prompt, self.task.train, self.cfg.tune, self.cfg.seed, progress=self.progress)
+        insecure = self.cfg.insecure_reproducible
+        result = tune_prompt(student, prompt, self.task.train, self.cfg.tune, self.cfg.seed, progress=self.progress,
+                             insecure_seed=self.cfg.seed if insecure else None)
+        label = {"not_private": NOT_PRIVATE_LABEL} if insecure else {}
         _save(result.prompt, self.run, PROMPT_STUDENT, student, stage="dp-tune", epsilon=result.epsilon,
-              delta=result.delta, noise_multiplier=result.noise_multiplier, max_grad_norm=self.cfg.tune.max_grad_norm)
-        return self._stage("tune", {"epsilon": result.epsilon, "delta": result.delta,
+              delta=result.delta, noise_multiplier=result.noise_multiplier, max_grad_norm=self.cfg.tune.max_grad_norm,
+              **label)
+        return self._stage("tune", {**label, "epsilon": result.epsilon, "delta": result.delta,
                                     "noise_multiplier": result.noise_multiplier, "sample_rate": result.sample_rate,
                                     "steps": result.steps, "examples": result.examples,
                                     "mean_loss": result.mean_loss, "seconds": result.seconds,
@@ -247,7 +252,8 @@ class Pipeline:
             "accuracy": acc,
             "privacy": {"epsilon": tune.get("epsilon", math.inf), "delta": tune.get("delta"),
                         "noise_multiplier": tune.get("noise_multiplier"), "dp": self.cfg.tune.private,
-                        "target_epsilon": self.cfg.tune.target_epsilon, "unit": "example-level (one site)"},
+                        "target_epsilon": self.cfg.tune.target_epsilon, "unit": "example-level (one site)",
+                        **({"not_private": tune["not_private"]} if "not_private" in tune else {})},
             "data": {"train": len(self.task.train), "test": len(test), "public": len(self.task.public),
                      "labels": self.task.train.label_names},
             "models": {"teacher": teacher.describe(), "student": student.describe()},
