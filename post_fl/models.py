@@ -70,6 +70,9 @@ def resolve_model_path(name_or_dir: str) -> str:
     if is_embedded_model(name_or_dir):
         return str(embedded_model_dir(name_or_dir))
     p = Path(name_or_dir)
+    if not p.exists() and looks_like_path(name_or_dir):
+        raise ModelError(f"{name_or_dir}: no such directory (expected a model directory with config.json "
+                         "and weights, an embedded model name or a Hugging Face hub id)")
     if p.exists():
         if not p.is_dir():
             raise ModelError(f"{p}: expected a model directory, found a file")
@@ -80,6 +83,52 @@ def resolve_model_path(name_or_dir: str) -> str:
             raise ModelError(f"{p}: model directory has no weights "
                              "(expected model.safetensors or pytorch_model.bin)")
     return name_or_dir
+
+
+def looks_like_path(name: str) -> bool:
+    """True when ``name`` can only be a filesystem path, not a hub id (``name`` or ``org/name``).
+
+    Absolute, ``./``/``../``/``~`` paths, more than one ``/``, characters a repo id cannot hold, or
+    an ``org/name`` whose ``org`` is an existing local folder (e.g. ``runs/student``) count as paths.
+    """
+    import re
+
+    if name.startswith(("/", "./", "../", "~", ".\\")) or "\\" in name or name.endswith("/"):
+        return True
+    if not re.fullmatch(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)?", name):
+        return True
+    return "/" in name and Path(name).parent.is_dir()
+
+
+def check_scoring_setup(name_or_dir: str, label_names: Sequence[str], label_words: dict | None = None,
+                        head: str = "auto", template: str = "", max_length: int = 64) -> str:
+    """Check, without loading weights, that a model would load and score ``label_names``.
+
+    Reads the model's config and tokenizer, builds its skeleton on the ``meta`` device (no memory,
+    no weights read) and runs every verbalizer and template check of :class:`ScoringModel` on it.
+    Returns the head that would be used; raises :class:`ModelError` naming the problem.
+    """
+    from transformers import AutoConfig
+
+    path = resolve_model_path(name_or_dir)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{name_or_dir}: cannot read the model config ({exc})") from None
+    chosen = detect_head(config) if head == "auto" else head
+    if chosen not in HEADS:
+        raise ModelError(f"head {head!r} unknown; expected auto or one of {HEADS}")
+    tokenizer = load_tokenizer(path)
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    cls = {"causal": AutoModelForCausalLM, "masked": AutoModelForMaskedLM, "embedding": AutoModel}[chosen]
+    try:
+        with torch.device("meta"):
+            skeleton = cls.from_config(config)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{name_or_dir}: cannot build a {chosen} model from its config ({exc})") from None
+    ScoringModel(skeleton, tokenizer, chosen, label_names, label_words, template, max_length, source=name_or_dir)
+    return chosen
 
 
 def detect_head(config) -> str:

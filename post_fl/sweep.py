@@ -1075,6 +1075,9 @@ def _run_cli(args) -> int:
             return 2
         paths = write_report(rows, out)
     else:
+        from .preflight import check_run
+
+        check_run(cfg.base, check_folder=False)  # every input of the base run checked before any cell starts
         run_sweep(cfg, progress=not args.quiet, report=print)
         paths = {"markdown": out / RESULTS_MD, "plots": out / "plots"}
     print(f"sweep results: {out / RESULTS_CSV}; table: {paths['markdown']}; plots: {out / 'plots'}")

@@ -86,9 +86,9 @@ def transfer_prompt(student: ScoringModel, student_prompt: SoftPrompt, teacher: 
     losses: list[float] = []
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from .progress import progress_bar
 
-        bar = tqdm(total=cfg.steps, desc="transfer", leave=False)
+        bar = progress_bar(cfg.steps, desc="transfer")
     student_prompt.requires_grad_(False)
     try:
         for step in range(cfg.steps):

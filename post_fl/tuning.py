@@ -245,9 +245,9 @@ def tune_prompt(model: ScoringModel, prompt: SoftPrompt, data: TextDataset, cfg:
     loss_fn = nn.CrossEntropyLoss()
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from .progress import progress_bar
 
-        bar = tqdm(total=steps, desc="tune" + (" (DP)" if cfg.private else ""), leave=False)
+        bar = progress_bar(steps, desc="tune" + (" (DP)" if cfg.private else ""))
     done = 0
     while done < steps:
         for input_ids, attention_mask, answer_index, labels in loader:

@@ -64,6 +64,13 @@ def main(argv: list[str] | None = None) -> None:
         flat = read_run_config(args.config, args.set)
     except ConfigError as exc:
         ap.error(str(exc))
+    from post_fl.federated import build_configs
+    from post_fl.preflight import PreflightError, check_federated
+
+    try:  # every input and the client partitions checked before Ray starts
+        check_federated(*build_configs({"federated.num_clients": args.num_supernodes, **flat}), partitions=True)
+    except (ConfigError, PreflightError) as exc:
+        ap.exit(2, f"simulation.run: error: {exc}\n")
     simulate(flat, args.num_supernodes, args.num_cpus, verbose=args.verbose)
 
 

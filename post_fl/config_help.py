@@ -1,0 +1,123 @@
+"""What each setting of :class:`post_fl.config.RunConfig` means, for ``post-fl show-config``.
+
+``FIELD_HELP`` is keyed ``"section.key"`` (``"seed"`` for top-level keys); a test checks that
+every field of :class:`RunConfig` has an entry, so a new setting cannot ship unexplained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .config import RunConfig, _toml_value
+
+FIELD_HELP: dict[str, str] = {
+    "seed": "the one seed of every non-private random choice (initialisation, splits, batches); DP noise never uses it",
+    "output_dir": "run folder for every artifact (config.json, student/, prompts, stages/, results.json)",
+    "insecure_reproducible": "true = seed DP noise and sampling from `seed` (bit-exact reruns); outputs are "
+                             "NOT private and labelled so (tests/debugging only)",
+    # model
+    "model.teacher": "the provider's large LM: a model directory, an embedded model name ('embedded-smollm2', "
+                     "'embedded' = MiniLM) or a Hugging Face hub id",
+    "model.student": "a student directory written by 'post-fl distill'; \"\" = distil one into <run>/student",
+    "model.head": "how classes are scored: auto (from the architecture) | causal | masked | embedding",
+    "model.max_length": "tokens per input including the template (the text is truncated, never the template)",
+    "model.template": "prompt template with {text} (and {mask} for a masked LM); \"\" = the head's default",
+    "model.label_words": "label -> verbalizer words; when given, these labels ARE the task's label set "
+                         "(any other label in the data is an error)",
+    # data
+    "data.train": "private training file (CSV/TSV/JSONL with text and label columns) or 'embedded'",
+    "data.test": "labelled test file with the training labels, or 'embedded' (only with data.train = 'embedded')",
+    "data.public": "unlabelled public text for distillation and prompt transfer (file or 'embedded')",
+    "data.text_column": "text column; 'a+b' joins several columns",
+    "data.label_column": "label column of the train and test files",
+    "data.test_text_column": "text column of the test file; \"\" = data.text_column",
+    "data.public_text_column": "text column of the public file (e.g. 'title+description'); \"\" = data.text_column",
+    "data.max_train_examples": "at most this many training examples (seeded shuffle first); 0 = all",
+    "data.max_test_examples": "at most this many test examples (the first ones); 0 = all",
+    "data.max_public_examples": "at most this many public texts (seeded shuffle first); 0 = all",
+    "data.embedded_task": "which built-in task 'embedded' means: movie-reviews | tweets",
+    "data.validation_fraction": "share of a training file carved off (by a hash of each text) as the validation "
+                                "split, the only labelled data used for choices",
+    "data.max_validation_examples": "at most this many validation examples; 0 = all",
+    "data.min_label_count": "a training label seen in fewer rows is refused as a likely typo (the error names "
+                            "the rows and the nearest label); not applied when model.label_words declares the labels",
+    "data.allow_rare_labels": "true = accept training labels seen in fewer than data.min_label_count rows as classes",
+    # prompt
+    "prompt.num_virtual_tokens": "length of the soft prompt (virtual tokens prepended to the input)",
+    "prompt.init": "how the prompt starts: vocab (random vocabulary embeddings) | text (embeddings of init_text)",
+    "prompt.init_text": "the text whose token embeddings start the prompt when prompt.init = 'text'",
+    # tune
+    "tune.epochs": "passes over the private training set (fractions allowed); per round when federated",
+    "tune.batch_size": "expected batch size (Poisson sampling rate = batch_size / N under DP)",
+    "tune.lr": "learning rate of the prompt (Adam)",
+    "tune.dp": "false = plain (non-private) prompt tuning",
+    "tune.target_epsilon": "the epsilon the noise multiplier is calibrated to; inf = no DP",
+    "tune.delta": "the DP delta; 0.0 = derived default min(1e-5, 1/(10 N)) with N the protected examples "
+                  "(per client when federated); delta >= 1/N is refused",
+    "tune.max_grad_norm": "per-example gradient clipping bound of DP-SGD",
+    "tune.accountant": "privacy accountant: rdp | prv",
+    # distill
+    "distill.num_layers": "teacher layers the student keeps (evenly spaced)",
+    "distill.steps": "at most this many distillation steps (target agreement or time budget usually stop it first)",
+    "distill.batch_size": "public texts per distillation step",
+    "distill.lr": "learning rate of the student (AdamW)",
+    "distill.temperature": "KD temperature T (losses are scaled by T^2)",
+    "distill.alpha_kd": "weight of the KL loss on vocabulary logits",
+    "distill.alpha_lm": "weight of the language-model loss (ignored for an encoder without LM head)",
+    "distill.alpha_cos": "weight of the cosine loss on hidden states",
+    "distill.alpha_class": "weight of the KL loss on the verbalizer's classes at the answer position",
+    "distill.mlm_probability": "share of tokens masked for a masked LM's distillation",
+    "distill.positions_per_text": "distilled positions per text besides the answer position",
+    "distill.target_agreement": "class agreement with the teacher on held-out public text that ends training",
+    "distill.time_budget_s": "seconds of student training that end distillation",
+    "distill.eval_every": "steps between agreement checks",
+    "distill.teacher_batch_size": "texts per batch of the teacher's one pass over the public text",
+    "distill.cache": "true = keep teacher outputs and the distilled student in the post-fl cache for reruns",
+    # transfer
+    "transfer.steps": "optimisation steps of POST's transfer on public text",
+    "transfer.batch_size": "public texts per transfer step",
+    "transfer.lr": "learning rate of the teacher prompt (Adam)",
+    "transfer.alpha": "weight of the loss on the prompt-induced change of outputs (1 - alpha: on the prompted outputs)",
+    "transfer.temperature": "temperature of the transfer KL losses",
+    "transfer.init": "where the teacher prompt starts: student (the student's prompt) | vocab",
+    # eval
+    "eval.batch_size": "texts per batch when scoring test examples",
+    "eval.teacher_prompt_tuning": "true = also tune a non-private prompt on the teacher (the costly upper bound)",
+}
+
+
+def field_keys(cfg: RunConfig | None = None) -> list[str]:
+    """Every setting of a RunConfig as ``section.key`` (top-level keys bare), in declaration order."""
+    cfg = cfg or RunConfig()
+    keys = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(value)]
+        else:
+            keys.append(f.name)
+    return keys
+
+
+def dumps_config_with_help(cfg: RunConfig) -> str:
+    """The config as TOML, each key preceded by a ``#`` line saying what it means (from FIELD_HELP)."""
+    lines: list[str] = []
+
+    def add(key: str, name: str, value) -> None:
+        text = FIELD_HELP.get(key)
+        if text:
+            lines.append(f"# {text}")
+        lines.append(f"{name} = {_toml_value(value)}")
+
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if not dataclasses.is_dataclass(value):
+            add(f.name, f.name, value)
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            doc = (type(value).__doc__ or "").strip().splitlines()[0]
+            lines += ["", f"# [{f.name}]: {doc}", f"[{f.name}]"]
+            for g in dataclasses.fields(value):
+                add(f"{f.name}.{g.name}", g.name, getattr(value, g.name))
+    return "\n".join(lines) + "\n"

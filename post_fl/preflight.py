@@ -1,0 +1,271 @@
+"""Check every input of a run before any stage does work, and report every problem at once.
+
+A run needs its config, the train / test / public files (the validation split is carved from
+train), the teacher (and a given student) model directory, the label words, and for a single
+stage the artifacts of the stages before it. :func:`check_run` reads all of them cheaply (data
+files, the model's ``config.json`` and tokenizer, a weightless skeleton of the model for the
+verbalizer checks; never the weights) and raises one :class:`PreflightError` listing every
+problem with its file, row, field and what was expected. Nothing is written: a refused run
+leaves its run folder exactly as it was (not even created).
+
+Entry points: ``post-fl run`` and each stage (via :class:`post_fl.pipeline.Pipeline`),
+``post-fl sweep``, the Flower ServerApp (:func:`check_federated`), the ClientApp on a site's
+own file (:func:`check_site_file`) and the simulation scripts (``python -m post_fl.preflight``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import EMBEDDED_DEFAULT, RunConfig
+
+STAGES = ("distill", "tune", "transfer", "tune_teacher", "evaluate")
+# stage -> the run-folder artifacts it reads, and the stage that writes them
+NEEDS = {"tune": (("student", "distill"),),
+         "transfer": (("student", "distill"), ("prompt_student", "tune")),
+         "tune_teacher": (),
+         "evaluate": (("student", "distill"), ("prompt_student", "tune"))}
+
+
+class PreflightError(ValueError):
+    """Inputs of a run are unusable; ``problems`` lists each one (file, row, field, expected)."""
+
+    def __init__(self, problems: Sequence[str], what: str = "run") -> None:
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s) found before any work started "
+                         f"(nothing was written for this {what}):\n{lines}")
+
+
+# ---------------------------------------------------------------- pieces
+def data_problems(cfg: RunConfig) -> tuple[list[str] | None, dict[str, list[str]], list[str]]:
+    """Check the train, test and public files; return (label names or None, label words, problems)."""
+    from .data import label_problems, scan_text_file, training_label_names
+
+    d = cfg.data
+    problems: list[str] = []
+    names: list[str] | None = None
+    words = dict(cfg.model.label_words)
+    if d.train == EMBEDDED_DEFAULT:
+        from .pipeline import load_task
+
+        try:
+            emb = load_task(dataclasses.replace(cfg, data=dataclasses.replace(d, test=EMBEDDED_DEFAULT,
+                                                                              public=EMBEDDED_DEFAULT)))
+            names, words = list(emb.train.label_names), {**emb.label_words, **words}
+        except (OSError, ValueError) as exc:
+            problems.append(f"data.train = 'embedded': {exc}")
+    else:
+        scanned = scan_text_file(d.train, d.text_column, d.label_column)
+        problems += [f"data.train: {p}" for p in scanned.problems]
+        if not scanned.problems:
+            names, label_issues = training_label_names(scanned, d.label_column, list(words) or None,
+                                                       d.min_label_count, d.allow_rare_labels)
+            problems += [f"data.train: {p}" for p in label_issues]
+            names = names if not label_issues else None
+    if d.test == EMBEDDED_DEFAULT:
+        if d.train != EMBEDDED_DEFAULT:
+            problems.append("data.test = 'embedded' only goes with data.train = 'embedded'; "
+                            "expected a test file with the same labels as data.train")
+    else:
+        scanned = scan_text_file(d.test, d.test_text_column or d.text_column, d.label_column)
+        problems += [f"data.test: {p}" for p in scanned.problems]
+        if not scanned.problems and names is not None:
+            problems += [f"data.test: {p}" for p in
+                         label_problems(scanned, d.label_column, names, "a label of data.train")]
+    if d.public != EMBEDDED_DEFAULT:
+        scanned = scan_text_file(d.public, d.public_text_column or d.text_column, None)
+        problems += [f"data.public: {p}" for p in scanned.problems]
+    return names, words, problems
+
+
+def model_problems(cfg: RunConfig, names: Sequence[str] | None, words: dict) -> list[str]:
+    """Check the teacher (and a given student): directory, config, tokenizer and verbalizer, no weights read."""
+    from .models import check_scoring_setup, resolve_model_path
+
+    m = cfg.model
+    problems: list[str] = []
+    head = m.head
+    try:
+        if names is None:  # labels unknown (bad data): check only that the model is there
+            resolve_model_path(m.teacher)
+        else:
+            head = check_scoring_setup(m.teacher, names, words, m.head, m.template, m.max_length)
+    except (OSError, ValueError) as exc:
+        problems.append(f"model.teacher: {exc}")
+        return problems
+    if m.student:
+        try:
+            if names is None:
+                resolve_model_path(m.student)
+            else:
+                check_scoring_setup(m.student, names, words, head, m.template, m.max_length)
+        except (OSError, ValueError) as exc:
+            problems.append(f"model.student: {exc}")
+    return problems
+
+
+def stage_problems(cfg: RunConfig, run_dir: Path, stages: Sequence[str]) -> list[str]:
+    """Artifacts a stage run alone needs from earlier stages that are neither in the run folder nor run now."""
+    problems = []
+    for stage in stages:
+        for artifact, maker in NEEDS.get(stage, ()):
+            if artifact == "student" and cfg.model.student:
+                continue
+            if maker in stages or (run_dir / artifact).exists():
+                continue
+            what = "no student model; set model.student or run" if artifact == "student" else "missing; run"
+            problems.append(f"{run_dir / artifact}: {what} 'post-fl {maker}' first "
+                            f"(needed by 'post-fl {stage.replace('_', '-')}')")
+    return problems
+
+
+def flat_config(d: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"tune": {"lr": 0.1}}`` -> ``{"tune.lr": 0.1}`` (JSON-normalised values, infinities as strings)."""
+    from .jsonio import jsonable
+
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and not (prefix + k).endswith("label_words"):
+            out.update(flat_config(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = json.loads(json.dumps(jsonable(v)))
+    return out
+
+
+def config_differences(saved: dict, current: dict, ignore: Sequence[str] = ("output_dir",)) -> list[str]:
+    """Every setting whose value differs between two config dicts, as ``"key: saved X, now Y"``."""
+    a, b = flat_config(saved), flat_config(current)
+    missing = object()
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if key in ignore:
+            continue
+        va, vb = a.get(key, missing), b.get(key, missing)
+        if va != vb:
+            show = lambda v: "(not set)" if v is missing else json.dumps(v)  # noqa: E731
+            out.append(f"{key}: saved {show(va)}, now {show(vb)}")
+    return out
+
+
+MADE = ("stages", "student", "prompt_student", "prompt_teacher", "prompt_teacher_tuned", "results.json")
+
+
+def run_folder_problems(cfg: RunConfig, run_dir: Path) -> list[str]:
+    """A run folder that already holds artifacts made with a different config (names the differing keys)."""
+    from .jsonio import read_json
+
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.exists() or not any((run_dir / n).exists() for n in MADE):
+        return []
+    try:
+        saved = read_json(cfg_path)
+    except (OSError, ValueError) as exc:
+        return [f"{cfg_path}: {exc}"]
+    diff = config_differences(saved, cfg.to_dict())
+    if not diff:
+        return []
+    return [f"{cfg_path} holds a different config ({'; '.join(diff)}); stages of one run share one config: "
+            f"continue it with --config {cfg_path}, or use a new --output-dir"]
+
+
+# ---------------------------------------------------------------- entry points
+def check_run(cfg: RunConfig, stages: Sequence[str] = STAGES, run_dir: str | Path | None = None,
+              check_folder: bool = True) -> None:
+    """Check everything ``stages`` of a single-site run will read; raise :class:`PreflightError` listing
+    every problem. With ``check_folder``, also the run folder (artifacts the stages need, a saved config
+    that differs). Reads only; never creates or writes anything."""
+    run = Path(run_dir or cfg.output_dir)
+    names, words, problems = data_problems(cfg)
+    problems += model_problems(cfg, names, words)
+    if check_folder:
+        problems += stage_problems(cfg, run, list(stages))
+        problems += run_folder_problems(cfg, run)
+    if problems:
+        raise PreflightError(problems)
+
+
+def check_federated(run_cfg: RunConfig, fed_cfg, partitions: bool = False) -> None:
+    """Check a federated run's server-side inputs (data, teacher, student); with ``partitions`` (simulation,
+    where clients split ``data.train``) also that every client gets enough examples."""
+    names, words, problems = data_problems(run_cfg)
+    problems += model_problems(run_cfg, names, words)
+    if partitions and names is not None and not problems:
+        from .data import partition
+        from .pipeline import load_task
+
+        try:
+            train = load_task(run_cfg).train
+            partition(train, fed_cfg.num_clients, fed_cfg.partitioning, fed_cfg.dirichlet_alpha,
+                      fed_cfg.classes_per_client, run_cfg.seed, getattr(fed_cfg, "min_partition_size", 1))
+        except ValueError as exc:
+            problems.append(f"federated.partitioning: {exc}")
+    if problems:
+        raise PreflightError(problems, "federated run")
+
+
+_SITES_CHECKED: set[tuple] = set()
+
+
+def check_site_file(path: str | Path, run_cfg: RunConfig, label_names: Sequence[str] | None = None) -> None:
+    """Check a deployed site's own training file (node config ``data-path``) once per process: readable,
+    the run's text and label columns present, no empty rows, labels among ``label_names`` (or the
+    declared ``model.label_words``). Raises :class:`PreflightError` listing every problem."""
+    from .data import label_problems, scan_text_file
+
+    p = Path(path)
+    d = run_cfg.data
+    known = list(label_names or run_cfg.model.label_words)
+    key = (str(p), p.stat().st_mtime_ns if p.exists() else 0, d.text_column, d.label_column, tuple(known))
+    if key in _SITES_CHECKED:
+        return
+    scanned = scan_text_file(p, d.text_column, d.label_column)
+    problems = list(scanned.problems)
+    if not problems and known:
+        from .data import natural_label_order
+
+        problems += label_problems(scanned, d.label_column, natural_label_order(known), "a label of the task")
+    if problems:
+        raise PreflightError([f"node config data-path: {q}" for q in problems], "site")
+    _SITES_CHECKED.add(key)
+
+
+def flower_run_config(pyproject: str | Path, overrides: str = "") -> dict[str, Any]:
+    """The flat run-config ``flwr run`` would use: ``[tool.flwr.app.config]`` of ``pyproject`` plus a
+    ``-c`` string (``key=value`` pairs separated by spaces, TOML values)."""
+    from flwr.common.config import parse_config_args
+
+    from .config import read_toml
+
+    flat = dict(read_toml(pyproject, "app file")["tool"]["flwr"]["app"]["config"])
+    flat.update(parse_config_args([overrides]) if overrides.strip() else {})
+    return flat
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m post_fl.preflight --flower-config 'k=v ...'``: check a Flower simulation's inputs and
+    partitions before the Flower runtime starts (used by ``simulation/flwr_run.sh``); exit 2 on problems."""
+    import argparse
+
+    from .federated import build_configs
+
+    ap = argparse.ArgumentParser(prog="python -m post_fl.preflight", description=main.__doc__)
+    ap.add_argument("--pyproject", default="pyproject.toml", help="app file with [tool.flwr.app.config]")
+    ap.add_argument("--flower-config", "-c", default="", help="the -c string given to flwr run")
+    args = ap.parse_args(argv)
+    try:
+        run_cfg, fed_cfg = build_configs(flower_run_config(args.pyproject, args.flower_config))
+        check_federated(run_cfg, fed_cfg, partitions=True)
+    except ValueError as exc:
+        print(f"preflight: error: {exc}", file=sys.stderr)
+        return 2
+    print("preflight: every input checked, no problems")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Every input is checked before any stage works; all problems in one error; the run folder untouched."""
+
+import json
+
+import pytest
+
+from post_fl.cli import main
+from post_fl.config import load_config
+from post_fl.data import TextDataset, write_text_file
+from post_fl.preflight import PreflightError, check_federated, check_run, check_site_file, config_differences
+
+from conftest import make_sentiment
+
+
+@pytest.fixture
+def files(tmp_path):
+    train = write_text_file(make_sentiment(48, seed=1), tmp_path / "train.csv")
+    test = write_text_file(make_sentiment(24, seed=2), tmp_path / "test.csv")
+    public = write_text_file(TextDataset(make_sentiment(40, seed=3).texts, [], []), tmp_path / "public.jsonl")
+    return train, test, public
+
+
+def _cfg(tiny_dirs, files, run, **extra):
+    train, test, public = files
+    over = {"model.teacher": tiny_dirs["masked"], "data.train": str(train), "data.test": str(test),
+            "data.public": str(public), "output_dir": str(run), "distill.steps": 2, "distill.batch_size": 8,
+            "tune.batch_size": 8, "transfer.steps": 2, "prompt.num_virtual_tokens": 2, **extra}
+    return load_config(None, over)
+
+
+def _argv(cfg):
+    d = cfg.data
+    sets = {"model.teacher": cfg.model.teacher, "data.train": d.train, "data.test": d.test, "data.public": d.public,
+            "distill.steps": 2, "distill.batch_size": 8, "tune.batch_size": 8, "transfer.steps": 2,
+            "prompt.num_virtual_tokens": 2}
+    out = ["--output-dir", cfg.output_dir, "--quiet"]
+    for k, v in sets.items():
+        out += ["--set", f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}"]
+    return out
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else b"")
+            for p in sorted(folder.rglob("*"))}
+
+
+def test_every_problem_is_reported_at_once_and_nothing_is_created(tmp_path, tiny_dirs, files, capsys):
+    train, test, public = files
+    bad_train = tmp_path / "bad_train.csv"
+    bad_train.write_text("sentence,label\nhello,positive\n")
+    bad_test = tmp_path / "bad_test.csv"
+    bad_test.write_text("text,label\ngood film,positive\nbad plot,negatve\n")
+    run = tmp_path / "run"
+    cfg = _cfg(tiny_dirs, files, run)
+    argv = _argv(cfg) + ["--set", f'data.train="{bad_train}"', "--set", f'data.public="{tmp_path / "none.jsonl"}"',
+                         "--set", f'model.teacher="{tmp_path / "no_teacher"}"']
+    assert main(["run"] + argv) == 2
+    err = capsys.readouterr().err
+    assert "before any work started" in err
+    assert f"{bad_train}: missing column 'text'" in err
+    assert f"{tmp_path / 'none.jsonl'}: data file does not exist" in err
+    assert "no such directory" in err and "no_teacher" in err
+    assert not run.exists()  # not created, no config.json
+    # the test file's typo is found together with everything else once train is fine
+    argv = _argv(cfg) + ["--set", f'data.test="{bad_test}"', "--set", f'model.teacher="{tmp_path / "no_teacher"}"']
+    assert main(["distill"] + argv) == 2
+    err = capsys.readouterr().err
+    assert "row 2: unknown label 'negatve'" in err and "did you mean 'negative'?" in err
+    assert "no such directory" in err and "2 problem(s)" in err
+    assert not run.exists()
+
+
+def test_a_refused_run_leaves_an_existing_run_folder_untouched(tmp_path, tiny_dirs, files, capsys):
+    run = tmp_path / "run"
+    cfg = _cfg(tiny_dirs, files, run)
+    assert main(["distill"] + _argv(cfg)) == 0
+    before = _snapshot(run)
+    typo = tmp_path / "typo.csv"
+    rows = make_sentiment(48, seed=1)
+    names = ["negative", "positive"]
+    typo.write_text("text,label\n" + "".join(f"{t},{'postive' if i == 6 else names[y]}\n"
+                                             for i, (t, y) in enumerate(zip(rows.texts, rows.labels))))
+    assert main(["run"] + _argv(cfg) + ["--set", f'data.train="{typo}"']) == 2
+    err = capsys.readouterr().err
+    assert "row 7: label 'postive'" in err and "did you mean 'positive'?" in err
+    assert "data.allow_rare_labels" in err
+    assert _snapshot(run) == before  # config.json, stages and student exactly as they were
+
+
+def test_a_typo_label_is_never_a_new_class(tmp_path, tiny_dirs, files):
+    from post_fl.pipeline import load_task
+
+    typo = tmp_path / "typo.csv"
+    data = make_sentiment(30, seed=4)
+    names = ["negative", "positive"]
+    typo.write_text("text,label\n" + "".join(f"{t},{'postive' if i == 3 else names[y]}\n"
+                                             for i, (t, y) in enumerate(zip(data.texts, data.labels))))
+    cfg = _cfg(tiny_dirs, files, tmp_path / "run", **{"data.train": str(typo)})
+    with pytest.raises(PreflightError, match=r"row 4: label 'postive'.*only 1 row.*did you mean 'positive'"):
+        check_run(cfg)
+    with pytest.raises(ValueError, match="postive"):  # the stage itself applies the same rule
+        load_task(cfg)
+    # declared labels: anything else is an error whatever its count
+    declared = _cfg(tiny_dirs, files, tmp_path / "run", **{
+        "data.train": str(typo), "model.label_words": {"negative": ["bad"], "positive": ["good"]}})
+    with pytest.raises(PreflightError, match=r"unknown label 'postive'.*declared.*did you mean 'positive'"):
+        check_run(declared)
+    # an explicit opt-in accepts a rare class (and a lower threshold too)
+    for extra in ({"data.allow_rare_labels": True}, {"data.min_label_count": 1}):
+        ok = _cfg(tiny_dirs, files, tmp_path / "run", **{"data.train": str(typo), **extra})
+        assert load_task(ok).train.label_names == ["negative", "positive", "postive"]
+
+
+def test_a_stage_run_alone_needs_the_stages_before_it(tmp_path, tiny_dirs, files, capsys):
+    run = tmp_path / "run"
+    cfg = _cfg(tiny_dirs, files, run)
+    assert main(["evaluate"] + _argv(cfg)) == 2
+    err = capsys.readouterr().err
+    assert "'post-fl distill' first" in err and "'post-fl tune' first" in err
+    assert not run.exists()
+
+
+def test_the_verbalizer_is_checked_without_loading_weights(tmp_path, tiny_dirs, files, monkeypatch):
+    import transformers
+
+    def no_weights(*a, **k):
+        raise AssertionError("preflight must not load model weights")
+
+    for cls in (transformers.AutoModelForMaskedLM, transformers.AutoModel, transformers.AutoModelForCausalLM):
+        monkeypatch.setattr(cls, "from_pretrained", no_weights)
+    check_run(_cfg(tiny_dirs, files, tmp_path / "run"))  # fine
+    clash = _cfg(tiny_dirs, files, tmp_path / "run", **{"model.label_words": {"negative": ["bad"],
+                                                                              "positive": ["bad"]}})
+    with pytest.raises(PreflightError, match="model.teacher: labels 'negative' and 'positive' share"):
+        check_run(clash)
+
+
+def test_config_mismatch_names_the_differing_keys(tmp_path, tiny_dirs, files, capsys):
+    run = tmp_path / "run"
+    cfg = _cfg(tiny_dirs, files, run)
+    assert main(["distill"] + _argv(cfg)) == 0
+    assert main(["tune"] + _argv(cfg) + ["--set", "tune.lr=0.5", "--set", "seed=3"]) == 2
+    err = capsys.readouterr().err
+    assert "tune.lr: saved 0.05, now 0.5" in err and "seed: saved 0, now 3" in err
+    assert f"--config {run / 'config.json'}" in err
+    assert config_differences({"a": {"b": 1}}, {"a": {"b": 1}}) == []
+
+
+def test_site_file_is_checked_with_every_problem(tmp_path, tiny_dirs, files):
+    site = tmp_path / "site.csv"
+    site.write_text("text,label\ngood film,positive\n,negative\nbad plot,negtive\n")
+    cfg = _cfg(tiny_dirs, files, tmp_path / "run", **{"model.label_words": {"negative": ["bad"],
+                                                                            "positive": ["good"]}})
+    with pytest.raises(PreflightError) as exc:
+        check_site_file(site, cfg)
+    assert "row 2: empty 'text'" in str(exc.value)
+    good = write_text_file(make_sentiment(10, seed=5), tmp_path / "good.csv")
+    check_site_file(good, cfg)
+    site.write_text("text,label\ngood film,positive\nbad plot,negtive\n")
+    with pytest.raises(PreflightError, match="row 2: unknown label 'negtive'.*did you mean 'negative'"):
+        check_site_file(site, cfg)
+
+
+def test_federated_preflight_refuses_partitions_that_leave_a_client_empty(tmp_path, tiny_dirs, files):
+    from post_fl.federated import FederatedConfig
+
+    cfg = _cfg(tiny_dirs, files, tmp_path / "run")
+    check_federated(cfg, FederatedConfig(num_clients=4), partitions=True)
+    with pytest.raises(PreflightError, match="federated.partitioning: cannot split .* among 100 clients"):
+        check_federated(cfg, FederatedConfig(num_clients=100, min_clients=2), partitions=True)
+
+
+def test_preflight_command_for_the_simulation_scripts(tmp_path, tiny_dirs, files, capsys):
+    from post_fl.config import RunConfig, _toml_value
+    from post_fl.federated import FederatedConfig, flatten_configs
+    from post_fl.preflight import main as preflight_main
+
+    pyproject = tmp_path / "pyproject.toml"  # an app file declaring today's defaults
+    defaults = {k: v for k, v in flatten_configs(RunConfig(), FederatedConfig()).items()
+                if not k.startswith("model.label_words")}
+    pyproject.write_text("[tool.flwr.app.config]\n" + "".join(f'"{k}" = {_toml_value(v)}\n'
+                                                             for k, v in defaults.items()))
+    train, test, public = files
+    good = (f'model.teacher="{tiny_dirs["masked"]}" data.train="{train}" data.test="{test}" '
+            f'data.public="{public}" federated.num_clients=4 model.label_words="positive:good;negative:bad"')
+    assert preflight_main(["--pyproject", str(pyproject), "--flower-config", good]) == 0
+    bad = good.replace(str(train), str(tmp_path / "missing.csv"))
+    assert preflight_main(["--pyproject", str(pyproject), "--flower-config", bad]) == 2
+    assert "missing.csv: data file does not exist" in capsys.readouterr().err
+
+
+def test_server_app_checks_inputs_before_any_work(tmp_path, tiny_dirs, files, monkeypatch):
+    """The ServerApp's main refuses bad inputs before a FederatedServer (distillation, rounds) exists."""
+    from post_fl import federated as fl
+    from server_app.app import make_server_app
+
+    made = []
+    monkeypatch.setattr(fl, "FederatedServer", lambda *a, **k: made.append(1))
+    train, test, public = files
+    flat = {"model.teacher": str(tmp_path / "nope"), "data.train": str(train), "data.test": str(test),
+            "data.public": str(public), "output_dir": str(tmp_path / "run")}
+    app = make_server_app(flat)
+    with pytest.raises(PreflightError, match="no such directory"):
+        app._main(None, None)
+    assert not made and not (tmp_path / "run").exists()
