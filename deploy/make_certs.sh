@@ -5,7 +5,8 @@
 #
 #   OUT_DIR     where everything is written (created; existing files are never overwritten)
 #   HOST ...    DNS names / IP addresses the SuperLink is reached at (subjectAltName);
-#               default: localhost 127.0.0.1 ::1
+#               localhost 127.0.0.1 ::1 are always added: the operator's `flwr` commands dial
+#               127.0.0.1 on the SuperLink machine (its Control API serves loopback only)
 #   --nodes     SuperNode names, one key pair each (default: site1,site2,site3)
 #
 # Writes:
@@ -23,7 +24,7 @@
 # sending only site.key.pub to the SuperLink operator. Private keys never leave their site.
 set -euo pipefail
 
-usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit "${1:-2}"; }
 [[ $# -ge 1 ]] || usage
 [[ "$1" == "-h" || "$1" == "--help" ]] && usage 0
 OUT="$1"; shift
@@ -35,7 +36,7 @@ while [[ $# -gt 0 ]]; do
     *) HOSTS+=("$1"); shift ;;
   esac
 done
-[[ ${#HOSTS[@]} -gt 0 ]] || HOSTS=(localhost 127.0.0.1 ::1)
+for h in localhost 127.0.0.1 ::1; do [[ " ${HOSTS[*]} " == *" $h "* ]] || HOSTS+=("$h"); done
 command -v openssl >/dev/null || { echo "make_certs.sh: openssl not found" >&2; exit 1; }
 command -v ssh-keygen >/dev/null || { echo "make_certs.sh: ssh-keygen not found (package openssh-client)" >&2; exit 1; }
 

@@ -19,8 +19,13 @@
 #                     machine its own)
 #   --state           folder for installed apps (FLWR_HOME of this node; default ./supernode-state)
 #   --max-wait        give up if the SuperLink is unreachable this long (default: retry forever)
+#
+# Locked: TLS only, the site's key, the Runtime API on 127.0.0.1, and no runtime dependency
+# installation (Flower 1.41's SuperNode default; the ClientApp runs in this venv). Extra args
+# that would undo this (--insecure, --allow-runtime-dependency-installation, --host, ...) are
+# refused. What the site still trusts: the operator's app code (see README, "What a site trusts").
 set -euo pipefail
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit "${1:-2}"; }
 SUPERLINK=""; CA=""; KEY=""; PID=""; NPART=""; DATA=""; PORT="9094"; STATE="./supernode-state"; MAXWAIT=""; EXTRA=()
 [[ $# -gt 0 ]] || usage
 while [[ $# -gt 0 ]]; do
@@ -44,6 +49,12 @@ for v in SUPERLINK CA KEY PID NPART DATA; do [[ -n "${!v}" ]] || missing+=("$v")
 if [[ ${#missing[@]} -gt 0 ]]; then
   echo "start_supernode.sh: missing --superlink/--ca/--key/--partition-id/--num-partitions/--data (${missing[*]})" >&2; usage
 fi
+for a in "${EXTRA[@]}"; do
+  case "$a" in
+    --insecure|--allow-runtime-dependency-installation|--host|--host=*|--root-certificates|--root-certificates=*|--auth-supernode-private-key|--auth-supernode-private-key=*|--superlink|--superlink=*|--node-config|--node-config=*)
+      echo "start_supernode.sh: '$a' is not allowed after -- (it would undo the lock-down or bypass the options above)" >&2; exit 2 ;;
+  esac
+done
 [[ "$PID" =~ ^[0-9]+$ && "$NPART" =~ ^[0-9]+$ && "$PID" -lt "$NPART" ]] || { echo "start_supernode.sh: need 0 <= partition-id < num-partitions" >&2; exit 2; }
 [[ -r "$CA" ]] || { echo "start_supernode.sh: CA certificate '$CA' missing or unreadable" >&2; exit 2; }
 [[ -r "$KEY" ]] || { echo "start_supernode.sh: private key '$KEY' missing or unreadable" >&2; exit 2; }

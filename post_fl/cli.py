@@ -51,7 +51,8 @@ def parse_overrides(items: list[str]) -> dict:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", type=Path, default=None,
                    help="TOML file with [model] [data] [prompt] [tune] [distill] [transfer] [eval] sections "
-                        "(see 'post-fl show-config'); default: the embedded default model and data")
+                        "(see 'post-fl show-config'), or a run folder's saved config.json to continue that "
+                        "run; default: the embedded default model and data")
     p.add_argument("--output-dir", "-o", type=Path, default=None,
                    help="run folder for every artifact (default: output_dir from the config, runs/default)")
     p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -62,7 +63,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--insecure-reproducible", action="store_true", default=None,
                    help="seed the DP noise and sampling from --seed for bit-exact reruns: the outputs are NOT "
                         "private and are labelled so (tests and debugging only)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, warnings only")
+    p.add_argument("--quiet", "-q", action="store_true",
+                   help="no progress (post-fl's or the libraries'), no library warnings; post-fl warnings only")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,11 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "model distilled from a large one, then transferred to the large model on public data only.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("run", help="run every stage (distill, DP tune, transfer, baselines, evaluate) "
-                                   "and print a results table")
+                                   "and print a results table; resumes after the last completed stage")
     _common(p)
+    p.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="run every stage again even if it completed earlier in this run folder with the "
+                        "same inputs (default: skip those, so a killed run continues where it stopped)")
     for name, text in STAGES.items():
         _common(sub.add_parser(name, help=text, description=text))
-    sub.add_parser("show-config", help="print every setting with its default value (TOML)")
+    sub.add_parser("show-config", help="print every setting with its default value and what it means (TOML)")
     extra = _extra_commands()
     for name, (text, add_args, _) in extra.items():
         add_args(sub.add_parser(name, help=text, description=text))
@@ -106,8 +111,9 @@ def resolve_config(args) -> RunConfig:
 
 
 def _fmt(v) -> str:
+    """A number for the results table: 4 significant digits, so a small delta stays exact (0.00025, 1e-05)."""
     if isinstance(v, float):
-        return "inf" if math.isinf(v) else f"{v:.4f}"
+        return "inf" if math.isinf(v) else f"{v:.4g}"
     return str(v)
 
 
@@ -141,12 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "show-config":
-        from .config import dumps_config
+        from .config_help import dumps_config_with_help
 
-        print(dumps_config(RunConfig()))
+        print(dumps_config_with_help(RunConfig()))
         return 0
     extra = _extra_commands()
-    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+    quiet = bool(getattr(args, "quiet", False))
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "httpx", "opacus"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -158,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve_config(args)
         pipe = Pipeline(cfg, progress=not args.quiet)
         if args.command == "run":
-            results = pipe.run_all()
+            results = pipe.run_all(resume=args.resume)
             print_results(results, pipe.run)
             return 0
         pipe.save_config()
@@ -167,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         out = method()
         if args.command == "evaluate":
             print_results(out, pipe.run)
+    from .progress import configure
+
+    configure(quiet=quiet)  # one switch for every progress report; quiet also silences the libraries
         else:
             print(f"{args.command}: done; artifacts in {pipe.run}")
         return 0
@@ -177,3 +187,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+        pipe.preflight([args.command.replace("-", "_")])  # every input checked before anything is written

@@ -343,12 +343,30 @@ def read_toml(path: str | Path, what: str) -> dict[str, Any]:
         raise ConfigError(f"{what} {p} is not valid TOML: {exc}") from None
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A config file as nested dicts: TOML, or a run folder's saved ``config.json`` (JSON)."""
+    if Path(path).suffix.lower() != ".json":
+        return read_toml(path, "config file")
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config file {p} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p}: expected a JSON object of settings")
+    return data
+
+
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read a :class:`RunConfig` from a TOML file (or defaults when ``path`` is None).
+    """Read a :class:`RunConfig` from a TOML file or a saved ``config.json`` (defaults when ``path`` is None).
 
     ``overrides`` are flat ``section.key`` values applied on top (as the CLI passes them).
     """
-    data: dict[str, Any] = read_toml(path, "config file") if path is not None else {}
+    data: dict[str, Any] = read_config_file(path) if path is not None else {}
     for key, value in unflatten(overrides or {}).items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):
             data[key] = {**data[key], **value}

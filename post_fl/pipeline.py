@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .config import EMBEDDED_DEFAULT, RunConfig, config_from_dict
-from .data import DataError, Task, read_text_file
+from .data import DataError, Task, dataset_from_scan, read_text_file, scan_text_file, training_label_names
 from .evaluate import accuracy, majority_class_accuracy
 from .jsonio import read_json, write_json
 from .models import ScoringModel, load_scoring_model
@@ -46,7 +46,7 @@ def load_task(cfg: RunConfig) -> Task:
         train = emb.train
         label_words = {**emb.label_words, **label_words}
     else:
-        train = read_text_file(d.train, d.text_column, d.label_column)
+        train = read_train_file(cfg)
     if d.test == EMBEDDED_DEFAULT:
         if d.train != EMBEDDED_DEFAULT:
             raise DataError("data.test = 'embedded' only goes with data.train = 'embedded'; "
@@ -63,6 +63,24 @@ def load_task(cfg: RunConfig) -> Task:
     test = test.head(d.max_test_examples)
     public = public.shuffled(cfg.seed).head(d.max_public_examples)
     return Task(train, test, public, label_words)
+
+
+def read_train_file(cfg: RunConfig):
+    """The private training file with the label rule of :func:`post_fl.data.training_label_names`.
+
+    The label set is the keys of ``model.label_words`` when given, otherwise the labels of the file;
+    a label outside that set or seen in fewer than ``data.min_label_count`` rows is refused (unless
+    ``data.allow_rare_labels``), naming the rows and the nearest known label.
+    """
+    d = cfg.data
+    scanned = scan_text_file(d.train, d.text_column, d.label_column)
+    if scanned.problems:
+        raise DataError("\n".join(scanned.problems))
+    names, problems = training_label_names(scanned, d.label_column, list(cfg.model.label_words) or None,
+                                           d.min_label_count, d.allow_rare_labels)
+    if problems:
+        raise DataError("\n".join(problems))
+    return dataset_from_scan(scanned, d.label_column, names)
 
 
 def load_teacher(cfg: RunConfig, task: Task) -> ScoringModel:
@@ -111,19 +129,23 @@ class Pipeline:
         data = read_json(Path(run_dir) / "config.json")
         return cls(config_from_dict(data), run_dir, progress)
 
+    def preflight(self, stages=None) -> None:
+        """Check every input ``stages`` (default: all) will read, before anything is written
+        (:func:`post_fl.preflight.check_run`); raises :class:`post_fl.preflight.PreflightError`."""
+        from .preflight import STAGES, check_run
+
+        check_run(self.cfg, stages or STAGES, self.run)
+
     def save_config(self) -> None:
+        """Write ``config.json``; refused (naming the differing keys) if the folder holds artifacts made
+        with another config. A config that nothing was made with yet (e.g. bad data) may change."""
+        from .preflight import run_folder_problems
+
+        problems = run_folder_problems(self.cfg, self.run)
+        if problems:
+            raise ValueError(problems[0])
         self.run.mkdir(parents=True, exist_ok=True)
-        cfg_path = self.run / "config.json"
-        made = [n for n in ("stages", STUDENT_DIR, PROMPT_STUDENT, PROMPT_TEACHER, PROMPT_TEACHER_TUNED,
-                            "results.json") if (self.run / n).exists()]
-        if cfg_path.exists() and made:  # a config that nothing was made with yet (e.g. bad data) may change
-            saved = read_json(cfg_path)
-            current = self.cfg.to_dict()
-            if {k: v for k, v in saved.items() if k != "output_dir"} != \
-                    {k: v for k, v in _jsonable_cfg(current).items() if k != "output_dir"}:
-                raise ValueError(f"{cfg_path} holds a different config; use a new --output-dir "
-                                 "(stages of one run must share one config)")
-        write_json(self.cfg.to_dict(), cfg_path)
+        write_json(self.cfg.to_dict(), self.run / "config.json")
 
     @property
     def task(self) -> Task:
@@ -155,7 +177,28 @@ class Pipeline:
 
     def _stage(self, name: str, data: dict) -> dict:
         write_json(data, self.run / "stages" / f"{name}.json")
+        self._mark_complete(name, self.run / "stages" / f"{name}.json")
         return data
+
+    # ------------------------------------------------------------ resume
+    def stage_inputs(self, name: str) -> str:
+        """A digest of what stage ``name`` read: the config, the data and model files (size, mtime) and
+        the results of the stages it builds on. A completed stage whose digest is unchanged is skipped."""
+        from .resume import stage_inputs_digest
+
+        return stage_inputs_digest(self.cfg, self.run, name)
+
+    def _mark_complete(self, name: str, output: Path) -> None:
+        """Write ``stages/<name>.done.json`` only after the stage's artifacts and result are saved."""
+        from .resume import write_marker
+
+        write_marker(self.run, name, self.stage_inputs(name), output)
+
+    def is_complete(self, name: str) -> bool:
+        """True when stage ``name`` finished in this folder and its inputs are unchanged since."""
+        from .resume import marker_matches
+
+        return marker_matches(self.run, name, self.stage_inputs(name))
 
     def stage_result(self, name: str) -> dict:
         p = self.run / "stages" / f"{name}.json"
@@ -265,18 +308,33 @@ class Pipeline:
         write_json(results, self.run / "results.json")
         return results
 
-    def run_all(self) -> dict:
-        """Every stage in order: distill, tune (DP), transfer, teacher baseline, evaluate."""
-        self.save_config()
+    def run_all(self, resume: bool = True) -> dict:
+        """Every stage in order: distill, tune (DP), transfer, teacher baseline, evaluate.
+
+        Inputs are checked first (:meth:`preflight`). With ``resume`` (the default) a stage that
+        completed in this folder with unchanged inputs is skipped, so a killed run continues from the
+        last completed stage.
+        """
         stages = [("distill", self.distill), ("tune", self.tune), ("transfer", self.transfer)]
         if self.cfg.eval.teacher_prompt_tuning:
             stages.append(("tune_teacher", self.tune_teacher))
+        self.preflight([n for n, _ in stages] + ["evaluate"])
+        self.save_config()
         for name, fn in stages:
+            if resume and self.is_complete(name):
+                log.info("stage %s: completed earlier in %s with the same inputs; skipped", name, self.run)
+                continue
             t0 = time.perf_counter()
             log.info("stage %s ...", name)
             fn()
             log.info("stage %s done in %.1fs", name, time.perf_counter() - t0)
-        return self.evaluate()
+        if resume and self.is_complete("evaluate") and (self.run / "results.json").is_file():
+            log.info("stage evaluate: completed earlier with the same inputs; results from %s",
+                     self.run / "results.json")
+            return read_json(self.run / "results.json")
+        results = self.evaluate()
+        self._mark_complete("evaluate", self.run / "results.json")
+        return results
 
 
 def _jsonable_cfg(d: dict) -> dict:

@@ -1,16 +1,23 @@
 """Cross-organisation deployment on Flower's Deployment Engine (Flower 1.41), for real.
 
 One federation is brought up once for this module with the scripts in ``deploy/``:
-a SuperLink with TLS and SuperNode authentication (``--enable-supernode-auth``), site keys
-registered with ``flwr supernode register``, three SuperNodes (each its own key, Runtime API
-port and CSV file passed as node config ``data-path``), a fourth site whose CSV is malformed,
-and two intruders: a SuperNode whose key was never registered and one speaking plain text to
-the TLS SuperLink. ``flwr run`` (over TLS, with a Flower config in a temporary FLWR_HOME) then
-runs 2 rounds of post-fl with a tiny model. The three tests check that one run: it completes
-with the three good sites; the intruders are refused; the malformed site fails with a message
+a locked SuperLink (``deploy/locked_superlink.py``: TLS, ``--enable-supernode-auth``, Control
+API only with the operator token), site keys registered by the operator with ``flwr supernode
+register``, three SuperNodes (each its own key, Runtime API port and CSV file passed as node
+config ``data-path``), a fourth site whose CSV is malformed, and outsiders who hold the public
+CA certificate but not the operator token: one tries to register its own SuperNode key and to
+submit a run (no token, then a guessed token), one SuperNode whose key was never registered
+and one speaking plain text to the TLS SuperLink. The operator's ``flwr run`` (over TLS, with a
+Flower config in a temporary FLWR_HOME) then runs 2 rounds of post-fl with a tiny model. The
+slow tests check that one federation: the run completes with the three good sites; every
+outsider is refused and left no node and no run behind; the malformed site fails with a message
 naming its file and the problem. Every process is started in its own process group on
 127.0.0.1 with free ports, logs go to files under the test's temporary folder (printed when an
 assertion fails), and teardown stops only those processes and their descendants.
+
+The fast tests check the lock's parts without a federation: the peer filter refuses the
+Control and Runtime APIs to non-loopback peers (the slow tests cannot, being loopback only),
+the token plugin, the token file checks, and the launcher's refusal of unlocked settings.
 """
 
 from __future__ import annotations
@@ -31,8 +38,6 @@ import pytest
 
 from conftest import make_sentiment, write_tiny_task
 
-pytestmark = pytest.mark.slow
-
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 BIN = Path(sys.executable).parent
@@ -40,6 +45,17 @@ SITE_SIZES = (24, 32, 40)  # distinct, so a site's update shows which file it tr
 ROUNDS = 2
 RUN_TIMEOUT = 300  # seconds for `flwr run --stream` (2 rounds, tiny model; ~2-3 min on 2 busy cores)
 FRESH_SITE = os.environ.get("POST_FL_DEPLOY_FRESH_SITE") == "1"
+GUESSED_TOKEN = "x" * 43  # an outsider's guess: right length and alphabet, wrong value
+
+
+def _load_locked_superlink():
+    """deploy/locked_superlink.py as a module (deploy/ is scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("locked_superlink", DEPLOY / "locked_superlink.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _free_port() -> int:
@@ -77,6 +93,9 @@ class Federation:
     results: dict | None = None
     site_files: dict[int, Path] = field(default_factory=dict)
     num_clients: int = 0
+    outsider: dict[str, subprocess.CompletedProcess] = field(default_factory=dict)
+    operator_runs: list | None = None
+    operator_nodes: list | None = None
 
     def start(self, name: str, cmd: list[str], **env: str) -> Proc:
         log = self.root / "logs" / f"{name}.log"
@@ -262,11 +281,15 @@ def _bring_up_and_run(fed: Federation) -> None:
                  60)
     assert link.popen.poll() is None, f"SuperLink exited\n{fed.logs()}"
 
+    token = root / "superlink" / "operator.token"
+    assert token.is_file() and token.stat().st_mode & 0o077 == 0, f"no private operator token\n{fed.logs()}"
     res = _run(fed, ["bash", str(DEPLOY / "register_supernode.sh"), str(root / "flwr-home"), address,
-                     str(certs / "ca.crt"), *[str(certs / "nodes" / f"site{i}.pub") for i in sites]],
+                     str(certs / "ca.crt"), "--token", str(token),
+                     *[str(certs / "nodes" / f"site{i}.pub") for i in sites]],
                "register", 120)
     assert res.returncode == 0 and res.stdout.count("registered successfully") == len(sites), \
         f"{res.stdout}\n{fed.logs()}"
+    _outsiders_try_to_register_and_run(fed, address, certs)
 
     for i in sites:
         fed.start(f"supernode-site{i}", [
@@ -303,12 +326,69 @@ def _bring_up_and_run(fed: Federation) -> None:
         "federated.timeout=150.0"])
     fed.run_log = root / "logs" / "flwr-run.log"
     res = _run(fed, ["bash", str(DEPLOY / "run_federation.sh"), str(root / "flwr-home"), address,
-                     str(certs / "ca.crt"), "-c", overrides], "flwr-run", RUN_TIMEOUT)
+                     str(certs / "ca.crt"), "--token", str(token), "-c", overrides], "flwr-run", RUN_TIMEOUT)
     fed.run_rc = res.returncode
     if (out / "results.json").is_file():
         fed.results = json.loads((out / "results.json").read_text())
+    # what the SuperLink holds afterwards, as the operator sees it
+    op_env = {**fed.env, "FLWR_HOME": str(root / "flwr-home")}
+    for what, cmd in [("runs", ["ls"]), ("nodes", ["supernode", "ls"])]:
+        res = subprocess.run([str(BIN / "flwr"), *cmd, "post-fl", "--format", "json"], env=op_env, cwd=root,
+                             capture_output=True, text=True, timeout=60)
+        (root / "logs" / f"operator-{what}.log").write_text(res.stdout + res.stderr)
+        listing = _json_in(res.stdout)
+        if what == "runs":
+            fed.operator_runs = listing.get("runs") if listing else None
+        else:
+            fed.operator_nodes = listing.get("nodes") if listing else None
 
 
+def _json_in(text: str) -> dict | None:
+    """The first JSON object printed in ``text`` (the CLI may print a banner before it)."""
+    start = text.find("{")
+    if start < 0:
+        return None
+    try:
+        return json.JSONDecoder().raw_decode(text[start:])[0]
+    except json.JSONDecodeError:
+        return None
+
+
+def _stage_app(dest: Path) -> Path:
+    """A copy of the Flower app's sources (what deploy/run_federation.sh submits)."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    dest.mkdir(parents=True)
+    shutil.copy(REPO / "pyproject.toml", dest / "pyproject.toml")
+    for d in ("post_fl", "server_app", "client_app"):
+        shutil.copytree(REPO / d, dest / d, ignore=ignore)
+    return dest
+
+
+def _outsiders_try_to_register_and_run(fed: Federation, address: str, certs: Path) -> None:
+    """Someone holding the public CA certificate (and the SuperLink's address) but not the
+    operator token tries the Control API: register the intruder's key, then submit a run.
+    Once with no credentials, once with a guessed token stored where the CLI sends it."""
+    root = fed.root
+    guess = root / "guessed.token"
+    guess.write_text(GUESSED_TOKEN + "\n")
+    guess.chmod(0o600)
+    app = _stage_app(root / "outsider-app")
+    for who, token_args in [("outsider", []), ("guesser", [str(guess)])]:
+        home = root / f"{who}-cli"
+        res = _run(fed, ["bash", str(DEPLOY / "flwr_config.sh"), str(home), "post-fl", address,
+                         str(certs / "ca.crt"), *token_args], f"{who}-config", 60)
+        assert res.returncode == 0, res.stdout
+        env = {**fed.env, "FLWR_HOME": str(home)}
+        for action, cmd in [("register", ["supernode", "register", str(certs / "nodes" / "intruder.pub"), "post-fl"]),
+                            ("run", ["run", str(app), "post-fl", "--run-config", "federated.rounds=1"])]:
+            log = root / "logs" / f"{who}-{action}.log"
+            res = subprocess.run([str(BIN / "flwr"), *cmd], env=env, cwd=root, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, timeout=120)
+            log.write_text(res.stdout)
+            fed.outsider[f"{who}-{action}"] = res
+
+
+@pytest.mark.slow
 def test_tls_federation_of_three_sites_runs_two_rounds(federation):
     fed = federation
     assert fed.run_rc == 0, fed.logs()
@@ -335,6 +415,7 @@ def test_tls_federation_of_three_sites_runs_two_rounds(federation):
     assert "SuperNode authentication is disabled" not in link
 
 
+@pytest.mark.slow
 def test_unregistered_and_plaintext_supernodes_are_refused(federation):
     fed = federation
     unreg, plain = fed.proc("intruder-unregistered"), fed.proc("intruder-plaintext")
@@ -352,6 +433,7 @@ def test_unregistered_and_plaintext_supernodes_are_refused(federation):
     assert all(row["valid"] == len(SITE_SIZES) for row in fed.results["rounds"]), fed.logs()
 
 
+@pytest.mark.slow
 def test_malformed_site_data_fails_that_site_with_a_clear_message(federation):
     fed = federation
     bad = fed.site_files[3]
@@ -362,3 +444,164 @@ def test_malformed_site_data_fails_that_site_with_a_clear_message(federation):
         assert row["valid"] == len(SITE_SIZES)
     node_log = fed.proc("supernode-site3").text()
     assert str(bad) in node_log, fed.logs()
+
+
+@pytest.mark.slow
+def test_outsiders_cannot_register_a_supernode(federation):
+    """Holding the CA certificate is not enough: `flwr supernode register` without the operator
+    token (or with a guessed one) is refused by the Control API and creates no node."""
+    fed = federation
+    link = fed.proc("superlink").text()
+    for who in ("outsider", "guesser"):
+        res = fed.outsider[f"{who}-register"]
+        assert res.returncode != 0 and "registered successfully" not in res.stdout, (who, res.stdout, fed.logs())
+        assert "Authentication failed" in res.stdout, (who, res.stdout)
+    assert len(re.findall(r'"POST /v1/control/register-node HTTP/1\.1" 401', link)) >= 2, fed.logs()
+    assert "Created node_id" in link  # the operator's registrations went through the same API
+    assert fed.operator_nodes is not None, fed.logs()
+    assert len(fed.operator_nodes) == fed.num_clients, (fed.operator_nodes, fed.logs())
+    # and the intruder's key, which the outsiders tried to register, cannot connect
+    assert "No SuperNode found with the given public key" in link, fed.logs()
+
+
+@pytest.mark.slow
+def test_outsiders_cannot_submit_a_run_and_the_operators_run_completes(federation):
+    """`flwr run` without the operator token (or with a guessed one) is refused; the only run
+    on the SuperLink is the operator's, and it finished."""
+    fed = federation
+    link = fed.proc("superlink").text()
+    for who in ("outsider", "guesser"):
+        res = fed.outsider[f"{who}-run"]
+        assert res.returncode != 0, (who, res.stdout, fed.logs())
+        assert "Authentication failed" in res.stdout, (who, res.stdout)
+    assert len(re.findall(r'"POST /v1/control/start-run HTTP/1\.1" 401', link)) >= 2, fed.logs()
+    assert fed.run_rc == 0 and fed.results is not None, fed.logs()
+    assert fed.operator_runs is not None, fed.logs()
+    assert len(fed.operator_runs) == 1, (fed.operator_runs, fed.logs())
+    assert fed.operator_runs[0]["status"].startswith("finished"), fed.operator_runs
+
+
+# ----------------------------------------------------------------- the lock's parts, no federation
+
+def _asgi_call(app, path: str, peer: str) -> int:
+    """Send one HTTP request for ``path`` from ``peer`` through ``app``; return the status code
+    (200 when the request reached the wrapped app)."""
+    import asyncio
+
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": path, "client": (peer, 50000), "headers": []}
+    asyncio.run(app(scope, receive, send))
+    return next(m["status"] for m in sent if m["type"] == "http.response.start")
+
+
+async def _reached(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+@pytest.mark.parametrize("peer", ["203.0.113.7", "192.168.1.20", "::ffff:203.0.113.7", "2001:db8::1", "10.0.0.1"])
+def test_peer_filter_serves_only_the_fleet_api_to_non_loopback_peers(peer):
+    ls = _load_locked_superlink()
+    refusals = []
+    app = ls.PeerFilter(_reached, log=refusals.append)
+    for path in ("/v1/fleet/activate-node", "/v1/fleet/pull-messages", "/health"):
+        assert _asgi_call(app, path, peer) == 200, path
+    for path in ("/v1/control/register-node", "/v1/control/start-run", "/v1/runtime/acquire-task",
+                 "/v1/runtime/pull-messages", "/docs", "/openapi.json", "/v1/fleetX", "/"):
+        assert _asgi_call(app, path, peer) == 403, path
+    assert len(refusals) == 8 and all(peer in r for r in refusals)
+
+
+@pytest.mark.parametrize("peer", ["127.0.0.1", "127.0.0.53", "::1", "::ffff:127.0.0.1"])
+def test_peer_filter_lets_loopback_reach_every_api(peer):
+    ls = _load_locked_superlink()
+    app = ls.PeerFilter(_reached)
+    for path in ("/v1/fleet/pull-messages", "/v1/control/start-run", "/v1/runtime/acquire-task"):
+        assert _asgi_call(app, path, peer) == 200, path
+
+
+def test_peer_filter_control_from_opens_only_the_control_api():
+    ls = _load_locked_superlink()
+    app = ls.PeerFilter(_reached, ls.parse_networks(["203.0.113.0/24"], "--control-from"))
+    assert _asgi_call(app, "/v1/control/start-run", "203.0.113.7") == 200
+    assert _asgi_call(app, "/v1/runtime/acquire-task", "203.0.113.7") == 403  # Runtime stays loopback-only
+    assert _asgi_call(app, "/v1/control/start-run", "198.51.100.1") == 403
+    with pytest.raises(ValueError, match="--control-from: 'nonsense'"):
+        ls.parse_networks(["10.0.0.0/8,nonsense"], "--control-from")
+
+
+def test_operator_token_plugin_accepts_only_the_operator_token():
+    from flwr.common.constant import ACCESS_TOKEN_KEY, REFRESH_TOKEN_KEY
+    from flwr.supercore.error import FlowerError
+
+    ls = _load_locked_superlink()
+    token = "t0k" * 15
+    plugin = ls.operator_token_plugin(token)
+    ok, account = plugin.validate_tokens_in_metadata([(ACCESS_TOKEN_KEY, token)])
+    assert ok and account is not None
+    assert plugin.validate_tokens_in_metadata([(ACCESS_TOKEN_KEY, token.encode())])[0]
+    for metadata in ([], [(ACCESS_TOKEN_KEY, token[:-1])], [(ACCESS_TOKEN_KEY, token + "x")],
+                     [(REFRESH_TOKEN_KEY, token)], [(ACCESS_TOKEN_KEY, token), (ACCESS_TOKEN_KEY, token)],
+                     [(ACCESS_TOKEN_KEY, GUESSED_TOKEN)]):
+        assert plugin.validate_tokens_in_metadata(metadata) == (False, None), metadata
+    for call in (plugin.get_login_details, lambda: plugin.get_auth_tokens("code"),
+                 lambda: plugin.refresh_tokens([(REFRESH_TOKEN_KEY, token)])):
+        with pytest.raises(FlowerError):
+            call()  # nobody obtains or refreshes a token from the SuperLink
+    with pytest.raises(ValueError, match="at least 32"):
+        ls.operator_token_plugin("short")
+
+
+def test_operator_token_file_must_be_private_and_long(tmp_path):
+    ls = _load_locked_superlink()
+    f = tmp_path / "operator.token"
+    f.write_text("a" * 40 + "\n")
+    f.chmod(0o600)
+    assert ls.read_operator_token(f) == "a" * 40
+    f.chmod(0o644)
+    with pytest.raises(ls.OperatorTokenError, match="chmod 600"):
+        ls.read_operator_token(f)
+    f.chmod(0o600)
+    f.write_text("short\n")
+    with pytest.raises(ls.OperatorTokenError, match="at least 32"):
+        ls.read_operator_token(f)
+    with pytest.raises(ls.OperatorTokenError, match="missing.token"):
+        ls.read_operator_token(tmp_path / "missing.token")
+
+
+def test_launcher_refuses_an_unlocked_superlink(tmp_path, monkeypatch):
+    ls = _load_locked_superlink()
+    f = tmp_path / "operator.token"
+    f.write_text("a" * 40)
+    f.chmod(0o600)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # main() hands Flower's parser its own argv
+    with pytest.raises(SystemExit) as exc:
+        ls.main(["--operator-token-file", str(f), "--", "--insecure"])
+    msg = str(exc.value.code)
+    for reason in ("TLS is off", "SuperNode authentication is off", "runtime dependency installation is on"):
+        assert reason in msg, msg
+
+
+def test_scripts_refuse_flags_that_undo_the_lock(tmp_path):
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    for f in ("ca.crt", "server.crt", "server.key"):
+        (certs / f).write_text("x")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for extra in (["--", "--insecure"], ["--", "--allow-runtime-dependency-installation"], ["--no-node-auth"],
+                  ["--", "--host", "0.0.0.0"]):
+        res = subprocess.run(["bash", str(DEPLOY / "start_superlink.sh"), str(certs), str(tmp_path / "s"), *extra],
+                             capture_output=True, text=True, env=env, timeout=30)
+        assert res.returncode == 2 and "start_superlink.sh:" in res.stderr, (extra, res.stderr)
+    node = ["bash", str(DEPLOY / "start_supernode.sh"), "--superlink", "127.0.0.1:1", "--ca", str(certs / "ca.crt"),
+            "--key", str(certs / "server.key"), "--partition-id", "0", "--num-partitions", "2", "--data", "d.csv"]
+    for extra in ("--insecure", "--allow-runtime-dependency-installation", "--host"):
+        res = subprocess.run([*node, "--", extra], capture_output=True, text=True, env=env, timeout=30)
+        assert res.returncode == 2 and f"'{extra}' is not allowed" in res.stderr, (extra, res.stderr)
