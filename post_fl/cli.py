@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "httpx", "opacus"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    from .progress import configure
+
+    configure(quiet=quiet)  # one switch for every progress report; quiet also silences the libraries
     try:
         if args.command in extra:
             return extra[args.command][2](args)
@@ -168,15 +171,13 @@ def main(argv: list[str] | None = None) -> int:
             results = pipe.run_all(resume=args.resume)
             print_results(results, pipe.run)
             return 0
+        pipe.preflight([args.command.replace("-", "_")])  # every input checked before anything is written
         pipe.save_config()
         method = {"distill": pipe.distill, "tune": pipe.tune, "transfer": pipe.transfer,
                   "tune-teacher": pipe.tune_teacher, "evaluate": pipe.evaluate}[args.command]
         out = method()
         if args.command == "evaluate":
             print_results(out, pipe.run)
-    from .progress import configure
-
-    configure(quiet=quiet)  # one switch for every progress report; quiet also silences the libraries
         else:
             print(f"{args.command}: done; artifacts in {pipe.run}")
         return 0
@@ -187,4 +188,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
-        pipe.preflight([args.command.replace("-", "_")])  # every input checked before anything is written
