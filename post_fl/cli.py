@@ -126,9 +126,26 @@ def print_results(results: dict, run_dir: Path) -> None:
     table = Table(title=f"POST results ({run_dir / 'results.json'})")
     table.add_column("method")
     table.add_column("test accuracy", justify="right")
+    table.add_column("95% interval (Wilson)", justify="right")
+    intervals = results.get("accuracy_intervals", {})
     for name, value in results["accuracy"].items():
-        table.add_row(name.replace("_", " "), f"{value:.3f}")
+        ci = intervals.get(name, {}).get("ci95")
+        table.add_row(name.replace("_", " "), f"{value:.3f}", f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "")
     console.print(table)
+    comp = results.get("comparison", {})
+    for key, value in comp.items():
+        if key == "recovery_ratio":
+            console.print(f"recovery ratio (transferred - zero-shot) / (own prompt - zero-shot) = {value:.2f}")
+        else:
+            console.print(f"{key.replace('_', ' ')}: {value['difference']:+.3f} "
+                          f"({value['in_standard_errors']:+.1f} standard errors)")
+    dist = results.get("distill", {})
+    if "agreement_after" in dist:
+        val = dist.get("validation_agreement_after")
+        console.print(f"student/teacher agreement: class {dist['agreement_after']:.3f} (held-out public text)"
+                      + (f", {val:.3f} (validation)" if val is not None else "")
+                      + f", next-token top-1 {dist.get('next_token_agreement_after', float('nan')):.3f}; "
+                      f"student cache {dist.get('student_cache', 'off')}")
     priv = results["privacy"]
     console.print(f"privacy: epsilon = {_fmt(priv['epsilon'])}, delta = {_fmt(priv['delta'])} "
                   f"({priv['unit']}; noise multiplier {_fmt(priv['noise_multiplier'])})")

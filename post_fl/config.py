@@ -71,15 +71,25 @@ class DataConfig:
     test_text_column: str = ""  # text column of the test file; "" = text_column
     public_text_column: str = ""  # text column of the public file; "" = text_column
     # CPU-sized defaults (a 2-core machine runs the whole pipeline in minutes); 0 = all
-    max_train_examples: int = 4000
+    max_train_examples: int = 2000
     max_test_examples: int = 1000
     max_public_examples: int = 2000
+    # which built-in task "embedded" means: "movie-reviews" (Rotten Tomatoes private, IMDB public) | "tweets"
+    embedded_task: str = "movie-reviews"
+    # validation split carved from train files by a hash of each text (the built-in tasks bring their own);
+    # the only labelled data used for any choice (calibrated zero-shot, distillation agreement, hyper-parameters)
+    validation_fraction: float = 0.1
+    max_validation_examples: int = 500  # 0 = all
     # a training label seen in fewer rows is refused as a likely typo (e.g. 'postive'), unless allowed
     min_label_count: int = 5
     allow_rare_labels: bool = False
 
     def validate(self) -> None:
-        for name in ("max_train_examples", "max_test_examples", "max_public_examples"):
+        if self.embedded_task not in ("movie-reviews", "tweets"):
+            raise ConfigError(f"data.embedded_task: expected movie-reviews|tweets, got {self.embedded_task!r}")
+        if not 0 <= self.validation_fraction < 1:
+            raise ConfigError(f"data.validation_fraction: expected 0 <= fraction < 1, got {self.validation_fraction}")
+        for name in ("max_train_examples", "max_test_examples", "max_public_examples", "max_validation_examples"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"data.{name}: expected >= 0, got {getattr(self, name)}")
         if self.min_label_count < 1:
@@ -147,34 +157,49 @@ class TuneConfig:
 
 @dataclass
 class DistillConfig:
-    """Knowledge distillation of the student from the teacher (DistilBERT-style).
+    """Knowledge distillation of the student from the teacher (DistilBERT-style), on cached teacher outputs.
 
     The student keeps the teacher's width and embeddings and takes ``num_layers`` of its
-    layers (evenly spaced). Loss = ``alpha_kd`` * T^2 KL(teacher || student) at temperature
-    ``temperature`` + ``alpha_lm`` * LM loss + ``alpha_cos`` * (1 - cos) on hidden states.
+    layers (evenly spaced). Loss = ``alpha_kd`` * T^2 KL(teacher || student) on vocabulary logits at
+    temperature ``temperature`` + ``alpha_class`` * KL on the verbalizer's classes at the answer position
+    + ``alpha_lm`` * LM loss + ``alpha_cos`` * (1 - cos) on last-layer hidden states, at the answer
+    position and ``positions_per_text`` sampled positions of each public text. The teacher runs once
+    over the public text (batches of ``teacher_batch_size``); with ``cache`` its outputs and the
+    distilled student are kept under the post-fl cache directory, keyed by the teacher's weights, the
+    corpus and these settings, so a rerun skips distillation. Training stops when the class agreement
+    with the teacher on held-out public text reaches ``target_agreement`` (checked every
+    ``eval_every`` steps), after ``time_budget_s`` seconds of training, or after ``steps`` steps.
     """
 
-    num_layers: int = 2
-    steps: int = 100
+    num_layers: int = 0  # 0 = a fifth of the teacher's layers, at least 1 (6 of SmolLM2's 30)
+    steps: int = 3000  # at most this many steps (the target or the time budget usually stops it first)
     batch_size: int = 16
     lr: float = 5e-4
     temperature: float = 2.0
     alpha_kd: float = 1.0
     alpha_lm: float = 0.5
     alpha_cos: float = 1.0
+    alpha_class: float = 1.0
     mlm_probability: float = 0.15
-    kd_positions: int = 128  # token positions per batch that get vocabulary-sized KD/LM losses
+    positions_per_text: int = 8  # distilled positions per text besides the answer position
+    target_agreement: float = 0.9  # class agreement on held-out public text that ends training
+    time_budget_s: float = 600.0  # seconds of student training that end it (the teacher's one pass is extra)
+    eval_every: int = 50
+    teacher_batch_size: int = 32
+    cache: bool = True
 
     def validate(self) -> None:
-        if self.kd_positions < 1:
-            raise ConfigError(f"distill.kd_positions: expected >= 1, got {self.kd_positions}")
-        if self.num_layers < 1:
-            raise ConfigError(f"distill.num_layers: expected >= 1, got {self.num_layers}")
+        if self.positions_per_text < 0:
+            raise ConfigError(f"distill.positions_per_text: expected >= 0, got {self.positions_per_text}")
+        if self.num_layers < 0:
+            raise ConfigError(f"distill.num_layers: expected >= 0 (0 = a fifth of the teacher's), got {self.num_layers}")
         if self.steps < 0:
             raise ConfigError(f"distill.steps: expected >= 0, got {self.steps}")
+        if self.batch_size < 1:
+            raise ConfigError(f"distill.batch_size: expected >= 1, got {self.batch_size}")
         if self.temperature <= 0:
             raise ConfigError(f"distill.temperature: expected > 0, got {self.temperature}")
-        for name in ("alpha_kd", "alpha_lm", "alpha_cos"):
+        for name in ("alpha_kd", "alpha_lm", "alpha_cos", "alpha_class"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"distill.{name}: expected >= 0, got {getattr(self, name)}")
         if not 0 < self.mlm_probability < 1:

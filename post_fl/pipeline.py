@@ -35,18 +35,23 @@ STUDENT_DIR, PROMPT_STUDENT, PROMPT_TEACHER, PROMPT_TEACHER_TUNED = (
 
 
 def load_task(cfg: RunConfig) -> Task:
-    """Read the private train/test data and the public text the config names (or the embedded default)."""
+    """Read the private train/validation/test data and the public text the config names (or the embedded default).
+
+    The validation split comes with the built-in task, or is carved from the training file by a hash of
+    each text (``data.validation_fraction``), so it never changes between runs."""
     d = cfg.data
     label_words = dict(cfg.model.label_words)
     if EMBEDDED_DEFAULT in (d.train, d.test, d.public):
         from .embedded import load_embedded_task
 
-        emb = load_embedded_task(cfg.seed)
+        emb = load_embedded_task(cfg.seed, d.embedded_task)
     if d.train == EMBEDDED_DEFAULT:
-        train = emb.train
+        train, validation = emb.train, emb.validation
         label_words = {**emb.label_words, **label_words}
     else:
-        train = read_train_file(cfg)
+        from .embedded import carve_validation
+
+        train, validation = carve_validation(read_train_file(cfg), d.validation_fraction)
     if d.test == EMBEDDED_DEFAULT:
         if d.train != EMBEDDED_DEFAULT:
             raise DataError("data.test = 'embedded' only goes with data.train = 'embedded'; "
@@ -62,7 +67,9 @@ def load_task(cfg: RunConfig) -> Task:
     train = train.shuffled(cfg.seed).head(d.max_train_examples)
     test = test.head(d.max_test_examples)
     public = public.shuffled(cfg.seed).head(d.max_public_examples)
-    return Task(train, test, public, label_words)
+    if validation is not None:
+        validation = validation.head(d.max_validation_examples)
+    return Task(train, test, public, label_words, validation=validation)
 
 
 def read_train_file(cfg: RunConfig):
@@ -206,18 +213,46 @@ class Pipeline:
 
     # ------------------------------------------------------------ stages
     def distill(self) -> dict:
-        """Stage 1: derive the student from the teacher by KD on public text (skipped if model.student set)."""
-        from .distill import distill_student, save_student
+        """Stage 1: derive the student from the teacher by KD on public text (skipped if model.student set).
+
+        With ``distill.cache`` the distilled student is kept under the post-fl cache directory, keyed by
+        the teacher's weights, the distillation settings and the public corpus: a rerun copies it instead
+        of distilling again (the provider's one-time cost).
+        """
+        import shutil
+
+        from .distill import (cached_student_dir, distill_student, save_student, store_student,
+                              student_cache_key)
+        from .embedded import cache_dir
 
         if self.cfg.model.student:
             return self._stage("distill", {"skipped": f"model.student = {self.cfg.model.student}"})
-        task = self.task
+        task, dcfg = self.task, self.cfg.distill
         public_train, held_out = task.public.split(0.9, self.cfg.seed) if len(task.public) >= 20 else (task.public, task.public)
-        student, report = distill_student(self.teacher, public_train, self.cfg.distill, self.cfg.seed,
-                                          held_out=held_out, progress=self.progress)
-        save_student(student, self.run / STUDENT_DIR, report)
+        out = self.run / STUDENT_DIR
+        root = cache_dir() / "students"
+        key = student_cache_key(self.teacher, public_train, held_out, dcfg, self.cfg.seed) if dcfg.cache else ""
+        hit = cached_student_dir(root, key) if dcfg.cache else None
+        if hit is not None:
+            log.info("distill: cached student %s (delete it to distil again)", hit)
+            if out.exists():
+                shutil.rmtree(out)
+            shutil.copytree(hit, out)
+            report = read_json(out / "distill_report.json")
+            report.update(student_cache="hit", student_cache_dir=str(hit), seconds_this_run=0.0)
+        else:
+            student, rep = distill_student(self.teacher, public_train, dcfg, self.cfg.seed, held_out=held_out,
+                                           progress=self.progress,
+                                           cache_dir=cache_dir() / "teacher-outputs" if dcfg.cache else None,
+                                           validation=task.validation)
+            save_student(student, out, rep)
+            report = rep.to_dict()
+            if dcfg.cache:
+                store_student(student, rep, root, key)
+            report.update(student_cache="miss" if dcfg.cache else "off",
+                          student_cache_dir=str(root / key) if dcfg.cache else None, seconds_this_run=rep.seconds)
         self._student = None
-        return self._stage("distill", report.to_dict())
+        return self._stage("distill", report)
 
     def tune(self) -> dict:
         """Stage 2: DP prompt tuning of the student on the private training set."""
@@ -268,22 +303,56 @@ class Pipeline:
 
     def evaluate(self) -> dict:
         """Stage 4: test accuracy of every baseline, epsilon spent and costs, into results.json."""
+        from .evaluate import (accuracy_of_scores, accuracy_summary, class_scores, contextual_calibration_bias,
+                               fit_class_bias)
+
         test, bs = self.task.test, self.cfg.eval.batch_size
         teacher, student = self.teacher, self.student
         student_prompt = self.prompt(PROMPT_STUDENT, student)
+        y = test.labels
+
+        def scored(name: str, model: ScoringModel, prompt=None, data=test) -> torch.Tensor:
+            t0 = time.perf_counter()
+            out = class_scores(model, data.texts, prompt, bs)
+            log.info("evaluate %s on %d texts: %.1fs", name, len(data), time.perf_counter() - t0)
+            return out
+
+        zero = scored("teacher zero-shot", teacher)
         acc = {
-            "majority_class": majority_class_accuracy(self.task.train.labels, test.labels),
-            "teacher_zero_shot": accuracy(teacher, test, None, bs),
-            "student_zero_shot": accuracy(student, test, None, bs),
-            "student_private_prompt": accuracy(student, test, student_prompt, bs),
+            "majority_class": majority_class_accuracy(self.task.train.labels, y),
+            "teacher_zero_shot": accuracy_of_scores(zero, y),
         }
+        validation = self.task.validation
+        if validation is not None and len(validation):
+            # calibrated zero-shot: a per-class bias fitted on the validation split (never on test)
+            bias = fit_class_bias(scored("teacher zero-shot (validation)", teacher, None, validation),
+                                  validation.labels)
+            acc["teacher_zero_shot_calibrated"] = accuracy_of_scores(zero, y, bias)
+        acc["teacher_zero_shot_contextual"] = accuracy_of_scores(zero, y, contextual_calibration_bias(teacher))
+        acc["student_zero_shot"] = accuracy_of_scores(scored("student zero-shot", student), y)
+        acc["student_private_prompt"] = accuracy_of_scores(scored("student + DP prompt", student, student_prompt), y)
         if student_prompt.dim == teacher.embedding_dim:
-            acc["teacher_direct_prompt"] = accuracy(teacher, test, student_prompt, bs)
+            acc["teacher_direct_prompt"] = accuracy_of_scores(scored("teacher + direct prompt", teacher,
+                                                                     student_prompt), y)
         if (self.run / PROMPT_TEACHER).exists():
-            acc["teacher_transferred_prompt"] = accuracy(teacher, test, self.prompt(PROMPT_TEACHER, teacher), bs)
+            acc["teacher_transferred_prompt"] = accuracy_of_scores(
+                scored("teacher + transferred prompt", teacher, self.prompt(PROMPT_TEACHER, teacher)), y)
         if (self.run / PROMPT_TEACHER_TUNED).exists():
-            acc["teacher_tuned_prompt_nonprivate"] = accuracy(
-                teacher, test, self.prompt(PROMPT_TEACHER_TUNED, teacher), bs)
+            acc["teacher_tuned_prompt_nonprivate"] = accuracy_of_scores(
+                scored("teacher + own prompt", teacher, self.prompt(PROMPT_TEACHER_TUNED, teacher)), y)
+        intervals = {k: accuracy_summary(v, len(test)) for k, v in acc.items()}
+        comparison = {}
+        if "teacher_transferred_prompt" in acc:
+            tr = acc["teacher_transferred_prompt"]
+            for base in ("teacher_zero_shot", "teacher_zero_shot_calibrated", "teacher_direct_prompt"):
+                if base in acc:  # difference in standard errors of the difference (independent-samples bound)
+                    se = math.hypot(intervals[base]["stderr"], intervals["teacher_transferred_prompt"]["stderr"])
+                    comparison[f"transferred_minus_{base}"] = {"difference": tr - acc[base],
+                                                               "in_standard_errors": (tr - acc[base]) / se
+                                                               if se > 0 else math.inf}
+            own = acc.get("teacher_tuned_prompt_nonprivate")
+            if own is not None and own != acc["teacher_zero_shot"]:
+                comparison["recovery_ratio"] = (tr - acc["teacher_zero_shot"]) / (own - acc["teacher_zero_shot"])
         tune, tune_t = self.stage_result("tune"), self.stage_result("tune_teacher")
         cost = {"student_parameters": student.describe()["parameters"],
                 "teacher_parameters": teacher.describe()["parameters"]}
@@ -293,11 +362,14 @@ class Pipeline:
             cost["tune_time_ratio_teacher_over_student"] = tune_t["seconds_per_epoch"] / tune["seconds_per_epoch"]
         results = {
             "accuracy": acc,
+            "accuracy_intervals": intervals,  # per accuracy: n, stderr, 95% Wilson interval
+            "comparison": comparison,
             "privacy": {"epsilon": tune.get("epsilon", math.inf), "delta": tune.get("delta"),
                         "noise_multiplier": tune.get("noise_multiplier"), "dp": self.cfg.tune.private,
                         "target_epsilon": self.cfg.tune.target_epsilon, "unit": "example-level (one site)",
                         **({"not_private": tune["not_private"]} if "not_private" in tune else {})},
             "data": {"train": len(self.task.train), "test": len(test), "public": len(self.task.public),
+                     "validation": len(validation) if validation is not None else 0,
                      "labels": self.task.train.label_names},
             "models": {"teacher": teacher.describe(), "student": student.describe()},
             "distill": self.stage_result("distill"),

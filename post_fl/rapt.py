@@ -35,6 +35,18 @@ arXiv:2305.06212):
    plain tokens never leave the client in RAPT's threat model: the server only
    sees privatized text, the reconstruction target lives with the user.
 
+3. **Randomised response on labels** (:func:`randomized_response`): RAPT's original threat
+   model protects only the text sent to the LLM provider. In a federation the client *uploads a
+   prompt update*, and an update trained on the plain labels and on plain-token reconstruction
+   targets carries no formal guarantee. post-fl therefore trains the RAPT update only on locally
+   privatised data: d_χ-privatised tokens (inputs *and* reconstruction targets) and labels
+   privatised with K-ary randomised response at ``label_epsilon``. The update is then
+   post-processing of ε-LDP outputs, so for one training example of k text tokens it satisfies
+   ``(k · ε_token + ε_label)``-LDP (basic composition; pure, δ = 0), whatever the server does with
+   it. The number of examples and each text's token count are not hidden.
+
+All noise takes a ``torch.Generator``; callers pass one from
+:func:`post_fl.randomness.dp_torch_generator` (fresh OS entropy), never a config seed.
 This module depends only on torch; it is wired into the tuning loop elsewhere.
 """
 
@@ -53,6 +65,8 @@ __all__ = [
     "privatize_token_ids",
     "ReconstructionHead",
     "reconstruction_loss",
+    "randomized_response",
+    "randomized_response_keep_probability",
 ]
 
 # Number of float32 entries of one query-chunk × vocabulary distance block
@@ -363,3 +377,44 @@ def reconstruction_loss(
         return hidden_states.sum() * 0.0
     logits = head(hidden_states[valid])
     return F.cross_entropy(logits, targets[valid])
+
+
+def randomized_response_keep_probability(epsilon: float, num_classes: int) -> float:
+    """Probability that K-ary randomised response keeps the true label: ``e^ε / (e^ε + K − 1)``."""
+    try:
+        eps = float(epsilon)
+    except (TypeError, ValueError):
+        raise ValueError(f"label epsilon must be a positive number, got {epsilon!r}") from None
+    if math.isnan(eps) or eps <= 0:
+        raise ValueError(f"label epsilon (randomised response) must be > 0, got {epsilon}")
+    k = int(num_classes)
+    if k < 1 or k != num_classes:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if math.isinf(eps) or k == 1:
+        return 1.0
+    return 1.0 / (1.0 + (k - 1) * math.exp(-eps))
+
+
+def randomized_response(labels: torch.Tensor, num_classes: int, epsilon: float,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """K-ary randomised response (Warner 1965; Kairouz, Oh & Viswanath 2016): ε-LDP per label.
+
+    Each label is kept with probability ``e^ε / (e^ε + K − 1)`` and otherwise replaced by one of
+    the other ``K − 1`` labels uniformly, so for any true labels ``y, y'`` and output ``z``:
+    ``P[M(y) = z] ≤ e^ε · P[M(y') = z]``. ``epsilon = inf`` (or K = 1) returns the labels
+    unchanged. ``generator`` should come from :func:`post_fl.randomness.dp_torch_generator`.
+    """
+    keep_p = randomized_response_keep_probability(epsilon, num_classes)
+    if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError("labels must be an integer torch.Tensor")
+    y = labels.long()
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got min {int(y.min())}, max {int(y.max())}")
+    if keep_p == 1.0 or y.numel() == 0:
+        return y.clone()
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    keep = torch.rand(y.shape, generator=generator, device=gen_device) < keep_p
+    # a uniformly random *other* label: y + offset (mod K), offset in 1..K-1
+    offset = torch.randint(1, int(num_classes), y.shape, generator=generator, device=gen_device)
+    flipped = (y.to(gen_device) + offset) % int(num_classes)
+    return torch.where(keep, y.to(gen_device), flipped).to(y.device)

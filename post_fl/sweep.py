@@ -38,10 +38,13 @@ Methods, all on the same data split and the same teacher:
     the cost POST avoids).
 ``rapt``
     RAPT (Li et al. 2023): each client privatises its texts once, locally, with the
-    d_χ-privacy token mechanism of ``post_fl.rapt`` and tunes the prompt on the teacher with
-    the task loss plus RAPT's privatised-token reconstruction loss; no DP-SGD. The sweep's ε
-    is mapped to RAPT's η by ``per-token ε = η · diam(φ(V))`` (see :func:`rapt_eta`), a
-    *local, per-token* guarantee, not DP-SGD's example-level (ε, δ).
+    d_χ-privacy token mechanism of ``post_fl.rapt`` and its labels with randomised response,
+    and tunes the prompt on the teacher with the task loss plus a reconstruction loss of the
+    *privatised* tokens (RAPT reconstructs the plain ones, which would put raw data into the
+    uploaded update); no DP-SGD. The sweep's ε is mapped to RAPT's η by
+    ``per-token ε = η · diam(φ(V))`` (see :func:`rapt_eta`), a *local, per-token* guarantee;
+    the update, post-processing of the privatised data, is ``(k ε + ε_label)``-LDP per example
+    of k tokens (:func:`rapt_row_privacy`), not DP-SGD's example-level (ε, δ).
 
 The student is distilled once per sweep (into ``<output_dir>/student``) unless the base
 config names one. Each finished cell is appended to ``<output_dir>/results.csv`` (and
@@ -81,7 +84,8 @@ RESULTS_CSV, RESULTS_MD, SETTINGS_JSON = "results.csv", "results.md", "sweep_set
 CSV_COLUMNS = [
     "key", "status", "method", "num_clients", "target_epsilon", "partitioning", "dirichlet_alpha", "seed",
     "accuracy", "student_accuracy", "accuracy_privatized_inputs",
-    "epsilon", "delta", "epsilon_unit", "rapt_eta", "rapt_token_epsilon",
+    "epsilon", "delta", "epsilon_unit", "rapt_eta", "rapt_token_epsilon", "rapt_label_epsilon",
+    "rapt_example_epsilon",
     "rounds", "clients_per_round", "train_examples", "test_examples",
     "client_s_per_round", "student_s_per_client_round", "teacher_s_per_client_round", "cost_source",
     "bytes_down_per_client_round", "bytes_up_per_client_round", "model_bytes_once",
@@ -90,28 +94,35 @@ CSV_COLUMNS = [
 ]
 EPSILON_AXIS_NOTE = (
     "epsilon axis: direct / post / teacher_dp use example-level (epsilon, delta)-DP of DP-SGD on each "
-    "client's data (delta = 1/n per client unless set); rapt uses local d_chi-privacy per token, with "
-    "eta = epsilon / diam(phi(V)) so that every single token is epsilon-LDP (pure, delta = 0); a text of k "
-    "tokens is then k*epsilon-LDP. The two epsilons are NOT the same unit: equal x positions do not mean "
+    "client's data (delta = min(1e-5, 1/(10 n)) per client unless set); rapt uses local DP: each text token "
+    "is epsilon-LDP by d_chi-privacy with eta = epsilon / diam(phi(V)) (pure, delta = 0), each label "
+    "rapt.label_epsilon-LDP by randomised response, and the prompt update is trained on that privatised data "
+    "only, so an example of k tokens is (k*epsilon + label epsilon)-LDP (rapt_example_epsilon). The two "
+    "epsilons are NOT the same unit: equal x positions do not mean "
     "equal protection. epsilon = inf: no DP-SGD (direct/post/teacher_dp) and no privatisation (rapt).")
 
 
 # ---------------------------------------------------------------- sweep file
 @dataclass
 class RaptSweepConfig:
-    """RAPT cells: weight λ of the privatised-token reconstruction loss and the head's learning rate.
+    """RAPT cells: weight λ of the privatised-token reconstruction loss, the head's learning rate and
+    the label privacy.
 
-    The soft prompt uses ``base.tune.lr``; local epochs per round are ``base.tune.epochs``.
+    The soft prompt uses ``base.tune.lr``; local epochs per round are ``base.tune.epochs``. Labels are
+    privatised by randomised response at ``label_epsilon`` (0 = the cell's per-token ε; ignored at ε = inf).
     """
 
     reconstruction_weight: float = 1.0
     head_lr: float = 0.001
+    label_epsilon: float = 0.0
 
     def validate(self) -> None:
         if self.reconstruction_weight < 0:
             raise ConfigError(f"rapt.reconstruction_weight: expected >= 0, got {self.reconstruction_weight}")
         if self.head_lr <= 0:
             raise ConfigError(f"rapt.head_lr: expected > 0, got {self.head_lr}")
+        if not self.label_epsilon >= 0:
+            raise ConfigError(f"rapt.label_epsilon: expected >= 0 (0 = the cell's epsilon), got {self.label_epsilon}")
 
 
 @dataclass
@@ -608,61 +619,137 @@ def scores_and_hidden(model, input_ids, attention_mask, answer_index, prompt):
     return scores, hidden[:, n_prompt:]
 
 
-def _rapt_client_fn(server, run_cfg: RunConfig, fed, eta: float, rapt_cfg: RaptSweepConfig) -> Callable:
-    """A RAPT client: privatise its partition once (kept locally), then tune prompt + reconstruction head."""
-    from .aggregate import ClientUpdate
-    from .federated import client_partition, derive_seed
+RAPT_STREAM = 7  # stream id of RAPT's privatisation in the insecure (seeded) mode of post_fl.randomness
+
+
+@dataclass
+class RaptPrivateData:
+    """A RAPT client's training data after local privatisation: everything its update may depend on.
+
+    ``batch``: the d_χ-privatised token ids (template kept); ``targets``: the reconstruction
+    targets, the *privatised* ids at text positions (-100 elsewhere); ``labels``: labels after
+    randomised response; ``max_text_tokens``: the most privatised tokens in one example (for
+    the per-example guarantee ``k · ε_token + ε_label``).
+    """
+
+    batch: Any
+    targets: torch.Tensor
+    labels: torch.Tensor
+    max_text_tokens: int
+
+
+def privatize_client_data(model, data, eta: float, label_epsilon: float, generator: torch.Generator | None):
+    """RAPT's local privatisation of a client's examples: d_χ on every text token, randomised response on labels.
+
+    Returns :class:`RaptPrivateData`. The reconstruction targets are the privatised tokens, not the
+    plain ones, so nothing downstream touches raw data (see :mod:`post_fl.rapt`).
+    """
+    from .rapt import randomized_response
+
+    batch = model.encode(data.texts)
+    priv, mask = privatize_batch(model, batch, eta, generator)
+    targets = torch.where(mask.bool(), priv.input_ids, torch.full_like(priv.input_ids, -100))
+    labels = randomized_response(torch.tensor(data.labels), len(data.label_names), label_epsilon, generator)
+    return RaptPrivateData(priv, targets, labels, int(mask.sum(1).max()) if len(mask) else 0)
+
+
+def rapt_local_round(model, private: "RaptPrivateData", head, prompt_np: np.ndarray, tune, rapt_cfg, seed: int):
+    """One RAPT client round on *privatised* data only: task loss + λ · reconstruction loss of the privatised tokens.
+
+    Returns ``(prompt update, steps, mean loss, seconds)``. The batch order follows ``seed``;
+    it needs no privacy, the update being post-processing of the privatised data.
+    """
     from .prompt import SoftPrompt
-    from .rapt import ReconstructionHead, reconstruction_loss
+    from .rapt import reconstruction_loss
     from .tuning import planned_steps
 
-    private: dict[int, tuple] = {}
+    priv, targets, labels = private.batch, private.targets, private.labels
+    prompt = SoftPrompt(torch.from_numpy(np.array(prompt_np, dtype=np.float32)))
+    opt = torch.optim.Adam([{"params": prompt.parameters(), "lr": tune.lr},
+                            {"params": head.parameters(), "lr": rapt_cfg.head_lr}])
+    n = len(labels)
+    steps = planned_steps(tune, n)
+    bs = min(tune.batch_size, n)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        idx = torch.randperm(n, generator=gen)[:bs]
+        width = int(priv.attention_mask[idx].sum(1).max())
+        ids, att = priv.input_ids[idx, :width], priv.attention_mask[idx, :width]
+        scores, hidden = scores_and_hidden(model, ids, att, priv.answer_index[idx], prompt)
+        loss = torch.nn.functional.cross_entropy(scores, labels[idx])
+        if rapt_cfg.reconstruction_weight > 0:
+            loss = loss + rapt_cfg.reconstruction_weight * reconstruction_loss(head, hidden, targets[idx, :width], att)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    delta = prompt.weight.detach().numpy().astype(np.float32) - np.asarray(prompt_np, np.float32)
+    return delta, steps, float(np.mean(losses)), time.perf_counter() - t0
+
+
+def rapt_label_epsilon(rapt_cfg: "RaptSweepConfig", token_epsilon: float) -> float:
+    """The randomised-response ε of a RAPT cell: ``rapt.label_epsilon``, or the cell's per-token ε when 0."""
+    return rapt_cfg.label_epsilon if rapt_cfg.label_epsilon > 0 else token_epsilon
+
+
+def rapt_row_privacy(token_epsilon: float, label_epsilon: float, max_text_tokens) -> dict[str, Any]:
+    """The privacy columns of a RAPT row: per-token, per-label and per-example local ε, and what they cover.
+
+    The uploaded prompt update is trained only on privatised tokens and randomised-response labels, so
+    it is post-processing of local DP: an example of k text tokens is ``(k ε_token + ε_label)``-LDP
+    (pure, δ = 0). ``max_text_tokens`` (client id -> the most tokens in one of its examples) gives the
+    worst k. ``epsilon`` holds that per-example bound (inf without privatisation).
+    """
+    if math.isinf(token_epsilon):
+        return {"epsilon": math.inf, "delta": 0.0, "rapt_token_epsilon": math.inf, "rapt_label_epsilon": math.inf,
+                "rapt_example_epsilon": math.inf, "epsilon_unit": "none (no privatisation; the update uses raw data)"}
+    k = max((int(v) for v in (max_text_tokens or {}).values()), default=0)
+    example = k * token_epsilon + label_epsilon if max_text_tokens else math.inf
+    return {"epsilon": example, "delta": 0.0, "rapt_token_epsilon": token_epsilon, "rapt_label_epsilon": label_epsilon,
+            "rapt_example_epsilon": example,
+            "epsilon_unit": (f"local DP per example: {k} tokens x {token_epsilon:g} (d_chi) + label {label_epsilon:g} "
+                             "(randomised response); the prompt update is post-processing of the privatised data")}
+
+
+def _rapt_client_fn(server, run_cfg: RunConfig, fed, eta: float, rapt_cfg: RaptSweepConfig,
+                    label_epsilon: float = math.inf) -> Callable:
+    """A RAPT client: privatise its partition once, locally (d_χ tokens, randomised-response labels), then
+    tune prompt + reconstruction head on the privatised data only.
+
+    The privatisation noise comes from :func:`post_fl.randomness.dp_torch_generator` (fresh OS entropy;
+    the config seed only in ``insecure_reproducible`` mode). ``fn.max_text_tokens`` records, per client,
+    the most privatised tokens in one example (for the per-example guarantee).
+    """
+    from .aggregate import ClientUpdate
+    from .federated import client_partition
+    from .randomness import dp_torch_generator
+    from .rapt import ReconstructionHead
+
+    private: dict[int, RaptPrivateData] = {}
     heads: dict[int, ReconstructionHead] = {}
     model = server.student  # the teacher, loaded as the federation's model
+    insecure_seed = run_cfg.seed if run_cfg.insecure_reproducible else None
 
     def fn(cid: int, ins: dict, prompt_np: np.ndarray):
         data = client_partition(run_cfg, fed, cid)
         if len(data) == 0:
             raise ValueError(f"client {cid}: empty partition")
-        if cid not in private:
-            batch = model.encode(data.texts)
-            gen = torch.Generator().manual_seed(derive_seed(run_cfg.seed, cid, 7))
-            priv, mask = privatize_batch(model, batch, eta, gen)
-            targets = torch.where(mask.bool(), batch.input_ids, torch.full_like(batch.input_ids, -100))
-            private[cid] = (priv, targets, torch.tensor(data.labels))
+        if cid not in private:  # privatised once: later rounds are post-processing, no further privacy cost
+            private[cid] = privatize_client_data(model, data, eta, label_epsilon,
+                                                 dp_torch_generator(insecure_seed, RAPT_STREAM, cid))
+            fn.max_text_tokens[cid] = private[cid].max_text_tokens
             heads[cid] = ReconstructionHead(model.embedding_dim, model.word_embeddings, mlp=False)
-        priv, targets, labels = private[cid]
-        head = heads[cid]
-        tune = run_cfg.tune
-        batch_seed = derive_seed(run_cfg.seed, ins["round"], 2, cid)  # minibatches: not a DP mechanism
-        torch.manual_seed(batch_seed)
-        prompt = SoftPrompt(torch.from_numpy(np.array(prompt_np, dtype=np.float32)))
-        opt = torch.optim.Adam([{"params": prompt.parameters(), "lr": tune.lr},
-                                {"params": head.parameters(), "lr": rapt_cfg.head_lr}])
-        n = len(labels)
-        steps = planned_steps(tune, n)
-        bs = min(tune.batch_size, n)
-        gen = torch.Generator().manual_seed(batch_seed)
-        losses = []
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            idx = torch.randperm(n, generator=gen)[:bs]
-            width = int(priv.attention_mask[idx].sum(1).max())
-            ids, att = priv.input_ids[idx, :width], priv.attention_mask[idx, :width]
-            scores, hidden = scores_and_hidden(model, ids, att, priv.answer_index[idx], prompt)
-            loss = torch.nn.functional.cross_entropy(scores, labels[idx])
-            if rapt_cfg.reconstruction_weight > 0:
-                loss = loss + rapt_cfg.reconstruction_weight * reconstruction_loss(
-                    head, hidden, targets[idx, :width], att)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-        delta = prompt.weight.detach().numpy().astype(np.float32) - np.asarray(prompt_np, np.float32)
-        metrics = {"num-examples": n, "loss": float(np.mean(losses)), "epsilon": math.inf, "delta": 0.0,
-                   "steps": steps, "noise-multiplier": 0.0, "sample-rate": bs / n}
-        return ClientUpdate(cid, delta, n, metrics), steps, time.perf_counter() - t0
+        torch.manual_seed(ins["client-seed"])
+        delta, steps, loss, seconds = rapt_local_round(model, private[cid], heads[cid], prompt_np, run_cfg.tune,
+                                                       rapt_cfg, ins["client-seed"])
+        n = len(private[cid].labels)
+        metrics = {"num-examples": n, "loss": loss, "epsilon": math.inf, "delta": 0.0,
+                   "steps": steps, "noise-multiplier": 0.0, "sample-rate": min(run_cfg.tune.batch_size, n) / n}
+        return ClientUpdate(cid, delta, n, metrics), steps, seconds
 
+    fn.max_text_tokens = {}
     return fn
 
 
@@ -804,12 +891,15 @@ def _federated_run(ctx: SweepContext, cell: Cell) -> dict:
     eta = math.inf
     if cell.method == "rapt":
         eta = rapt_eta(cell.target_epsilon, ctx.embedding_diameter())
-        client_fn = _rapt_client_fn(server, run_cfg, fed, eta, ctx.cfg.rapt)
+        client_fn = _rapt_client_fn(server, run_cfg, fed, eta, ctx.cfg.rapt,
+                                    rapt_label_epsilon(ctx.cfg.rapt, cell.target_epsilon))
     else:
         client_fn = _dp_client_fn(server, run_cfg, fed)
     transport = SweepTransport(fed.num_clients, client_fn)
     client_partition(run_cfg, fed, 0)  # split once before timing
     summary: dict[str, Any] = {"eta": eta}
+    if cell.method == "rapt":  # the guarantee's k: the most privatised tokens of one training example
+        summary["rapt_max_text_tokens"] = client_fn.max_text_tokens
     bs = run_cfg.eval.batch_size
     if cell.method in STUDENT_METHODS:
         results = run_federated(server, transport)
@@ -901,8 +991,8 @@ def run_cell(ctx: SweepContext, cell: Cell) -> dict[str, Any]:
         row["accuracy"] = s["accuracy"]
         row["accuracy_privatized_inputs"] = s.get("accuracy_privatized_inputs", "")
     if cell.method == "rapt":
-        row.update(epsilon=cell.target_epsilon, delta=0.0, rapt_eta=s["eta"], rapt_token_epsilon=cell.target_epsilon,
-                   epsilon_unit="local d_chi-privacy per token (eta * diam)")
+        row.update(rapt_row_privacy(cell.target_epsilon, rapt_label_epsilon(cfg.rapt, cell.target_epsilon),
+                                    s.get("rapt_max_text_tokens")), rapt_eta=s["eta"])
     else:
         row.update(epsilon=s["epsilon"], delta=s["delta"],
                    epsilon_unit="example-level DP-SGD (max over clients)" if math.isfinite(cell.target_epsilon)

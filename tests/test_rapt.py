@@ -168,3 +168,31 @@ def test_reconstruction_head_learns_toy_problem_and_ignores_padding(single_threa
     assert loss.dim() == 0
     zero = reconstruction_loss(head, hidden, orig, torch.zeros_like(mask))
     assert zero.item() == 0.0
+
+
+# ---------------------------------------------------------------- randomised response on labels
+def test_randomized_response_keeps_with_the_ldp_probability_and_flips_uniformly():
+    from post_fl.rapt import randomized_response, randomized_response_keep_probability
+
+    eps, k, n = 1.0, 3, 200_000
+    keep = math.exp(eps) / (math.exp(eps) + k - 1)
+    assert randomized_response_keep_probability(eps, k) == pytest.approx(keep)
+    y = torch.zeros(n, dtype=torch.long)
+    freq = torch.bincount(randomized_response(y, k, eps, torch.Generator().manual_seed(0)), minlength=k) / n
+    assert float(freq[0]) == pytest.approx(keep, abs=0.005)
+    assert float(freq[1]) == pytest.approx((1 - keep) / 2, abs=0.005) and float(freq[2]) == pytest.approx(
+        (1 - keep) / 2, abs=0.005)
+    # the LDP ratio: P[M(0) = 0] / P[M(1) = 0] = e^eps
+    z1 = randomized_response(torch.ones(n, dtype=torch.long), k, eps, torch.Generator().manual_seed(1))
+    assert float(freq[0]) / float((z1 == 0).float().mean()) == pytest.approx(math.exp(eps), rel=0.05)
+    # no privacy asked, or nothing to hide: unchanged
+    labels = torch.tensor([0, 1, 2, 1])
+    assert torch.equal(randomized_response(labels, 3, math.inf), labels)
+    assert torch.equal(randomized_response(torch.zeros(5, dtype=torch.long), 1, 0.1), torch.zeros(5, dtype=torch.long))
+    # fresh generators give different outputs
+    a = randomized_response(y[:1000], k, 0.5, torch.Generator().manual_seed(2))
+    assert not torch.equal(a, randomized_response(y[:1000], k, 0.5, torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError, match="labels must lie"):
+        randomized_response(torch.tensor([0, 3]), 3, 1.0)
+    with pytest.raises(ValueError, match="label epsilon"):
+        randomized_response(labels, 3, 0.0)

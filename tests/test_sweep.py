@@ -270,3 +270,37 @@ def test_rapt_privatises_only_the_text_tokens(audit_model):
     assert torch.equal(noisy.input_ids[outside], batch.input_ids[outside])
     assert not torch.equal(noisy.input_ids[mask.bool()], batch.input_ids[mask.bool()])
     assert S.rapt_eta(4.0, 2.0) == 2.0 and S.rapt_eta(math.inf, 2.0) == math.inf
+
+
+def test_rapt_update_is_trained_on_privatised_tokens_and_labels_only(audit_model):
+    from conftest import make_sentiment
+
+    m, data = audit_model, make_sentiment(32, seed=3)
+    raw = m.encode(data.texts)
+    priv = S.privatize_client_data(m, data, 1e-3, 0.5, torch.Generator().manual_seed(0))
+    mask = m.text_positions(raw).bool()
+    # reconstruction targets are the privatised tokens at text positions, never the plain ones
+    assert torch.equal(priv.targets[mask], priv.batch.input_ids[mask])
+    assert (priv.targets[~mask] == -100).all()
+    assert not torch.equal(priv.targets[mask], raw.input_ids[mask])
+    assert not torch.equal(priv.labels, torch.tensor(data.labels))  # randomised response at eps 0.5
+    assert priv.max_text_tokens == int(mask.sum(1).max())
+    # the local round sees only the privatised data: equal private data -> equal update, whatever the raw data
+    from post_fl.rapt import ReconstructionHead
+
+    head = lambda: ReconstructionHead(m.embedding_dim, m.word_embeddings, mlp=False)  # noqa: E731
+    prompt = torch.zeros(2, m.embedding_dim).numpy()
+    tune, rapt = TuneConfig(epochs=1, batch_size=8, lr=0.05), S.RaptSweepConfig()
+    torch.manual_seed(0)
+    d1 = S.rapt_local_round(m, priv, head(), prompt, tune, rapt, seed=1)[0]
+    torch.manual_seed(0)
+    d2 = S.rapt_local_round(m, priv, head(), prompt, tune, rapt, seed=1)[0]
+    assert (d1 == d2).all() and abs(d1).sum() > 0
+    # no privatisation at eps = inf: plain data, and the row says there is no guarantee
+    plain = S.privatize_client_data(m, data, math.inf, math.inf, None)
+    assert torch.equal(plain.labels, torch.tensor(data.labels))
+    assert S.rapt_row_privacy(math.inf, math.inf, {0: 5})["epsilon_unit"].startswith("none")
+    row = S.rapt_row_privacy(4.0, 2.0, {0: 5, 1: 7})
+    assert row["rapt_example_epsilon"] == row["epsilon"] == 7 * 4.0 + 2.0 and row["delta"] == 0.0
+    assert S.rapt_label_epsilon(S.RaptSweepConfig(), 4.0) == 4.0
+    assert S.rapt_label_epsilon(S.RaptSweepConfig(label_epsilon=1.5), 4.0) == 1.5

@@ -1,0 +1,148 @@
+"""Teacher outputs computed once and cached; the distilled student cached; training stops at a target."""
+
+import pytest
+import torch
+
+import post_fl.distill as distill
+from post_fl.config import DistillConfig, load_config
+from post_fl.data import DataError, TextDataset, write_text_file
+from post_fl.distill import distill_student, teacher_cache_key, teacher_outputs
+from post_fl.models import load_scoring_model
+
+from conftest import build_tiny_model, make_sentiment
+
+LABELS = ["negative", "positive"]
+WORDS = {"negative": ["bad"], "positive": ["good"]}
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_dirs):
+    return load_scoring_model(tiny_dirs["causal"], LABELS, WORDS)
+
+
+def test_teacher_outputs_are_cached_and_reused(teacher, tmp_path):
+    texts = make_sentiment(20, seed=4).texts
+    cfg = DistillConfig(positions_per_text=3)
+    first, state = teacher_outputs(teacher, texts, cfg, 0, tmp_path)
+    assert state == "miss" and len(list(tmp_path.glob("*.safetensors"))) == 1
+    again, state = teacher_outputs(teacher, texts, cfg, 0, tmp_path)
+    assert state == "hit"
+    for name, t in first.tensors().items():
+        assert torch.equal(t, again.tensors()[name]), name
+    # column 0 is the answer position, and the cached hidden states give the teacher's own answer logits
+    batch = teacher.encode(texts[:4])
+    assert torch.equal(first.positions[:4, 0], batch.answer_index)
+    logits = teacher._lm_head(first.hidden[:4, 0].float())
+    assert torch.allclose(logits, teacher.answer_logits(batch), atol=0.05)
+    _, state = teacher_outputs(teacher, texts, cfg, 0, None)
+    assert state == "off"
+
+
+def test_cache_key_changes_with_teacher_corpus_and_settings(teacher, tiny_dirs, tmp_path):
+    texts = make_sentiment(12, seed=5).texts
+    cfg = DistillConfig()
+    key = teacher_cache_key(teacher, texts, cfg, 0)
+    assert teacher_cache_key(teacher, texts, DistillConfig(), 0) == key
+    assert teacher_cache_key(teacher, texts[:-1] + ["good"], cfg, 0) != key  # corpus
+    assert teacher_cache_key(teacher, texts, DistillConfig(positions_per_text=2), 0) != key  # settings
+    assert teacher_cache_key(teacher, texts, cfg, 1) != key
+    other = load_scoring_model(build_tiny_model("causal", tmp_path / "other", seed=7), LABELS, WORDS)
+    assert teacher_cache_key(other, texts, cfg, 0) != key  # teacher weights
+    retemplated = load_scoring_model(tiny_dirs["causal"], LABELS, WORDS, template="{text} This text is")
+    assert teacher_cache_key(retemplated, texts, cfg, 0) != key
+    _, state = teacher_outputs(teacher, texts, cfg, 0, tmp_path / "c")
+    _, state2 = teacher_outputs(other, texts, cfg, 0, tmp_path / "c")
+    assert (state, state2) == ("miss", "miss")
+
+
+@pytest.mark.parametrize("content", [b"", b"not a safetensors file at all"])
+def test_a_bad_cache_file_is_an_error_naming_it(teacher, tmp_path, content):
+    texts = make_sentiment(8, seed=6).texts
+    cfg = DistillConfig()
+    path = tmp_path / f"{teacher_cache_key(teacher, texts, cfg, 0)}.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=f"{path.name}.*unreadable.*delete it"):
+        teacher_outputs(teacher, texts, cfg, 0, tmp_path)
+
+
+def test_a_cache_file_of_another_key_is_refused(teacher, tmp_path):
+    texts_a, texts_b = make_sentiment(8, seed=6).texts, make_sentiment(8, seed=7).texts
+    cfg = DistillConfig()
+    teacher_outputs(teacher, texts_a, cfg, 0, tmp_path)
+    a = tmp_path / f"{teacher_cache_key(teacher, texts_a, cfg, 0)}.safetensors"
+    b = tmp_path / f"{teacher_cache_key(teacher, texts_b, cfg, 0)}.safetensors"
+    a.rename(b)
+    with pytest.raises(DataError, match="another key"):
+        teacher_outputs(teacher, texts_b, cfg, 0, tmp_path)
+
+
+def test_training_stops_at_the_agreement_target(teacher, monkeypatch):
+    """Scripted agreement values: below target at the start and at step 2, reached at step 4."""
+    values = iter([(0.5, 0.1), (0.6, 0.2), (0.95, 0.3), (0.95, 0.3)])
+    monkeypatch.setattr(distill, "agreement_with_outputs", lambda student, held, batch_size=32: next(values))
+    cfg = DistillConfig(num_layers=2, steps=100, batch_size=4, eval_every=2, target_agreement=0.9)
+    _, report = distill_student(teacher, make_sentiment(16, seed=8), cfg)
+    assert report.steps == 4 and report.stopped_by == "target" and report.agreement_after == 0.95
+    assert [c["step"] for c in report.curve] == [0, 2, 4]
+
+
+def test_training_stops_at_the_time_budget_or_the_step_limit(teacher):
+    public = make_sentiment(16, seed=9)
+    cfg = DistillConfig(num_layers=2, steps=50, batch_size=4, eval_every=10, target_agreement=1.0,
+                        time_budget_s=1e-9)
+    _, report = distill_student(teacher, public, cfg)
+    if report.stopped_by != "target":  # a random tiny student could already agree everywhere
+        assert report.stopped_by == "time_budget" and report.steps == 1
+    _, report = distill_student(teacher, public, DistillConfig(num_layers=2, steps=3, batch_size=4,
+                                                               target_agreement=1.0))
+    if report.stopped_by != "target":
+        assert report.stopped_by == "max_steps" and report.steps == 3
+    _, report = distill_student(teacher, public, DistillConfig(num_layers=2, target_agreement=0.0))
+    assert report.stopped_by == "target" and report.steps == 0
+
+
+def test_report_gives_both_agreements_and_validation(teacher):
+    val = make_sentiment(10, seed=10)
+    _, report = distill_student(teacher, make_sentiment(16, seed=11), DistillConfig(num_layers=2, steps=2,
+                                                                                    batch_size=4),
+                                validation=val)
+    d = report.to_dict()
+    for key in ("agreement_after", "next_token_agreement_after", "validation_agreement_after", "stopped_by"):
+        assert d[key] is not None, key
+    assert 0 <= d["validation_agreement_after"] <= 1 and 0 <= d["next_token_agreement_after"] <= 1
+
+
+def _pipeline(tmp_path, tiny_dirs, **over):
+    from post_fl.pipeline import Pipeline
+
+    write_text_file(make_sentiment(40, seed=1), tmp_path / "train.csv")
+    write_text_file(make_sentiment(16, seed=2), tmp_path / "test.csv")
+    write_text_file(TextDataset(make_sentiment(30, seed=3).texts, [], []), tmp_path / "public.jsonl")
+    sets = {"model.teacher": tiny_dirs["causal"], "model.label_words": WORDS, "data.train": str(tmp_path / "train.csv"),
+            "data.test": str(tmp_path / "test.csv"), "data.public": str(tmp_path / "public.jsonl"),
+            "distill.steps": 2, "distill.batch_size": 4, **over}
+    return Pipeline(load_config(None, sets), tmp_path / over.get("_run", "run"))
+
+
+def test_pipeline_reuses_the_cached_student_and_redistils_when_settings_change(tmp_path, tiny_dirs, monkeypatch):
+    monkeypatch.setenv("POST_FL_CACHE", str(tmp_path / "cache"))
+    first = _pipeline(tmp_path, tiny_dirs).distill()
+    assert first["student_cache"] == "miss" and first["teacher_output_cache"] == "miss"
+    second = _pipeline(tmp_path, tiny_dirs).distill()
+    assert second["student_cache"] == "hit" and second["student_cache_dir"] == first["student_cache_dir"]
+    assert (tmp_path / "run" / "student" / "config.json").is_file()
+    changed = _pipeline(tmp_path, tiny_dirs, **{"distill.lr": 1e-3}).distill()
+    assert changed["student_cache"] == "miss" and changed["student_cache_dir"] != first["student_cache_dir"]
+    assert changed["teacher_output_cache"] == "hit"  # lr does not change the teacher's outputs
+    off = _pipeline(tmp_path, tiny_dirs, **{"distill.cache": False}).distill()
+    assert off["student_cache"] == "off"
+
+
+def test_an_incomplete_cached_student_is_an_error(tmp_path, tiny_dirs, monkeypatch):
+    monkeypatch.setenv("POST_FL_CACHE", str(tmp_path / "cache"))
+    first = _pipeline(tmp_path, tiny_dirs).distill()
+    from pathlib import Path
+
+    (Path(first["student_cache_dir"]) / "distill_report.json").unlink()
+    with pytest.raises(DataError, match="cached student is incomplete"):
+        _pipeline(tmp_path, tiny_dirs).distill()
