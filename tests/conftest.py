@@ -8,6 +8,8 @@ import random
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# distillation caches (teacher outputs, students) go to a throw-away directory, never ~/.cache/post-fl
+os.environ.setdefault("POST_FL_CACHE", __import__("tempfile").mkdtemp(prefix="post-fl-test-cache-"))
 
 import pytest
 import torch
