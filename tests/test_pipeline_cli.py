@@ -34,11 +34,11 @@ def test_run_writes_every_artifact_and_result(tmp_path, tiny_dirs, files, capsys
     run = tmp_path / "run"
     assert main(["run"] + _args(tiny_dirs, files, run)) == 0
     results = json.loads((run / "results.json").read_text())
-    assert set(results["accuracy"]) == {"majority_class", "teacher_zero_shot", "student_zero_shot",
-                                        "student_private_prompt", "teacher_direct_prompt",
-                                        "teacher_transferred_prompt", "teacher_tuned_prompt_nonprivate"}
+    assert {"majority_class", "teacher_zero_shot", "student_zero_shot", "student_private_prompt",
+            "teacher_direct_prompt", "teacher_transferred_prompt",
+            "teacher_tuned_prompt_nonprivate"} <= set(results["accuracy"])
     assert all(0 <= a <= 1 for a in results["accuracy"].values())
-    assert 0 < results["privacy"]["epsilon"] <= 4.02 and results["privacy"]["delta"] == pytest.approx(1 / 48)
+    assert 0 < results["privacy"]["epsilon"] <= 4.02 and 0 < results["privacy"]["delta"] <= 1 / 48  # the derived default (tuning.resolve_delta)
     for d in ("student", "prompt_student", "prompt_teacher", "prompt_teacher_tuned"):
         assert (run / d).is_dir()
     assert "teacher transferred prompt" in capsys.readouterr().out
@@ -107,7 +107,7 @@ def test_public_file_may_name_its_own_text_columns(tmp_path, files):
         load_task(load_config(None, over))
     task = load_task(load_config(None, {**over, "data.public_text_column": "title+description"}))
     assert sorted(task.public.texts) == ["Stocks rise Markets gained today", "Team wins A late goal"]
-    assert task.public.labels == [] and len(task.train) == 48
+    assert task.public.labels == [] and len(task.train) + len(task.validation or []) == 48
 
 
 def test_test_file_may_name_its_own_text_column(tmp_path, files):
