@@ -1,31 +1,32 @@
 #!/usr/bin/env bash
-# Run post-fl with the Flower CLI (`flwr run`) on a local simulation SuperLink, Flower 1.41 style.
+# Run post-fl with the Flower CLI (`flwr run`) on a simulation SuperLink that this script starts and stops.
 #
 #   simulation/flwr_run.sh NUM_SUPERNODES [extra `flwr run` args, e.g. -c 'federated.rounds=5']
 #
-# Flower 1.41 reads SuperLink connections from $FLWR_HOME/config.toml (not from pyproject.toml).
-# This script points FLWR_HOME at runs/flwr-home (never your ~/.flwr), writes a config whose
-# default connection "local" uses the magic local address (flwr then starts a managed
-# `flower-superlink --simulation` in the background), sets the number of virtual SuperNodes
-# via --federation-config and streams the logs. run-config paths are made absolute because
-# the ServerApp runs from the installed FAB, not from this directory.
-# The managed SuperLink keeps running for later runs; stop it with
-#   kill "$(pgrep -f "flower-superlink.*runs/flwr-home/local-superlink")"
+# Works without an activated venv: every program comes from .venv/bin (or $POST_FL_VENV/bin).
+# 1. Checks every input and the client partitions first (python -m post_fl.preflight): a bad
+#    file or impossible split is reported before anything starts.
+# 2. Starts `flower-superlink --simulation` on free local ports in its own process group, with
+#    FLWR_HOME=runs/flwr-home (your ~/.flwr is never touched) and a connection "local" to it.
+# 3. Runs `flwr run . local --stream` with --federation-config num-supernodes=N.
+# 4. On exit (success, error or Ctrl-C) stops that SuperLink and every flwr-simulation it started,
+#    and reaps them: nothing is left running, no zombie.
+# run-config paths are made absolute because the ServerApp runs from the installed FAB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N="${1:?usage: simulation/flwr_run.sh NUM_SUPERNODES [flwr run args...]}"; shift || true
+BIN="${POST_FL_VENV:-$PWD/.venv}/bin"
+for exe in python flwr flower-superlink; do
+  if [ ! -x "$BIN/$exe" ]; then
+    echo "flwr_run.sh: $BIN/$exe not found; install the venv first (./setup.sh) or set POST_FL_VENV" >&2
+    exit 2
+  fi
+done
+export PATH="$BIN:$PATH"  # the SuperLink starts flwr-simulation and the apps from the same venv
 export FLWR_HOME="${FLWR_HOME:-$PWD/runs/flwr-home}"
-# The managed SuperLink inherits this: the ServerApp/ClientApps run in this venv instead of a
-# per-run environment that Flower would otherwise build with `uv sync` (slow, and needs a registry).
-export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="${FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION:-1}"
+# The apps run in this venv instead of a per-run environment Flower would build with `uv sync`.
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 mkdir -p "$FLWR_HOME"
-cat > "$FLWR_HOME/config.toml" <<TOML
-[superlink]
-default = "local"
-
-[superlink.local]
-address = ":local:"
-TOML
 OUT="$PWD/runs/flwr-$N"
 # Flower 1.41 merges several -c options shallowly (a later -c with federated.* keys drops an
 # earlier one's federated.* keys), so every override goes into ONE -c string.
@@ -37,4 +38,57 @@ while [ $# -gt 0 ]; do
     *) REST+=("$1"); shift ;;
   esac
 done
-exec flwr run . local --stream --federation-config "num-supernodes=$N" -c "$CFG" "${REST[@]}"
+
+"$BIN/python" -m post_fl.preflight --pyproject pyproject.toml --flower-config "$CFG"
+
+free_port() { "$BIN/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+PORT="$(free_port)"
+CONTROL="$(free_port)"
+LINK_PID=""
+
+descendants() {  # every process below $1 (children first listed after their parent)
+  local kid
+  for kid in $(ps -o pid= --ppid "$1" 2>/dev/null); do
+    echo "$kid"
+    descendants "$kid"
+  done
+}
+
+cleanup() {
+  local rc=$? pids
+  trap - EXIT INT TERM
+  if [ -n "$LINK_PID" ] && kill -0 "$LINK_PID" 2>/dev/null; then
+    pids="$(descendants "$LINK_PID") $LINK_PID"
+    kill -TERM -- "-$LINK_PID" $pids 2>/dev/null || true  # its process group and anything that left it
+    for _ in $(seq 50); do
+      kill -0 $pids 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -KILL -- "-$LINK_PID" $pids 2>/dev/null || true
+  fi
+  [ -n "$LINK_PID" ] && wait "$LINK_PID" 2>/dev/null || true  # reap the SuperLink: no zombie
+  rm -f "$FLWR_HOME/state-$PORT.db"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+setsid "$BIN/flower-superlink" --simulation --insecure --disable-runtime-dependency-installation \
+  --host 127.0.0.1 --port "$PORT" --control-api-address "127.0.0.1:$CONTROL" \
+  --database "$FLWR_HOME/state-$PORT.db" >"$FLWR_HOME/superlink.log" 2>&1 &
+LINK_PID=$!
+for _ in $(seq 600); do
+  grep -q "Uvicorn running on" "$FLWR_HOME/superlink.log" 2>/dev/null && break
+  kill -0 "$LINK_PID" 2>/dev/null || { cat "$FLWR_HOME/superlink.log" >&2; echo "flwr_run.sh: the SuperLink exited" >&2; exit 1; }
+  sleep 0.1
+done
+cat > "$FLWR_HOME/config.toml" <<TOML
+[superlink]
+default = "local"
+
+[superlink.local]
+address = "127.0.0.1:$PORT"
+insecure = true
+TOML
+"$BIN/flwr" run . local --stream --federation-config "num-supernodes=$N" -c "$CFG" ${REST[@]+"${REST[@]}"}

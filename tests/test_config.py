@@ -69,3 +69,37 @@ def test_every_shipped_config_file_loads():
         F.build_configs(read_run_config(str(path), ["federated.num_clients=10"]))
     for path in sweeps:
         load_sweep_config(path)
+
+
+def test_every_setting_has_help_text_and_show_config_prints_it(capsys):
+    from post_fl.cli import main
+    from post_fl.config_help import FIELD_HELP, field_keys
+
+    missing = [k for k in field_keys() if not FIELD_HELP.get(k, "").strip()]
+    assert not missing, f"settings without help text in post_fl/config_help.py: {missing}"
+    assert main(["show-config"]) == 0
+    out = capsys.readouterr().out
+    assert "derived default" in out.split("delta = 0.0")[0].rsplit("\n", 2)[-2]  # the comment just above
+    import tomllib
+
+    assert tomllib.loads(out)["tune"]["delta"] == 0.0  # still valid TOML
+
+
+def test_a_saved_config_json_is_a_config_file(tmp_path):
+    import json
+
+    from post_fl.config import load_config
+
+    cfg = load_config(None, {"tune.target_epsilon": "inf", "tune.lr": 0.2, "output_dir": "runs/x"})
+    p = tmp_path / "config.json"
+    from post_fl.jsonio import write_json
+
+    write_json(cfg.to_dict(), p)
+    again = load_config(p, {"seed": 4})
+    assert again.tune.lr == 0.2 and again.tune.target_epsilon == float("inf") and again.seed == 4
+    p.write_text("{broken")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_config(p)
+    p.write_text(json.dumps({"tune": {"lrr": 1}}))
+    with pytest.raises(ConfigError, match="tune.lrr"):
+        load_config(p)

@@ -67,3 +67,44 @@ def test_partition_bad_arguments(sentiment):
 def test_dataset_rejects_out_of_range_label():
     with pytest.raises(DataError, match="label index 2"):
         TextDataset(["a"], [2], ["x", "y"])
+
+
+def test_dirichlet_gives_every_client_at_least_the_minimum():
+    from conftest import make_sentiment
+
+    data = make_sentiment(400, seed=3)
+    for minimum in (1, 3):
+        parts = partition(data, 100, scheme="dirichlet", alpha=0.3, seed=0, min_partition_size=minimum)
+        assert min(len(p) for p in parts) >= minimum
+        assert sorted(t for p in parts for t in p.texts) == sorted(data.texts)
+    # without the top-up this draw leaves clients empty (the README's 100 clients, alpha 0.3)
+    from post_fl import data as D
+
+    raw = D.top_up_partitions([[1, 2, 3], [], [4]], 1, seed=0)
+    assert [len(p) for p in raw] == [2, 1, 1]
+
+
+def test_impossible_minimum_partition_sizes_are_refused_up_front(sentiment):
+    with pytest.raises(DataError, match="cannot split 64 examples among 20 clients with at least 4"):
+        partition(sentiment, 20, scheme="dirichlet", min_partition_size=4)
+    skewed = TextDataset([f"t{i}" for i in range(64)], [0] * 60 + [1] * 4, ["negative", "positive"])
+    with pytest.raises(DataError, match="pathological partitioning gives client"):  # 4 positives for 2 clients
+        partition(skewed, 4, scheme="pathological", classes_per_partition=1, min_partition_size=3)
+
+
+def test_every_problem_of_a_file_and_the_nearest_label(tmp_path):
+    from post_fl.data import nearest_label, scan_text_file, training_label_names
+
+    p = tmp_path / "t.csv"
+    p.write_text("text,label\n,positive\ngood,\n,negative\nok,positive\n")
+    with pytest.raises(DataError) as exc:
+        read_text_file(p)
+    msg = str(exc.value)
+    assert "rows 1, 3: empty 'text'" in msg and "row 2: empty 'label'" in msg
+    assert nearest_label("postive", ["negative", "positive"]) == "positive"
+    assert nearest_label("zzz", ["negative", "positive"]) is None
+    p.write_text("text,label\n" + "a,positive\n" * 5 + "b,negative\n" * 5 + "c,Postive\n")
+    names, problems = training_label_names(scan_text_file(p), "label", None, min_label_count=5)
+    assert len(problems) == 1 and "row 11: label 'Postive'" in problems[0] and "'positive'?" in problems[0]
+    assert training_label_names(scan_text_file(p), "label", None, 5, allow_rare=True) == (
+        ["Postive", "negative", "positive"], [])

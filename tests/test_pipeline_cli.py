@@ -121,3 +121,68 @@ def test_test_file_may_name_its_own_text_column(tmp_path, files):
             "data.test_text_column": "content", "model.label_words": {"negative": ["bad"], "positive": ["good"]}}
     task = load_task(load_config(None, over))
     assert task.test.texts == ["good film", "bad plot"] and task.test.labels == [1, 0]
+
+
+def test_a_killed_run_resumes_after_its_last_completed_stage(tmp_path, tiny_dirs, files, monkeypatch, capsys):
+    import post_fl.transfer as T
+
+    run = tmp_path / "run"
+    args = _args(tiny_dirs, files, run) + ["--set", "eval.teacher_prompt_tuning=false"]
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # the run is killed during the transfer stage
+
+    real = T.transfer_prompt
+    monkeypatch.setattr(T, "transfer_prompt", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main(["run"] + args)
+    assert (run / "stages" / "tune.done.json").is_file() and not (run / "stages" / "transfer.done.json").exists()
+    done = {n: (run / "stages" / f"{n}.json").stat().st_mtime_ns for n in ("distill", "tune")}
+    prompt_before = (run / "prompt_student").stat().st_mtime_ns
+    monkeypatch.setattr(T, "transfer_prompt", real)
+    assert main(["run"] + args) == 0  # same command again: distill and tune are not redone
+    assert {n: (run / "stages" / f"{n}.json").stat().st_mtime_ns for n in ("distill", "tune")} == done
+    assert (run / "prompt_student").stat().st_mtime_ns == prompt_before
+    assert (run / "stages" / "transfer.done.json").is_file() and (run / "results.json").is_file()
+    # a changed input (the training file) makes the stages that read it run again
+    train = files[0]
+    train.write_text(train.read_text())  # same content, new mtime
+    import os
+
+    os.utime(train, ns=(train.stat().st_atime_ns, train.stat().st_mtime_ns + 10**9))
+    assert main(["run"] + args) == 0
+    assert (run / "stages" / "tune.json").stat().st_mtime_ns != done["tune"]
+    # --no-resume reruns everything
+    before = (run / "stages" / "distill.json").stat().st_mtime_ns
+    assert main(["run", "--no-resume"] + args) == 0
+    assert (run / "stages" / "distill.json").stat().st_mtime_ns != before
+
+
+def test_the_saved_config_json_continues_a_run(tmp_path, tiny_dirs, files):
+    run = tmp_path / "run"
+    args = _args(tiny_dirs, files, run)
+    assert main(["distill"] + args) == 0
+    # finishing stage by stage: no --set flags retyped, the folder's own config.json
+    for stage in ("tune", "transfer", "evaluate"):
+        assert main([stage, "--quiet", "--config", str(run / "config.json")]) == 0, stage
+    assert (run / "results.json").is_file()
+
+
+def test_results_table_keeps_small_deltas_exact():
+    from post_fl.cli import _fmt
+
+    assert _fmt(0.00025) == "0.00025" and _fmt(1e-05) == "1e-05" and _fmt(float("inf")) == "inf"
+    assert _fmt(3.99408) == "3.994"
+
+
+def test_quiet_silences_the_libraries(tmp_path, tiny_dirs, files):
+    import transformers
+
+    from post_fl import progress
+
+    try:
+        assert main(["distill"] + _args(tiny_dirs, files, tmp_path / "run")) == 0  # _args passes --quiet
+        assert progress.is_quiet()
+        assert transformers.utils.logging.get_verbosity() == transformers.logging.ERROR
+    finally:
+        progress.configure(quiet=False)

@@ -1,0 +1,100 @@
+"""Progress: a bar on a terminal, a line every few percent in a log, nothing when quiet."""
+
+import io
+import logging
+import warnings
+
+import pytest
+
+from post_fl import progress as P
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+@pytest.fixture(autouse=True)
+def not_quiet():
+    P.configure(quiet=False)
+    yield
+    P.configure(quiet=False)
+
+
+def test_a_log_gets_a_line_every_few_percent_never_one_per_step():
+    out, clock = io.StringIO(), FakeClock()
+    bar = P.LineProgress(1000, "tune", out, every_percent=10, quiet_seconds=2.0, clock=clock)
+    for _ in range(1000):
+        clock.t += 0.01  # 10 s in all
+        bar.update(1)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert 5 <= len(lines) <= 11, lines  # not 1000
+    assert lines[-1].startswith("tune: 100% (1000/1000)")
+    assert all(line.startswith("tune: ") and "%" in line for line in lines)
+
+
+def test_a_short_loop_prints_nothing():
+    out, clock = io.StringIO(), FakeClock()
+    bar = P.LineProgress(50, "evaluate", out, clock=clock)
+    for _ in range(50):
+        bar.update(1)
+    bar.close()
+    assert out.getvalue() == ""
+
+
+def test_terminal_log_and_quiet_choose_the_right_report():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    from tqdm import tqdm
+
+    bar = P.progress_bar(10, "x", stream=Tty())
+    assert isinstance(bar, tqdm)
+    bar.close()
+    assert isinstance(P.progress_bar(10, "x", stream=io.StringIO()), P.LineProgress)
+    assert isinstance(P.progress_bar(10, "x", enabled=False), P.NullProgress)
+    P.configure(quiet=True)
+    assert type(P.progress_bar(10, "x", stream=Tty())) is P.NullProgress
+
+
+def test_quiet_silences_library_bars_logs_and_warnings():
+    import transformers
+
+    P.configure(quiet=True)
+    assert transformers.utils.logging.get_verbosity() == logging.ERROR
+    assert not transformers.utils.logging.is_progress_bar_enabled()
+    with warnings.catch_warnings(record=True) as caught:
+        P.silence_libraries()
+        warnings.warn_explicit("noisy", UserWarning, "opacus/privacy_engine.py", 1, module="opacus.privacy_engine")
+        warnings.warn_explicit("ours", UserWarning, "post_fl/x.py", 1, module="post_fl.x")
+    assert [str(w.message) for w in caught] == ["ours"]
+
+
+def test_the_training_loops_report_through_the_helper(monkeypatch, capsys, tiny_dirs):
+    """transfer (as tune/distill/evaluate) gets its report from progress_bar: lines, not one per step."""
+    import torch
+
+    from post_fl.config import TransferConfig
+    from post_fl.models import load_scoring_model
+    from post_fl.prompt import init_from_vocab
+    from post_fl.transfer import transfer_prompt
+
+    from conftest import make_sentiment
+
+    monkeypatch.setattr(P, "QUIET_SECONDS", 0.0)
+    model = load_scoring_model(tiny_dirs["masked"], ["negative", "positive"],
+                               {"positive": ["good"], "negative": ["bad"]})
+    prompt = init_from_vocab(model.word_embeddings, 2, torch.Generator().manual_seed(0))
+    transfer_prompt(model, prompt, model, make_sentiment(16, seed=3), TransferConfig(steps=40, batch_size=4),
+                    progress=True)
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("transfer: ")]
+    assert 2 <= len(lines) <= 11, lines
+    P.configure(quiet=True)
+    transfer_prompt(model, prompt, model, make_sentiment(16, seed=3), TransferConfig(steps=40, batch_size=4),
+                    progress=True)
+    assert "transfer: " not in capsys.readouterr().err
