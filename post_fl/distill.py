@@ -333,9 +333,9 @@ def _compute_teacher_outputs(teacher: ScoringModel, texts: list[str], cfg: Disti
     bs = max(1, cfg.teacher_batch_size)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from .progress import progress_bar
 
-        bar = tqdm(total=n, desc="teacher outputs (once)", leave=False)
+        bar = progress_bar(n, desc="teacher outputs (once)")
     for s in range(0, n, bs):
         idx = torch.tensor(order[s: s + bs])
         w = int(full.attention_mask[idx].sum(1).max())
@@ -431,9 +431,9 @@ def distill_student(teacher: ScoringModel, public: TextDataset, cfg: DistillConf
     stopped = "target" if agree0 >= cfg.target_agreement else ""
     bar = None
     if progress and not stopped:
-        from tqdm.auto import tqdm
+        from .progress import progress_bar
 
-        bar = tqdm(total=cfg.steps, desc="distill", leave=False)
+        bar = progress_bar(cfg.steps, desc="distill")
     backbone.train()
     n = len(train_out)
     step = 0
