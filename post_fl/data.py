@@ -148,7 +148,7 @@ def nearest_label(value: str, known: Sequence[str]) -> str | None:
 
 def _did_you_mean(value: str, known: Sequence[str]) -> str:
     near = nearest_label(value, known)
-    return f"; did you mean {near!r}?" if near else ""
+    return f" (did you mean {near!r}?)" if near else ""
 
 
 @dataclass
@@ -225,37 +225,29 @@ def training_label_names(scanned: ScannedFile, label_column: str, declared: Sequ
                          min_label_count: int = 1, allow_rare: bool = False) -> tuple[list[str], list[str]]:
     """The task's label set and the problems with the training labels of ``scanned``.
 
-    The label set is ``declared`` when given (the keys of ``model.label_words``), otherwise the
-    distinct labels of the training file. A label value outside the declared set, or seen in fewer
-    than ``min_label_count`` rows (a typo such as ``postive`` among ``positive`` rows looks exactly
-    like that), is a problem naming its rows and the nearest known label, unless ``allow_rare``
-    accepts rare classes. Returns (label names in natural order, problems).
+    With ``declared`` labels (the keys of ``model.label_words``) the label set is exactly those,
+    and any other value in the file is a problem. Without, the label set is the file's distinct
+    labels, and a label seen in fewer than ``min_label_count`` rows (a typo such as ``postive``
+    among ``positive`` rows looks exactly like that) is a problem unless ``allow_rare`` accepts
+    rare classes. Problems name the rows and the nearest known label. Returns (label names in
+    natural order, problems).
     """
-    rows = scanned.label_rows()
-    counts = {label: len(r) for label, r in rows.items() if label}
-    problems = []
     if declared:
         names = natural_label_order(declared)
-        problems += label_problems(scanned, label_column, names, "a declared label (model.label_words)")
-        candidates = names
-    else:
-        frequent = [label for label, c in counts.items() if c >= min_label_count]
-        names = natural_label_order(counts if allow_rare else (frequent or counts))
-        candidates = natural_label_order(frequent)
+        return names, label_problems(scanned, label_column, names, "a declared label (model.label_words)")
+    rows = scanned.label_rows()
+    counts = {label: len(r) for label, r in rows.items() if label}
+    names = natural_label_order(counts)
     if allow_rare:
-        return names, problems
-    for label in (names if declared else natural_label_order(counts)):
-        c = counts.get(label, 0)
-        if declared and label not in counts:
-            problems.append(f"{scanned.path}: declared label {label!r} (model.label_words) has no rows in column "
-                            f"{label_column!r}; expected at least data.min_label_count = {min_label_count} "
-                            "(or set data.allow_rare_labels = true)")
-        elif c < min_label_count:
-            others = [k for k in candidates if k != label]
+        return names, []
+    frequent = [label for label in names if counts[label] >= min_label_count]
+    problems = []
+    for label in names:
+        if counts[label] < min_label_count:
             problems.append(f"{scanned.path}: {rows_text(rows[label])}: label {label!r} in column {label_column!r} "
-                            f"occurs in only {c} row(s), fewer than data.min_label_count = {min_label_count}"
-                            f"{_did_you_mean(label, others)} If it is a real class, set "
-                            "data.allow_rare_labels = true")
+                            f"occurs in only {counts[label]} row(s), fewer than data.min_label_count = "
+                            f"{min_label_count}{_did_you_mean(label, frequent)}; if it is a real class, set "
+                            "data.allow_rare_labels = true (or declare the labels in model.label_words)")
     return names, problems
 
 
