@@ -45,6 +45,7 @@ clients of a round trained in shared passes. No Flower inside.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -92,6 +93,24 @@ class BatchedRound:
     examples_processed: int  # forward/backward rows over all steps and clients
     micro_batches: int
     client_state_bytes: int  # prompts + Adam moments + gradient sums of all clients
+
+
+def check_client_data(model: ScoringModel, data: TextDataset, client_id: int) -> None:
+    """Raise :class:`DataError` naming ``client_id`` if its data cannot be tuned on (empty, unlabelled,
+    or labels other than the model's verbalizer labels)."""
+    if len(data) == 0:
+        raise DataError(f"client {client_id}: cannot tune a prompt on an empty dataset")
+    if not data.labelled:
+        raise DataError(f"client {client_id}: prompt tuning needs labelled data")
+    if list(data.label_names) != list(model.label_names):
+        raise DataError(f"client {client_id}: data labels {data.label_names} differ from the model's verbalizer "
+                        f"labels {model.label_names}")
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon(history: tuple, delta: float, accountant: str) -> float:
+    """``epsilon_from_history``, memoised: clients of equal size share identical histories."""
+    return epsilon_from_history([list(h) for h in history], delta, accountant)
 
 
 class _GatheredPrompt(nn.Module):
@@ -247,8 +266,7 @@ def train_clients_batched(model: ScoringModel, global_prompt: torch.Tensor | np.
     # tokenize every client's data once; one padded table with per-client offsets
     encoded, plans = [], []
     for row, c in enumerate(ids):
-        if len(datasets[c]) == 0:
-            raise DataError(f"client {c}: cannot tune a prompt on an empty dataset")
+        check_client_data(model, datasets[c], c)
         encoded.append(encode_dataset(model, datasets[c]).tensors)
     width = max(t[0].shape[1] for t in encoded)
     pad = model.tokenizer.pad_token_id
@@ -327,7 +345,7 @@ def train_clients_batched(model: ScoringModel, global_prompt: torch.Tensor | np.
         delta = resolve_delta(cfg, p.n)
         if cfg.private:
             history = extend_history(histories.get(c) or [], p.sigma, p.q, p.steps)
-            epsilon = epsilon_from_history(history, delta, cfg.accountant)
+            epsilon = _epsilon(tuple(history), delta, cfg.accountant)
         else:
             history, epsilon = [tuple(h) for h in (histories.get(c) or [])], math.inf
         tuned = prompts[p.row].clone()
@@ -337,3 +355,120 @@ def train_clients_batched(model: ScoringModel, global_prompt: torch.Tensor | np.
                                mean_loss=float(sum(p.losses) / len(p.losses)) if p.losses else math.nan,
                                accountant_history=[list(h) for h in history])
     return BatchedRound(out, seconds, rows_done, micro, state_bytes)
+
+
+class BatchedTransport:
+    """The :class:`post_fl.federated.Transport` of in-process simulation with the client-batched engine.
+
+    Mirrors :class:`post_fl.federated.LocalTransport` (and so Flower's ClientApp): each sampled
+    client takes its partition (``client_partition``), opens its privacy ledger (``open_ledger``),
+    is refused before training when the round would exceed its budget, trains from the global prompt
+    with the noise multiplier calibrated for ``rounds x epochs``, records the round in its ledger
+    before its update is released (write-ahead), clips its update to the instruction's bound (or
+    ``user_dp_clip``), adds its distributed-DP noise share when that mode is on, and replies with
+    the same update and metrics as ``train_client``. The difference: all sampled clients' DP-SGD runs
+    in shared forward/backward passes (:func:`train_clients_batched`), which gives each client the
+    update ``train_client`` would give it (same insecure seeds in ``insecure_reproducible`` mode).
+    SecAgg+ is simulated only on Flower (``federated.secagg`` is refused here).
+    """
+
+    def __init__(self, server, run_cfg, fed_cfg, micro_batch: int = DEFAULT_MICRO_BATCH) -> None:
+        from .config import ConfigError
+
+        if fed_cfg.secagg:
+            raise ConfigError("federated.secagg: the client-batched simulation aggregates in the clear; "
+                              "run SecAgg+ on Flower's Simulation Engine (simulation.run)")
+        self.server, self.cfg, self.fed, self.micro_batch = server, run_cfg, fed_cfg, micro_batch
+        self.model_sends = 0
+        self.last_round: BatchedRound | None = None
+
+    def client_ids(self) -> list[int]:
+        """Every partition id 0..num_clients-1 (one virtual client each)."""
+        return list(range(self.fed.num_clients))
+
+    def _student(self, model_hash: str) -> ScoringModel:
+        from . import federated as fl
+
+        root = fl.cache_root(self.fed)
+        student = fl.cached_student(model_hash, root)
+        if student is None:  # one process: the student is installed once, as for one Flower worker
+            self.model_sends += 1
+            student = fl.install_student(self.server.package, root)
+        return student
+
+    def train_round(self, server_round: int, prompt: np.ndarray, instructions: dict[int, dict]):
+        """Train every instructed client of ``server_round`` in shared passes; their replies."""
+        from . import federated as fl
+        from .aggregate import ClientUpdate
+        from .ledger import BudgetExhausted
+        from .randomness import dp_numpy_rng
+
+        out = fl.RoundReplies()
+        tune = self.cfg.tune
+        hashes = {ins["model-hash"] for ins in instructions.values()}
+        if len(hashes) != 1:
+            raise ValueError(f"round {server_round}: instructions name {len(hashes)} student hashes, expected one")
+        student = self._student(hashes.pop())
+        datasets, ledgers, sigmas, histories, insecure, seeds = {}, {}, {}, {}, {}, {}
+        for cid in sorted(instructions):
+            try:  # as train_client: refuse before any training, fail alone on bad data
+                data = fl.client_partition(self.cfg, self.fed, cid)
+                if len(data) == 0:
+                    raise ValueError(f"round {server_round}: this client's partition is empty")
+                check_client_data(student, data, cid)
+                n = len(data)
+                ledger = fl.open_ledger(self.cfg, data, cid) if tune.private else None
+                if tune.private:
+                    steps, q = planned_steps(tune, n), sample_rate(tune, n)
+                    sigmas[cid] = float(calibrate_noise_multiplier(tune, n, self.fed.rounds * steps))
+                    ledger.check(sigmas[cid], q, steps, resolve_delta(tune, n))
+                    histories[cid] = ledger.history()
+                elif ledger is not None and math.isfinite(ledger.budget):
+                    raise BudgetExhausted(ledger.epsilon(resolve_delta(tune, n)), math.inf, ledger.budget,
+                                          resolve_delta(tune, n))
+            except BudgetExhausted as exc:
+                out.refusals[cid] = fl.budget_status(exc)
+                continue
+            except fl.ClientRefusal as exc:
+                out.refusals[cid] = {"status": fl.REFUSED, "reason": str(exc)}
+                continue
+            except ValueError as exc:  # bad or empty private data (DataError is a ValueError)
+                out.failures[cid] = f"{type(exc).__name__}: {exc}"
+                continue
+            datasets[cid], ledgers[cid] = data, ledger
+            insecure[cid] = fl.insecure_seed_for(self.cfg, server_round, cid)
+            seeds[cid] = fl.derive_seed(self.cfg.seed, server_round, 4, cid)
+        if not datasets:
+            return out
+        any_insecure = any(s is not None for s in insecure.values())
+        result = train_clients_batched(student, prompt, datasets, tune, histories=histories,
+                                       noise_multipliers=sigmas if tune.private else None,
+                                       insecure_seeds=insecure if any_insecure else None, seeds=seeds,
+                                       micro_batch=self.micro_batch)
+        self.last_round = result
+        for cid in sorted(datasets):
+            res, ins = result.clients[cid], instructions[cid]
+            if tune.private:  # write-ahead: the record exists before the update is released
+                ledgers[cid].record(res.noise_multiplier, res.sample_rate, res.steps, res.delta, "batched",
+                                    server_round)
+            update = res.update
+            clip = self.fed.user_dp_clip if self.fed.user_dp else float(ins["clip"])
+            if clip > 0 and math.isfinite(clip):
+                from .user_dp import clip_update
+
+                update, _ = clip_update(update, clip)
+            if self.fed.user_noise_mode == "distributed":
+                from .user_dp import noise_share
+
+                share = noise_share(update.shape, self.fed.user_dp_clip, fl.user_noise_multiplier(self.fed),
+                                    self.fed.min_clients, dp_numpy_rng(insecure[cid], 5))
+                update = (update.astype(np.float64) + share).astype(np.float32)
+            if tune.private:
+                metrics: dict = {"round": int(server_round)}
+            else:
+                metrics = {"round": int(server_round), "num-examples": int(res.examples),
+                           "loss": float(res.mean_loss), "steps": int(res.steps), "sample-rate": float(res.sample_rate)}
+            upd = ClientUpdate(cid, update, metrics.get("num-examples"), metrics)
+            out.updates.append(upd)
+            out.metrics[cid] = upd.metrics
+        return out

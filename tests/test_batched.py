@@ -219,3 +219,47 @@ def test_bad_inputs_are_refused(tiny_dirs):
         train_clients_batched(m, p0, data, cfg, micro_batch=0)
     with pytest.raises(ValueError, match="at least one client"):
         train_clients_batched(m, p0, {}, cfg)
+
+
+def _fed_run(root, tmp, transport_cls, **over):
+    from post_fl import federated as F
+    from test_federated import fed_flat
+
+    run_cfg, fed = F.build_configs(fed_flat(root, tmp, **over))
+    server = F.FederatedServer(run_cfg, fed)
+    transport = transport_cls(server, run_cfg, fed)
+    return F.run_federated(server, transport), server, transport
+
+
+@pytest.mark.parametrize("over", [{"insecure_reproducible": True},
+                                  {"insecure_reproducible": True, "federated.user_dp": True,
+                                   "federated.fraction_train": 0.6},
+                                  {"tune.dp": False}], ids=["sample-dp", "user-dp", "no-dp"])
+def test_batched_transport_gives_the_local_transport_run(fed_root, tmp_path, over):
+    """The same federated run (round logic, ledgers, clipping, aggregation, results) with the clients of each
+    round trained in shared passes: same global prompt (1e-5) and the same per-client privacy records."""
+    from post_fl import federated as F
+    from post_fl.batched import BatchedTransport
+
+    ref, ref_server, _ = _fed_run(fed_root, tmp_path / "local", F.LocalTransport, **over)
+    got, got_server, transport = _fed_run(fed_root, tmp_path / "batched", BatchedTransport, **over)
+    assert transport.last_round is not None and len(transport.last_round.clients) >= 2
+    moved = np.abs(ref_server.prompt - ref_server._initial_prompt()).max()
+    assert moved > 1e-3
+    assert np.allclose(got_server.prompt, ref_server.prompt, atol=1e-5)
+    assert [r["valid"] for r in got["rounds"]] == [r["valid"] for r in ref["rounds"]]
+    for key in ("student_federated_prompt", "teacher_transferred_prompt"):
+        assert got["accuracy"][key] == pytest.approx(ref["accuracy"][key], abs=1e-9)
+    assert got["privacy"]["sample_level"] == ref["privacy"]["sample_level"]
+
+
+def test_batched_transport_refuses_secagg(fed_root, tmp_path):
+    from post_fl import federated as F
+    from post_fl.batched import BatchedTransport
+    from post_fl.config import ConfigError
+    from test_federated import fed_flat
+
+    run_cfg, fed = F.build_configs(fed_flat(fed_root, tmp_path, **{"federated.secagg": True,
+                                                                  "federated.max_update_norm": 1.0}))
+    with pytest.raises(ConfigError, match="federated.secagg"):
+        BatchedTransport(F.FederatedServer(run_cfg, fed), run_cfg, fed)
