@@ -835,7 +835,9 @@ class FederatedServer:
                 require_min_clients(server_round, count, len(sampled), self.fed.min_clients, 0, len(failed),
                                     len(refused))
         else:
-            valid, rejected = filter_updates(replies.updates, shape, self.max_norm, server_round)
+            # under user DP the server clips every update to C (its sensitivity bound) instead of rejecting
+            bound = math.inf if self.fed.user_dp else self.max_norm
+            valid, rejected = filter_updates(replies.updates, shape, bound, server_round)
             valid_ids = [u.client_id for u in valid]
             if self.fed.user_dp:
                 from .user_dp import clip_update

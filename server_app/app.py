@@ -11,6 +11,7 @@ run goes on without it), sends the student once per client process that lacks it
 from __future__ import annotations
 
 import json
+import math
 from logging import INFO, WARNING
 from typing import Any
 
@@ -188,7 +189,7 @@ class GridTransport:
         ctx.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(params, True)
         clip_range = float(self.server.client_clip)
         if self.fed.user_noise_mode == "distributed":
-            clip_range *= 1.0 + 10.0 * self.server.user_dp_sigma / np.sqrt(self.fed.min_clients)
+            clip_range = float(clip_range * (1.0 + 10.0 * self.server.user_dp_sigma / math.sqrt(self.fed.min_clients)))
         SecAggPlusWorkflow(num_shares=self.fed.secagg_num_shares,
                            reconstruction_threshold=self.fed.secagg_reconstruction_threshold,
                            clipping_range=clip_range, max_weight=1.0,

@@ -1,0 +1,313 @@
+"""What a federated client reveals and spends (issue 10): clipping, DP-FedAvg noise, distributed DP under
+SecAgg+, the site's own budget, what crosses the wire, insecure mode, node binding, one-line failures."""
+
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+from conftest import make_sentiment
+from test_federated import fed_flat
+
+from post_fl import federated as F
+from post_fl.aggregate import ClientUpdate
+from post_fl.ledger import BudgetExhausted, PrivacyLedger, dataset_sha256, read_ledgers
+
+
+def _apps(flat, after_round=None):
+    from client_app.app import make_client_app
+    from server_app.app import make_server_app
+
+    return make_server_app(flat, after_round), make_client_app(flat)
+
+
+def _server(flat):
+    run_cfg, fed = F.build_configs(flat)
+    server = F.FederatedServer(run_cfg, fed)
+    server.prepare()
+    return server, run_cfg, fed
+
+
+def test_train_client_update_is_clipped(fed_root, tmp_path):
+    """The update a client releases has L2 norm <= clip (it would be ~100x larger unclipped)."""
+    server, run_cfg, fed = _server(fed_flat(fed_root, tmp_path, **{"tune.lr": 0.5}))
+    data = F.client_partition(run_cfg, fed, 0)
+    ledger = F.open_ledger(run_cfg, data, 0)
+    free = F.train_client(server.student, server.prompt, data, run_cfg, fed, 1, 0, 0.0, ledger)
+    norm_free = float(np.linalg.norm(free.delta))
+    clip = norm_free / 100
+    res = F.train_client(server.student, server.prompt, data, run_cfg, fed, 2, 0, clip, ledger)
+    assert float(np.linalg.norm(res.delta)) <= clip * (1 + 1e-5)
+    assert norm_free > 10 * clip
+    assert set(res.metrics) == set(F.DP_REPLY_METRIC_KEYS)  # nothing else may leave a DP client
+
+
+def test_dp_fedavg_clips_on_the_server_and_adds_noise_of_std_sigma_c_over_qn(fed_root, tmp_path):
+    """complete_round on updates of norm 1e3 >> C releases (sum of clipped + N(0, (sigma C)^2)) / (q N):
+    the residual has mean ~0 along the update direction (server-side clipping) and std sigma C / (q N)."""
+    C, sigma, q, n = 0.5, 1.3, 0.5, 6
+    flat = fed_flat(fed_root, tmp_path, **{"federated.user_dp": True, "federated.user_dp_clip": C,
+                                           "federated.user_dp_noise_multiplier": sigma,
+                                           "federated.fraction_train": q, "federated.rounds": 1000,
+                                           "federated.eval_every": 1000})
+    server, _, _ = _server(flat)
+    shape = server.prompt.shape
+    direction = np.random.default_rng(0).normal(size=shape)
+    direction /= np.linalg.norm(direction)
+    big = (1e3 * direction).astype(np.float32)
+    residuals = []
+    for rnd in range(1, 41):
+        before = server.prompt.astype(np.float64).copy()
+        ups = [ClientUpdate(c, big.copy(), None, {"round": rnd}) for c in range(3)]
+        server.complete_round(rnd, [0, 1, 2], F.RoundReplies(updates=ups, metrics={c: {} for c in range(3)}))
+        released = server.prompt.astype(np.float64) - before
+        residuals.append(released * q * n - 3 * C * direction)  # minus the clipped sum
+    r = np.stack(residuals)
+    along = (r.reshape(len(r), -1) @ direction.ravel())
+    assert abs(along.mean()) < 4 * sigma * C / math.sqrt(len(r))  # unclipped it would be ~3e3
+    assert r.std() == pytest.approx(sigma * C, rel=0.08)  # noise removed: 0
+    assert server.user_dp_rounds == 40
+
+
+def test_repeated_calls_stop_before_the_budget_is_exceeded(fed_root, tmp_path):
+    """A client's ledger persists across runs: with budget (= target) 2, calls stop before epsilon passes 2."""
+    flat = fed_flat(fed_root, tmp_path, **{"tune.target_epsilon": 2.0, "federated.rounds": 2})
+    server, run_cfg, fed = _server(flat)
+    data = F.client_partition(run_cfg, fed, 1)
+    done, spent = 0, []
+    with pytest.raises(BudgetExhausted) as err:
+        for rnd in range(1, 6):
+            ledger = F.open_ledger(run_cfg, data, 1)  # opened afresh: a new run on the same data
+            res = F.train_client(server.student, server.prompt, data, run_cfg, fed, rnd, 1, 0.0, ledger)
+            spent.append(res.private["epsilon"])
+            done += 1
+    assert done == 2 and 0 < spent[0] < spent[1] <= 2.0 + 1e-6
+    assert err.value.budget == 2.0 and err.value.after > 2.0 and err.value.spent == pytest.approx(spent[-1])
+    assert "budget-exhausted" in str(err.value)
+    ledger = F.open_ledger(run_cfg, data, 1)
+    assert len(ledger.entries()) == 2 and ledger.epsilon(err.value.delta) <= 2.0 + 1e-6
+    assert ledger.path.name == f"{dataset_sha256(data)}.json"
+
+
+def test_ledger_refuses_a_damaged_file(tmp_path):
+    led = PrivacyLedger.open(tmp_path, "ab" * 32, 3.0)
+    led.record(1.0, 0.1, 10, 1e-5, "r", 1)
+    led.path.write_text("{not json")
+    with pytest.raises(ValueError, match="privacy ledger unreadable"):
+        led.check(1.0, 0.1, 10, 1e-5)
+
+
+def _train_replies(grid):
+    return [m for m in grid.received if m.metadata.message_type == "train" and not m.has_error()]
+
+
+def test_dp_replies_carry_only_the_noised_update(fed_root, tmp_path):
+    """Under DP a train reply holds the update and the round number: no loss, no example count, no
+    epsilon/delta/steps/sample rate (all reveal n). Plain Flower messages and SecAgg+ messages alike."""
+    from simulation.inprocess import run_inprocess
+
+    F._STUDENTS.clear()
+    flat = fed_flat(fed_root, tmp_path, **{"federated.rounds": 1})
+    grid = run_inprocess(*_apps(flat), 6)
+    for m in grid.sent:
+        if m.metadata.message_type == "train":
+            assert set(m.content.config_records[F.TRAIN_CONFIG_RECORD]) == {"round", "model-hash", "clip"}
+    replies = _train_replies(grid)
+    assert len(replies) == 3
+    for m in replies:
+        c = m.content
+        assert not c.config_records
+        assert {k: set(v) for k, v in c.array_records.items()} == {F.REPLY_UPDATE_RECORD: {"delta"}}
+        assert {k: dict(v) for k, v in c.metric_records.items()} == {F.REPLY_METRICS_RECORD: {"round": 1}}
+    # SecAgg+ (+ distributed user DP): every client->server train message, all stages
+    F._STUDENTS.clear()
+    flat = fed_flat(fed_root, tmp_path / "s", **{"federated.rounds": 1, "federated.secagg": True,
+                                                 "federated.user_dp": True, "federated.fraction_train": 1.0,
+                                                 "federated.user_dp_noise_multiplier": 1.0})
+    grid = run_inprocess(*_apps(flat), 6)
+    replies = _train_replies(grid)
+    assert replies
+    forbidden = ("loss", "num-examples", "epsilon", "delta", "steps", "sample-rate", "noise-multiplier")
+    for m in replies:
+        c = m.content
+        for rec in c.metric_records.values():  # the legacy FitRes layout adds num_examples: equal weights, 1
+            assert set(rec) <= {"round", "num_examples"} and rec.get("num_examples", 1) == 1, dict(rec)
+        for name, rec in c.config_records.items():
+            assert not set(rec) & set(forbidden), (name, dict(rec))
+        assert all(len(a) == 0 for a in c.array_records.values())  # the update travels masked only
+    assert json.loads((tmp_path / "s" / "run" / "results.json").read_text())["rounds"][0]["valid"] == 6
+
+
+def test_secagg_with_user_dp_aggregate_carries_the_clients_noise(fed_root, tmp_path):
+    """Distributed DP: the clients' shares are in the securely aggregated sum (the server adds nothing when
+    >= min_clients shares arrive). Each clipped update has norm <= C, so without the shares the released
+    sum could not exceed k C; with them its norm is ~ sigma C sqrt(k d / m)."""
+    from simulation.inprocess import run_inprocess
+
+    F._STUDENTS.clear()
+    C, sigma, k, m = 0.5, 10.0, 6, 2
+    flat = fed_flat(fed_root, tmp_path, **{"federated.rounds": 1, "federated.secagg": True,
+                                           "federated.user_dp": True, "federated.fraction_train": 1.0,
+                                           "federated.user_dp_clip": C, "federated.user_dp_noise_multiplier": sigma,
+                                           "federated.min_clients": m, "eval.batch_size": 64})
+    run_inprocess(*_apps(flat), 6)
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    row, user = res["rounds"][0], res["privacy"]["user_level"]
+    assert row["valid"] == k and user["noise"] == "distributed" and user["holds_against_server"]
+    d = 4 * 32  # prompt entries
+    released_sum = row["update_norm"] * 1.0 * k  # q N = 6
+    expected = sigma * C * math.sqrt(k * d / m)
+    assert released_sum > 10 * k * C  # shares zeroed: at most k C
+    assert released_sum == pytest.approx(expected, rel=0.25)
+
+
+def test_secagg_server_noise_is_opt_in_and_labelled(fed_root, tmp_path):
+    from simulation.inprocess import run_inprocess
+
+    F._STUDENTS.clear()
+    flat = fed_flat(fed_root, tmp_path, **{"federated.rounds": 1, "federated.secagg": True,
+                                           "federated.user_dp": True, "federated.user_dp_noise": "server",
+                                           "federated.fraction_train": 1.0,
+                                           "federated.user_dp_noise_multiplier": 3.0})
+    run_inprocess(*_apps(flat), 6)
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    user = res["privacy"]["user_level"]
+    assert user["noise"] == "server" and user["trusts_server"] and not user["holds_against_server"]
+    assert "trusts the server" in user["unit"]
+    assert res["rounds"][0]["update_norm"] * 6 > 3 * 6 * 1.0  # k C = 6 at most without noise; ~34 with it
+
+
+def _sites(grid, tmp_path, sizes, budget=None, ledger=True):
+    from post_fl.data import write_text_file
+
+    for i, ctx in enumerate(grid.contexts.values()):
+        path = tmp_path / f"site{i}.csv"
+        if not path.exists():
+            write_text_file(make_sentiment(sizes[i], seed=40 + i), path)
+        ctx.node_config["data-path"] = str(path)
+        if budget is not None:
+            ctx.node_config["privacy-budget-epsilon"] = budget
+        if ledger:
+            ctx.node_config["privacy-ledger"] = str(tmp_path / f"ledger{i}")
+
+
+def _serve(server_app, grid):
+    from flwr.app import Context, RecordDict
+
+    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
+
+
+def test_sites_refuse_beyond_their_budget_and_the_server_records_it(fed_root, tmp_path):
+    """A second run on the same site files continues their ledgers: every site refuses with
+    budget-exhausted (spent/budget/delta), the server records it per client, the user-DP run still ends."""
+    from simulation.inprocess import InProcessGrid
+
+    over = {"federated.rounds": 2, "federated.num_clients": 3, "federated.fraction_train": 1.0,
+            "federated.user_dp": True, "federated.user_dp_noise_multiplier": 1.0, "tune.target_epsilon": 3.0,
+            "transfer.steps": 1}
+    for run in ("first", "second"):
+        F._STUDENTS.clear()
+        flat = fed_flat(fed_root, tmp_path / run, **over)
+        server_app, client_app = _apps(flat)
+        grid = InProcessGrid(client_app, 3)
+        _sites(grid, tmp_path, [12, 16, 20], budget=3.0)
+        _serve(server_app, grid)
+    first = json.loads((tmp_path / "first" / "run" / "results.json").read_text())
+    second = json.loads((tmp_path / "second" / "run" / "results.json").read_text())
+    assert all(r["valid"] == 3 for r in first["rounds"])
+    # the server of a deployment cannot read the sites' ledgers: it does not claim their epsilon
+    assert first["privacy"]["sample_level"]["epsilon_per_client"] == {}
+    assert "site" in first["privacy"]["sample_level"]["source"]
+    refused = second["privacy"]["sample_level"]["refused"]
+    assert sorted(refused) == ["0", "1", "2"]
+    for info in refused.values():
+        assert info["status"] == F.BUDGET_EXHAUSTED and info["budget"] == 3.0 and info["spent"] <= 3.0 + 1e-6
+        assert info["after"] > 3.0 and 0 < info["delta"] < 1e-4
+    assert all(r["valid"] == 0 and len(r["refused"]) == 3 for r in second["rounds"])
+    for i in range(3):  # each site's own ledger: both rounds of the first run, nothing of the second
+        (led,) = read_ledgers(tmp_path / f"ledger{i}").values()
+        assert led["rounds"] == 2 and led["epsilon"] <= 3.0 + 1e-6
+
+
+def test_deployed_site_needs_a_budget_and_refuses_insecure_runs(fed_root, tmp_path):
+    from simulation.inprocess import InProcessGrid
+
+    from post_fl.config import RunConfig
+
+    with pytest.raises(F.ClientRefusal, match="privacy-budget-epsilon"):
+        F.site_budget(RunConfig(), {"data-path": "x.csv"})
+    assert F.site_budget(RunConfig(), {}) == RunConfig().tune.target_epsilon  # simulation default
+    insecure = RunConfig(insecure_reproducible=True)
+    with pytest.raises(F.ClientRefusal, match="allow-insecure-reproducible"):
+        F.check_site_allows(insecure, {"data-path": "x.csv"})
+    F.check_site_allows(insecure, {"data-path": "x.csv", "allow-insecure-reproducible": "true"})
+    F.check_site_allows(insecure, {})  # simulation: the operator's own virtual clients
+    F._STUDENTS.clear()
+    flat = fed_flat(fed_root, tmp_path, **{"federated.rounds": 1, "federated.num_clients": 3,
+                                           "federated.fraction_train": 1.0, "federated.min_clients": 1,
+                                           "insecure_reproducible": True, "transfer.steps": 1})
+    server_app, client_app = _apps(flat)
+    grid = InProcessGrid(client_app, 3)
+    _sites(grid, tmp_path, [12, 16, 20], budget=8.0)
+    list(grid.contexts.values())[2].node_config["allow-insecure-reproducible"] = "true"
+    _serve(server_app, grid)
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    row = res["rounds"][0]
+    assert row["valid"] == 1 and sorted(row["refused"]) == ["0", "1"]
+    assert "allow-insecure-reproducible" in row["refused"]["0"]
+    assert "NOT PRIVATE" in res["not_private"]
+
+
+def test_duplicate_client_id_from_a_second_node_is_refused(fed_root, tmp_path, caplog):
+    from simulation.inprocess import InProcessGrid
+
+    F._STUDENTS.clear()
+    flat = fed_flat(fed_root, tmp_path, **{"federated.rounds": 1, "federated.fraction_train": 1.0,
+                                           "transfer.steps": 1})
+    server_app, client_app = _apps(flat)
+    grid = InProcessGrid(client_app, 7)
+    contexts = list(grid.contexts.values())
+    contexts[6].node_config.update({"partition-id": 2, "num-partitions": 6})  # an impostor claims client 2
+    for ctx in contexts[:6]:
+        ctx.node_config["num-partitions"] = 6
+    with caplog.at_level(logging.WARNING):
+        _serve(server_app, grid)
+    assert "claims client id 2, already bound to node" in caplog.text
+    row = json.loads((tmp_path / "run" / "results.json").read_text())["rounds"][0]
+    assert row["sampled"] == 6 and row["valid"] == 6
+    trains = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert contexts[6].node_id not in {m.metadata.dst_node_id for m in trains}
+
+
+def test_failure_reasons_are_one_line():
+    ray = ("\x1b[36mray::ClientAppActor.run()\x1b[39m (pid=123, ip=10.0.0.1)\nTraceback (most recent call last):\n"
+           '  File "/x/app.py", line 3, in train\n    raise ValueError("boom")\n    ^^^^^^^^^^^^\n'
+           "\x1b[31mValueError: round 1: this client's partition is empty\x1b[0m\n\n")
+    assert F.one_line_reason(ray) == "ValueError: round 1: this client's partition is empty"
+    assert F.one_line_reason("") == "unknown error (empty reason)"
+    assert len(F.one_line_reason("x" * 1000)) == 300
+    assert "\n" not in F.one_line_reason("a\nb\nc") and F.one_line_reason("a\nb\nc") == "c"
+
+
+def test_failed_client_reason_in_results_is_one_line(fed_root, tmp_path, monkeypatch):
+    """A client error with a multi-line, coloured reason is stored as its last meaningful line."""
+    from simulation.inprocess import InProcessGrid
+
+    F._STUDENTS.clear()
+    flat = fed_flat(fed_root, tmp_path, **{"federated.rounds": 1, "federated.fraction_train": 1.0,
+                                           "transfer.steps": 1})
+    server_app, client_app = _apps(flat)
+    grid = InProcessGrid(client_app, 6)
+    real = grid.client_app
+
+    def flaky(msg, ctx):
+        if msg.metadata.message_type == "train" and ctx.node_config["partition-id"] == 0:
+            raise RuntimeError("\x1b[31mTraceback (most recent call last):\n  File \"x\"\nKeyError: 'gone'\x1b[0m")
+        return real(msg, ctx)
+
+    grid.client_app = flaky
+    _serve(server_app, grid)
+    failed = json.loads((tmp_path / "run" / "results.json").read_text())["rounds"][0]["failed"]
+    assert list(failed) == ["0"]
+    assert "\n" not in failed["0"] and "\x1b" not in failed["0"] and failed["0"].endswith("KeyError: 'gone'")
