@@ -4,8 +4,8 @@
 # own data file. Runs in the foreground; stop it with Ctrl-C / SIGTERM.
 #
 #   deploy/start_supernode.sh --superlink HOST:PORT --ca CA_CERT --key PRIVATE_KEY \
-#       --partition-id I --num-partitions N --data FILE [--port PORT] [--state DIR] \
-#       [--max-wait SECONDS] [-- extra flower-supernode args]
+#       --partition-id I --num-partitions N --data FILE --budget EPSILON [--ledger DIR] \
+#       [--port PORT] [--state DIR] [--max-wait SECONDS] [-- extra flower-supernode args]
 #
 #   --superlink       the SuperLink's address (the federation operator gives it to you)
 #   --ca              the CA certificate that signed the SuperLink's TLS certificate
@@ -14,6 +14,12 @@
 #   --num-partitions  N, the number of sites (= run-config federated.num_clients)
 #   --data            this site's private data (CSV/TSV/JSONL with text and label columns);
 #                     passed as node config data-path, never sent anywhere
+#   --budget          the most epsilon this site's data may ever spend, over all runs
+#                     (node config privacy-budget-epsilon; set by the site, not the operator):
+#                     the ClientApp refuses a round that would exceed it
+#   --ledger          folder of the site's persistent privacy ledger, keyed by the data file's
+#                     sha256 (node config privacy-ledger; default
+#                     $XDG_DATA_HOME/post_fl/privacy-ledgers, i.e. ~/.local/share/...)
 #   --port            local port of this SuperNode's Runtime API, used only on this machine
 #                     by its ClientApp processes (default 9094; give each SuperNode on one
 #                     machine its own)
@@ -26,7 +32,7 @@
 # refused. What the site still trusts: the operator's app code (see README, "What a site trusts").
 set -euo pipefail
 usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit "${1:-2}"; }
-SUPERLINK=""; CA=""; KEY=""; PID=""; NPART=""; DATA=""; PORT="9094"; STATE="./supernode-state"; MAXWAIT=""; EXTRA=()
+SUPERLINK=""; CA=""; KEY=""; PID=""; NPART=""; DATA=""; BUDGET=""; LEDGER=""; PORT="9094"; STATE="./supernode-state"; MAXWAIT=""; EXTRA=()
 [[ $# -gt 0 ]] || usage
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -36,6 +42,8 @@ while [[ $# -gt 0 ]]; do
     --partition-id) PID="${2:?}"; shift 2 ;;
     --num-partitions) NPART="${2:?}"; shift 2 ;;
     --data) DATA="${2:?}"; shift 2 ;;
+    --budget) BUDGET="${2:?}"; shift 2 ;;
+    --ledger) LEDGER="${2:?}"; shift 2 ;;
     --port) PORT="${2:?}"; shift 2 ;;
     --state) STATE="${2:?}"; shift 2 ;;
     --max-wait) MAXWAIT="${2:?}"; shift 2 ;;
@@ -45,9 +53,9 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 missing=()
-for v in SUPERLINK CA KEY PID NPART DATA; do [[ -n "${!v}" ]] || missing+=("$v"); done
+for v in SUPERLINK CA KEY PID NPART DATA BUDGET; do [[ -n "${!v}" ]] || missing+=("$v"); done
 if [[ ${#missing[@]} -gt 0 ]]; then
-  echo "start_supernode.sh: missing --superlink/--ca/--key/--partition-id/--num-partitions/--data (${missing[*]})" >&2; usage
+  echo "start_supernode.sh: missing --superlink/--ca/--key/--partition-id/--num-partitions/--data/--budget (${missing[*]})" >&2; usage
 fi
 for a in "${EXTRA[@]}"; do
   case "$a" in
@@ -59,6 +67,9 @@ done
 [[ -r "$CA" ]] || { echo "start_supernode.sh: CA certificate '$CA' missing or unreadable" >&2; exit 2; }
 [[ -r "$KEY" ]] || { echo "start_supernode.sh: private key '$KEY' missing or unreadable" >&2; exit 2; }
 [[ "$DATA" != *"'"* && "$DATA" != *'"'* ]] || { echo "start_supernode.sh: data path must not contain quotes" >&2; exit 2; }
+[[ "$LEDGER" != *"'"* && "$LEDGER" != *'"'* ]] || { echo "start_supernode.sh: ledger path must not contain quotes" >&2; exit 2; }
+[[ "$BUDGET" =~ ^[0-9]+(\.[0-9]+)?$ ]] && awk -v b="$BUDGET" 'BEGIN { exit !(b > 0) }' \
+  || { echo "start_supernode.sh: --budget must be a positive number (epsilon), got '$BUDGET'" >&2; exit 2; }
 # The data file is checked by the ClientApp when it trains (a bad file fails this site's
 # rounds with a message naming the file); warn early here so the operator sees it at once.
 [[ -r "$DATA" ]] || echo "start_supernode.sh: WARNING: data file '$DATA' missing or unreadable" >&2
@@ -66,11 +77,13 @@ command -v flower-supernode >/dev/null || { echo "start_supernode.sh: flower-sup
 mkdir -p "$STATE"
 export FLWR_HOME="$(realpath "$STATE")"   # installed apps of this node; never ~/.flwr
 DATA="$(realpath -m "$DATA")"
+NODE_CONFIG="partition-id=$PID num-partitions=$NPART data-path='$DATA' privacy-budget-epsilon=$BUDGET"
+if [[ -n "$LEDGER" ]]; then mkdir -p "$LEDGER"; LEDGER="$(realpath "$LEDGER")"; NODE_CONFIG+=" privacy-ledger='$LEDGER'"; fi
 WAIT=(); [[ -z "$MAXWAIT" ]] || WAIT=(--max-wait-time "$MAXWAIT")
-echo "SuperNode partition $PID/$NPART -> $SUPERLINK (TLS, key $KEY, data $DATA, runtime port $PORT)"
+echo "SuperNode partition $PID/$NPART -> $SUPERLINK (TLS, key $KEY, data $DATA, budget epsilon $BUDGET, ledger ${LEDGER:-default}, runtime port $PORT)"
 exec flower-supernode \
   --superlink "$SUPERLINK" --root-certificates "$CA" \
   --auth-supernode-private-key "$KEY" \
-  --node-config "partition-id=$PID num-partitions=$NPART data-path='$DATA'" \
+  --node-config "$NODE_CONFIG" \
   --host 127.0.0.1 --port "$PORT" \
   "${WAIT[@]}" "${EXTRA[@]}"
