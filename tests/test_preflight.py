@@ -203,3 +203,50 @@ def test_server_app_checks_inputs_before_any_work(tmp_path, tiny_dirs, files, mo
     with pytest.raises(PreflightError, match="no such directory"):
         app._main(None, None)
     assert not made and not (tmp_path / "run").exists()
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def _script_env(tmp_path):
+    import os
+
+    # as a new user runs it: no activated venv (only system paths), Flower home in the test's folder
+    return {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", str(tmp_path)),
+            "FLWR_HOME": str(tmp_path / "flwr-home"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def test_flwr_run_script_refuses_bad_inputs_before_starting_anything(tmp_path):
+    import subprocess
+
+    res = subprocess.run(["bash", str(REPO / "simulation" / "flwr_run.sh"), "2", "-c",
+                          f'data.train="{tmp_path / "missing.csv"}"'], env=_script_env(tmp_path),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr
+    assert "missing.csv: data file does not exist" in res.stderr
+    assert not (tmp_path / "flwr-home" / "superlink.log").exists()  # no SuperLink was started
+
+
+@pytest.mark.slow
+def test_flwr_run_script_runs_without_a_venv_and_stops_what_it_started(tmp_path, fed_root):
+    """The README's `simulation/flwr_run.sh N` on a tiny task: exit 0, results written, and no
+    flower-superlink or flwr-simulation left behind (not even a zombie)."""
+    import json
+    import subprocess
+
+    import psutil
+
+    r = fed_root
+    cfg = (f'model.teacher="{r / "teacher"}" model.student="{r / "student"}" data.train="{r / "train.csv"}" '
+           f'data.test="{r / "test.csv"}" data.public="{r / "public.jsonl"}" '
+           'model.label_words="positive:good;negative:bad" federated.rounds=1 federated.min_clients=2 '
+           'federated.fraction_train=1.0 tune.batch_size=8 transfer.steps=2 prompt.num_virtual_tokens=2')
+    env = _script_env(tmp_path)
+    res = subprocess.run(["bash", str(REPO / "simulation" / "flwr_run.sh"), "2", "-c", cfg], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    results = json.loads((REPO / "runs" / "flwr-2" / "results.json").read_text())
+    assert [x["round"] for x in results["rounds"]] == [1]
+    left = [(q.pid, q.status()) for q in psutil.process_iter(["cmdline"])
+            if env["FLWR_HOME"] in " ".join(q.info["cmdline"] or [])]
+    assert left == [], f"processes the script started are still there: {left}"
