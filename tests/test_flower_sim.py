@@ -9,7 +9,7 @@ from test_federated import fed_flat
 
 from post_fl import federated as F
 
-ALLOWED_TRAIN_REPLY = {F.REPLY_UPDATE_RECORD: {"delta"}, F.REPLY_METRICS_RECORD: set(F.REPLY_METRIC_KEYS)}
+ALLOWED_TRAIN_REPLY = {F.REPLY_UPDATE_RECORD: {"delta"}, F.REPLY_METRICS_RECORD: set(F.DP_REPLY_METRIC_KEYS)}
 
 
 def _apps(flat, after_round=None):
@@ -35,8 +35,7 @@ def test_inprocess_run_and_reply_contents(fed_root, tmp_path):  # noqa: F811
     for m in grid.sent:
         if m.metadata.message_type == "train":
             prompt_shape = m.content.array_records[F.TRAIN_PROMPT_RECORD]["prompt"].numpy().shape
-            assert set(m.content.config_records[F.TRAIN_CONFIG_RECORD]) == \
-                {"round", "model-hash", "client-seed", "prior-steps", "clip"}
+            assert set(m.content.config_records[F.TRAIN_CONFIG_RECORD]) == {"round", "model-hash", "clip"}
     train_replies = [m for m in grid.received if m.metadata.message_type == "train"]
     assert len(train_replies) == 6
     for m in train_replies:
@@ -44,16 +43,20 @@ def test_inprocess_run_and_reply_contents(fed_root, tmp_path):  # noqa: F811
         c = m.content
         assert not c.config_records  # no free-form strings: no text, no token ids
         assert {k: set(v) for k, v in c.array_records.items()} == {F.REPLY_UPDATE_RECORD: {"delta"}}
-        assert {k: set(v) for k, v in c.metric_records.items()} == {F.REPLY_METRICS_RECORD: set(F.REPLY_METRIC_KEYS)}
+        assert {k: set(v) for k, v in c.metric_records.items()} == {F.REPLY_METRICS_RECORD: set(F.DP_REPLY_METRIC_KEYS)}
         delta = c.array_records[F.REPLY_UPDATE_RECORD]["delta"].numpy()
         assert delta.dtype == np.float32 and delta.shape == prompt_shape
         assert all(isinstance(v, (int, float)) for v in c.metric_records[F.REPLY_METRICS_RECORD].values())
     hello = [m for m in grid.received if m.metadata.message_type == "query.hello"]
     assert all(set(m.content.config_records[F.HELLO_RECORD]) == {"client-id", "has-model", "cache-key"}
                for m in hello)
-    # the client's privacy record stays in its own Context state
-    states = [ctx.state.config_records.get(F.CLIENT_STATE_RECORD) for ctx in grid.contexts.values()]
-    assert sum(s is not None for s in states) >= 3
+    # each client's privacy record is its own ledger (simulation: under <output_dir>/client-ledgers)
+    from post_fl.ledger import read_ledgers
+
+    ledgers = read_ledgers(tmp_path / "run" / F.LEDGER_DIR_NAME)
+    assert len(ledgers) >= 3 and all(0 < v["epsilon"] <= 8.0 + 1e-6 for v in ledgers.values())
+    assert results["privacy"]["sample_level"]["epsilon_per_client"] == \
+        {str(c): v["epsilon"] for c, v in sorted(ledgers.items())}
 
 
 def test_need_model_is_answered_with_the_weights(fed_root, tmp_path):  # noqa: F811
@@ -106,6 +109,9 @@ def test_flower_simulation_with_ray(fed_root, tmp_path):  # noqa: F811
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert [r["valid"] for r in results["rounds"]] == [2, 2]
     assert "teacher_transferred_prompt" in results["accuracy"]
+    # the Ray workers' clients wrote their ledgers; the harness read them (same machine)
+    eps = results["privacy"]["sample_level"]["epsilon_per_client"]
+    assert len(eps) >= 2 and all(0 < e <= 8.0 + 1e-6 for e in eps.values())
 
 
 def test_secagg_plus_inprocess(fed_root, tmp_path):  # noqa: F811
@@ -126,7 +132,8 @@ def test_secagg_plus_inprocess(fed_root, tmp_path):  # noqa: F811
 
 
 def test_site_data_path_is_used_and_bad_site_fails_alone(fed_root, tmp_path):  # noqa: F811
-    """Deployment: node config data-path gives each site its own file; a malformed file fails only that site."""
+    """Deployment: node config data-path gives each site its own file (and its own ledger, keyed by the
+    file's sha256); a malformed file leaves only that site out."""
     from simulation.inprocess import InProcessGrid
 
     from flwr.app import Context, RecordDict
@@ -140,12 +147,20 @@ def test_site_data_path_is_used_and_bad_site_fails_alone(fed_root, tmp_path):  #
     for i, ctx in enumerate(grid.contexts.values()):
         path = tmp_path / f"site{i}.csv"
         write_text_file(make_sentiment(10 + 4 * i, seed=20 + i), path)
-        ctx.node_config["data-path"] = str(path)
+        ctx.node_config.update({"data-path": str(path), "privacy-budget-epsilon": 8.0,
+                                "privacy-ledger": str(tmp_path / f"ledger{i}")})
     (tmp_path / "site2.csv").write_text("text,stars\nhello,5\n")
     server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
     row = json.loads((tmp_path / "run" / "results.json").read_text())["rounds"][0]
-    assert row["valid"] == 2 and row["examples"] == 10 + 14
-    assert "site2.csv" in row["failed"]["2"] and "missing column 'label'" in row["failed"]["2"]
+    # the malformed site fails its data check at hello (post_fl.preflight) and is left out of the run
+    assert row["sampled"] == 2 and row["valid"] == 2 and "examples" not in row  # DP sites hide their sizes
+    # each good site accounted its own file (sizes 10 and 14) in its own ledger
+    from post_fl.ledger import file_sha256, read_ledgers
+
+    for i in (0, 1):
+        (led,) = read_ledgers(tmp_path / f"ledger{i}").values()
+        assert led["data_sha256"] == file_sha256(tmp_path / f"site{i}.csv") and led["rounds"] == 1
+    assert not (tmp_path / "ledger2").exists()
 
 
 def test_missing_site_data_file_is_named(tmp_path):
