@@ -404,8 +404,11 @@ class Pipeline:
             log.info("stage evaluate: completed earlier with the same inputs; results from %s",
                      self.run / "results.json")
             return read_json(self.run / "results.json")
+        t0 = time.perf_counter()
+        log.info("stage evaluate ...")
         results = self.evaluate()
         self._mark_complete("evaluate", self.run / "results.json")
+        log.info("stage evaluate done in %.1fs", time.perf_counter() - t0)
         return results
 
 

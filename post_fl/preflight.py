@@ -51,14 +51,18 @@ def data_problems(cfg: RunConfig) -> tuple[list[str] | None, dict[str, list[str]
     names: list[str] | None = None
     words = dict(cfg.model.label_words)
     if d.train == EMBEDDED_DEFAULT:
-        from .pipeline import load_task
+        known = _embedded_labels(getattr(d, "embedded_task", ""))
+        if known is not None:  # the built-in task's labels, without reading its files
+            names, words = list(known[0]), {**known[1], **words}
+        else:
+            from .pipeline import load_task
 
-        try:
-            emb = load_task(dataclasses.replace(cfg, data=dataclasses.replace(d, test=EMBEDDED_DEFAULT,
-                                                                              public=EMBEDDED_DEFAULT)))
-            names, words = list(emb.train.label_names), {**emb.label_words, **words}
-        except (OSError, ValueError) as exc:
-            problems.append(f"data.train = 'embedded': {exc}")
+            try:
+                emb = load_task(dataclasses.replace(cfg, data=dataclasses.replace(d, test=EMBEDDED_DEFAULT,
+                                                                                  public=EMBEDDED_DEFAULT)))
+                names, words = list(emb.train.label_names), {**emb.label_words, **words}
+            except (OSError, ValueError) as exc:
+                problems.append(f"data.train = 'embedded': {exc}")
     else:
         scanned = scan_text_file(d.train, d.text_column, d.label_column)
         problems += [f"data.train: {p}" for p in scanned.problems]
@@ -81,6 +85,16 @@ def data_problems(cfg: RunConfig) -> tuple[list[str] | None, dict[str, list[str]
         scanned = scan_text_file(d.public, d.public_text_column or d.text_column, None)
         problems += [f"data.public: {p}" for p in scanned.problems]
     return names, words, problems
+
+
+def _embedded_labels(task: str):
+    """(label names, label words) of a built-in task, or None when unknown here."""
+    from . import embedded as E
+
+    table = {"movie-reviews": ("MOVIE_LABELS", "MOVIE_LABEL_WORDS"), "tweets": ("EMBEDDED_LABELS", "EMBEDDED_LABEL_WORDS")}
+    if task not in table or not all(hasattr(E, n) for n in table[task]):
+        return None
+    return getattr(E, table[task][0]), getattr(E, table[task][1])
 
 
 def model_problems(cfg: RunConfig, names: Sequence[str] | None, words: dict) -> list[str]:
