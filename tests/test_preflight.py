@@ -250,3 +250,25 @@ def test_flwr_run_script_runs_without_a_venv_and_stops_what_it_started(tmp_path,
     left = [(q.pid, q.status()) for q in psutil.process_iter(["cmdline"])
             if env["FLWR_HOME"] in " ".join(q.info["cmdline"] or [])]
     assert left == [], f"processes the script started are still there: {left}"
+
+
+def test_client_app_checks_a_sites_file_at_hello(tmp_path, tiny_dirs, files):
+    """A deployed site's own file is validated at the first message, before any model or round."""
+    from flwr.app import Context, RecordDict
+
+    from client_app.app import make_client_app
+
+    site = tmp_path / "site.csv"
+    site.write_text("text,label\ngood film,positive\nbad plot,negtive\n")
+    train, test, public = files
+    flat = {"model.teacher": tiny_dirs["masked"], "data.train": str(train), "data.test": str(test),
+            "data.public": str(public), "model.label_words": "positive:good;negative:bad",
+            "federated.client_cache_dir": str(tmp_path / "cache")}
+    app = make_client_app(flat)
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "data-path": str(site)},
+                  state=RecordDict(), run_config={})
+    from types import SimpleNamespace
+
+    msg = SimpleNamespace(metadata=SimpleNamespace(message_type="query.hello"))  # never read: refused before
+    with pytest.raises(PreflightError, match="row 2: unknown label 'negtive'.*did you mean 'negative'"):
+        app._registered_funcs["query.hello"](msg, ctx)
