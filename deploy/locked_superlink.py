@@ -12,15 +12,23 @@ launcher runs Flower's own SuperLink app with two locks added through Flower's e
 * :class:`PeerFilter`, an ASGI wrapper: peers outside the allowed networks (default: loopback)
   reach only the Fleet API (``/v1/fleet/``) and ``/health``. The Control API accepts loopback
   plus the networks given with ``--control-from``; the Runtime API accepts loopback only (the
-  SuperExec that runs the ServerApp is started by the SuperLink on this machine).
+  SuperExec that runs the ServerApp is started by this launcher on this machine).
+
+It also closes the one unauthenticated Runtime API call: in Flower's default ``subprocess``
+isolation anyone on loopback may claim a pending ServerApp task (``/v1/runtime/acquire-task``)
+and receive its token. The launcher runs Flower's ``--isolation process`` with
+``--superexec-auth-secret-file`` and starts the SuperExec itself with the same secret (the
+command Flower builds for its own subprocess mode, plus the secret), so only that SuperExec
+can claim tasks.
 
 Usage (deploy/start_superlink.sh calls it)::
 
-    python deploy/locked_superlink.py --operator-token-file FILE [--control-from CIDR ...] \\
-        -- FLOWER-SUPERLINK-ARGS
+    python deploy/locked_superlink.py --operator-token-file FILE --superexec-secret-file FILE \\
+        [--control-from CIDR ...] -- FLOWER-SUPERLINK-ARGS
 
 The Flower arguments must include TLS certificates, ``--enable-supernode-auth`` and
-``--disable-runtime-dependency-installation``; anything else is refused with a message.
+``--disable-runtime-dependency-installation`` and must not set ``--isolation``; anything else
+is refused with a message.
 """
 
 from __future__ import annotations
@@ -70,6 +78,20 @@ def read_operator_token(path: Path) -> str:
             f"operator token file {path}: expected one line of at least {MIN_TOKEN_CHARS} "
             "non-space characters (deploy/start_superlink.sh makes one)")
     return token
+
+
+def read_superexec_secret(path: Path) -> Path:
+    """Check the SuperExec shared secret file (mode 600, at least 32 bytes) and return its path."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise OperatorTokenError(f"SuperExec secret file {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o077:
+        raise OperatorTokenError(f"SuperExec secret file {path}: must be a regular file of mode 600; "
+                                 f"run: chmod 600 {path}")
+    if st.st_size < 32:
+        raise OperatorTokenError(f"SuperExec secret file {path}: expected at least 32 random bytes")
+    return path
 
 
 def parse_networks(values: Sequence[str], what: str) -> tuple:
@@ -209,6 +231,8 @@ def _parse_own_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]
     p = argparse.ArgumentParser(prog="locked_superlink.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--operator-token-file", required=True, type=Path,
                    help="file with the operator's bearer token (mode 600)")
+    p.add_argument("--superexec-secret-file", required=True, type=Path,
+                   help="shared secret (mode 600) with which only our SuperExec may claim ServerApp tasks")
     p.add_argument("--control-from", action="append", default=[], metavar="CIDR[,CIDR]",
                    help="networks besides loopback that may reach the Control API (still token-checked)")
     return p.parse_args(own), flower
@@ -223,12 +247,32 @@ def _check_flower_config(config) -> list[str]:
         bad.append("SuperNode authentication is off (add --enable-supernode-auth)")
     if config.runtime_dependency_install:
         bad.append("runtime dependency installation is on (add --disable-runtime-dependency-installation)")
-    if config.isolation != "subprocess":
-        bad.append("--isolation process would need a SuperExec on another host, which the Runtime API "
-                   "filter refuses; use the default subprocess isolation")
+    if config.isolation != "process" or config.superexec_auth_secret is None:
+        bad.append("ServerApp tasks must be claimed with the SuperExec secret (the launcher sets "
+                   "--isolation process --superexec-auth-secret-file; do not pass --isolation)")
     if config.simulation:
         bad.append("--simulation is not a cross-organisation deployment")
     return bad
+
+
+def _start_superexec(fs, config, secret_file: Path):
+    """Start ``flower-superexec`` as Flower's subprocess mode would, plus the shared secret; it
+    exits with this process (``--parent-pid``)."""
+    import subprocess
+
+    from flwr.supercore.address import resolve_bind_address
+    from flwr.supercore.utils import get_popen_detach_kwargs
+
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    command = fs._get_superexec_command(
+        runtime_address=resolve_bind_address(f"{host}:{config.port}"),
+        runtime_certificates=config.certificates,
+        runtime_root_certificates_path=config.ssl_ca_certfile,
+        parent_pid=os.getpid(),
+        runtime_dependency_install=False,
+    )
+    command += ["--superexec-auth-secret-file", str(secret_file)]
+    return subprocess.Popen(command, **get_popen_detach_kwargs())
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -236,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     own, flower_args = _parse_own_args(sys.argv[1:] if argv is None else argv)
     try:
         token = read_operator_token(own.operator_token_file)
+        secret_file = read_superexec_secret(own.superexec_secret_file)
         control_from = parse_networks(own.control_from, "--control-from")
     except ValueError as exc:
         sys.exit(f"locked_superlink.py: {exc}")
@@ -254,7 +299,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     fs = importlib.import_module("flwr.superlink.cli.flower_superlink")
 
-    sys.argv = ["flower-superlink", *flower_args]
+    if any(a == "--isolation" or a.startswith(("--isolation=", "--superexec-auth-secret-file")) for a in flower_args):
+        sys.exit("locked_superlink.py: do not pass --isolation or --superexec-auth-secret-file; the launcher "
+                 "sets both (--superexec-secret-file)")
+    sys.argv = ["flower-superlink", *flower_args, "--isolation", "process",
+                "--superexec-auth-secret-file", str(secret_file)]
     config = fs._parse_superlink_lifespan_config()  # Flower's own argument checks
     if bad := _check_flower_config(config):
         sys.exit("locked_superlink.py: refusing to start: " + "; ".join(bad))
@@ -274,6 +323,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "with the operator token; Runtime API for loopback only", config.host, config.port, nets)
     app = PeerFilter(create_app(config, fs.SuperLinkLifespan), control_from,
                      log=lambda msg: log(WARN, "PeerFilter: %s", msg))
+    superexec = _start_superexec(fs, config, secret_file)
+    log(INFO, "Started Flower SuperExec (pid %s) with the SuperExec secret", superexec.pid)
     uvicorn.run(app=app, host=config.host, port=config.port, reload=False, access_log=True,
                 log_config=get_uvicorn_log_config(console_handler.level), ssl_keyfile=config.ssl_keyfile,
                 ssl_certfile=config.ssl_certfile, workers=1, proxy_headers=False)

@@ -9,7 +9,9 @@
 #
 #   CERT_DIR   holds ca.crt, server.crt, server.key (deploy/make_certs.sh, or your own)
 #   STATE_DIR  the SuperLink's state: state.db (runs, registered SuperNodes; survives restarts),
-#              flwr-home/ (installed apps) and operator.token. Created if missing.
+#              flwr-home/ (installed apps), operator.token and superexec.secret (the shared
+#              secret with which only this SuperLink's SuperExec may claim ServerApp tasks).
+#              Created if missing.
 #   --host     address to listen on (default 127.0.0.1: this machine only). For other
 #              organisations give the interface they reach, e.g. 0.0.0.0 or 203.0.113.10:
 #              peers that are not loopback then reach the Fleet API (SuperNodes) and nothing else.
@@ -25,7 +27,8 @@
 # Always on: SuperNode authentication (only keys registered by the operator with
 # deploy/register_supernode.sh connect), no runtime dependency installation (the ServerApp
 # runs in this Python environment: activate the post-fl venv first). The Runtime API answers
-# loopback peers only. deploy/locked_superlink.py refuses to start otherwise.
+# loopback peers only, and only the SuperExec holding superexec.secret can claim ServerApp
+# tasks. deploy/locked_superlink.py refuses to start otherwise.
 set -euo pipefail
 
 usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit "${1:-2}"; }
@@ -50,7 +53,7 @@ for f in ca.crt server.crt server.key; do
 done
 for a in "${EXTRA[@]}"; do
   case "$a" in
-    --insecure|--allow-runtime-dependency-installation|--simulation|--isolation|--isolation=*|--host|--host=*|--port|--port=*)
+    --insecure|--allow-runtime-dependency-installation|--simulation|--isolation|--isolation=*|--superexec-auth-secret-file*|--host|--host=*|--port|--port=*)
       echo "start_superlink.sh: '$a' is not allowed here (it would undo the lock-down or bypass the options above)" >&2; exit 2 ;;
   esac
 done
@@ -70,9 +73,12 @@ if [[ -z "$TOKEN" ]]; then
     echo "wrote the operator token $TOKEN (give it only to whoever may submit runs and register sites)"
   fi
 fi
+SECRET="$STATE/superexec.secret"
+[[ -e "$SECRET" ]] || (umask 077; head -c 32 /dev/urandom > "$SECRET")
 
 echo "SuperLink on https://$HOST:$PORT (state: $STATE; Control API: loopback${CONTROL_FROM[*]:+ and ${CONTROL_FROM[*]}}, token $TOKEN)"
-exec "$PY" "$HERE/locked_superlink.py" --operator-token-file "$TOKEN" "${CONTROL_FROM[@]}" -- \
+exec "$PY" "$HERE/locked_superlink.py" --operator-token-file "$TOKEN" --superexec-secret-file "$SECRET" \
+  "${CONTROL_FROM[@]}" -- \
   --ssl-ca-certfile "$CERTS/ca.crt" --ssl-certfile "$CERTS/server.crt" --ssl-keyfile "$CERTS/server.key" \
   --enable-supernode-auth \
   --host "$HOST" --port "$PORT" \

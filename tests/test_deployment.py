@@ -95,6 +95,7 @@ class Federation:
     site_files: dict[int, Path] = field(default_factory=dict)
     num_clients: int = 0
     outsider: dict[str, subprocess.CompletedProcess] = field(default_factory=dict)
+    acquire_task: tuple[int, str] | None = None  # (HTTP status, body) of a task claim without the secret
     operator_runs: list | None = None
     operator_nodes: list | None = None
 
@@ -389,6 +390,27 @@ def _outsiders_try_to_register_and_run(fed: Federation, address: str, certs: Pat
                                  stderr=subprocess.STDOUT, text=True, timeout=120)
             log.write_text(res.stdout)
             fed.outsider[f"{who}-{action}"] = res
+    fed.acquire_task = _claim_serverapp_task(address, certs / "ca.crt")
+
+
+def _claim_serverapp_task(address: str, ca: Path) -> tuple[int, str]:
+    """A process on the SuperLink machine, without the SuperExec secret, asks the Runtime API
+    for a pending ServerApp task (in Flower's default subprocess isolation it would get one and
+    its token). Returns the HTTP status and body."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+
+    body = AcquireTaskRequest(supported_task_types=["flwr-serverapp", "flwr-simulation"]).SerializeToString()
+    req = urllib.request.Request(f"https://{address}/v1/runtime/acquire-task", data=body, method="POST",
+                                 headers={"Content-Type": "application/protobuf"})
+    try:
+        with urllib.request.urlopen(req, context=ssl.create_default_context(cafile=str(ca)), timeout=30) as r:
+            return r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
 
 
 @pytest.mark.slow
@@ -593,17 +615,39 @@ def test_operator_token_file_must_be_private_and_long(tmp_path):
         ls.read_operator_token(tmp_path / "missing.token")
 
 
+def test_superexec_secret_file_must_be_private_and_long(tmp_path):
+    ls = _load_locked_superlink()
+    f = tmp_path / "superexec.secret"
+    f.write_bytes(os.urandom(32))
+    f.chmod(0o600)
+    assert ls.read_superexec_secret(f) == f
+    f.chmod(0o640)
+    with pytest.raises(ls.OperatorTokenError, match="mode 600"):
+        ls.read_superexec_secret(f)
+    f.chmod(0o600)
+    f.write_bytes(b"short")
+    with pytest.raises(ls.OperatorTokenError, match="at least 32"):
+        ls.read_superexec_secret(f)
+
+
 def test_launcher_refuses_an_unlocked_superlink(tmp_path, monkeypatch):
     ls = _load_locked_superlink()
     f = tmp_path / "operator.token"
     f.write_text("a" * 40)
     f.chmod(0o600)
+    secret = tmp_path / "superexec.secret"
+    secret.write_bytes(os.urandom(32))
+    secret.chmod(0o600)
+    own = ["--operator-token-file", str(f), "--superexec-secret-file", str(secret)]
     monkeypatch.setattr(sys, "argv", list(sys.argv))  # main() hands Flower's parser its own argv
     with pytest.raises(SystemExit) as exc:
-        ls.main(["--operator-token-file", str(f), "--", "--insecure"])
+        ls.main([*own, "--", "--insecure"])
     msg = str(exc.value.code)
     for reason in ("TLS is off", "SuperNode authentication is off", "runtime dependency installation is on"):
         assert reason in msg, msg
+    with pytest.raises(SystemExit) as exc:  # back to Flower's subprocess isolation, where task hand-out is open
+        ls.main([*own, "--", "--isolation", "subprocess"])
+    assert "do not pass --isolation" in str(exc.value.code)
 
 
 def test_scripts_refuse_flags_that_undo_the_lock(tmp_path):
@@ -623,3 +667,17 @@ def test_scripts_refuse_flags_that_undo_the_lock(tmp_path):
     for extra in ("--insecure", "--allow-runtime-dependency-installation", "--host"):
         res = subprocess.run([*node, "--", extra], capture_output=True, text=True, env=env, timeout=30)
         assert res.returncode == 2 and f"'{extra}' is not allowed" in res.stderr, (extra, res.stderr)
+
+
+@pytest.mark.slow
+def test_only_the_superlinks_own_superexec_can_claim_serverapp_tasks(federation):
+    """The Runtime API's task hand-out needs the SuperExec secret: a loopback process without it
+    is refused, while the launcher's SuperExec (holding it) ran the operator's ServerApp."""
+    fed = federation
+    assert fed.acquire_task is not None
+    status, body = fed.acquire_task
+    assert status == 401 and "Authentication failed" in body, fed.acquire_task
+    link = fed.proc("superlink").text()
+    assert "SuperExec authentication failed for /flwr.proto.Runtime/AcquireTask" in link, fed.logs()
+    assert "Started Flower SuperExec" in link and "with the SuperExec secret" in link, fed.logs()
+    assert fed.run_rc == 0 and fed.results is not None, fed.logs()
