@@ -107,7 +107,12 @@ def resolve_config(args) -> RunConfig:
         overrides["output_dir"] = str(args.output_dir)
     if getattr(args, "insecure_reproducible", None):
         overrides["insecure_reproducible"] = True
-    return load_config(args.config, overrides)
+    try:
+        return load_config(args.config, overrides)
+    except ConfigError as first:  # report every bad setting, not only the first
+        from .preflight import PreflightError, config_problems
+
+        raise PreflightError(config_problems(args.config, overrides) or [str(first)]) from None
 
 
 def _fmt(v) -> str:

@@ -166,6 +166,35 @@ def config_differences(saved: dict, current: dict, ignore: Sequence[str] = ("out
     return out
 
 
+def config_problems(path: str | Path | None, overrides: dict[str, Any] | None = None) -> list[str]:
+    """Every bad setting of a config file plus ``--set`` overrides (not just the first one).
+
+    Each setting is tried on its own over the defaults (unknown key, wrong type, bad value), then,
+    if each is fine alone, all together (settings that depend on each other).
+    """
+    from .config import ConfigError, config_from_dict, read_config_file, unflatten
+
+    try:
+        data = read_config_file(path) if path is not None else {}
+    except ConfigError as exc:
+        return [str(exc)]
+    flat = flat_config(data)
+    flat.update({k: v for k, v in (overrides or {}).items()})
+    where = f"{path}: " if path is not None else ""
+    problems = []
+    for key, value in flat.items():
+        try:
+            config_from_dict(unflatten({key: value}))
+        except ConfigError as exc:
+            problems.append(f"{where}{exc}" if key not in (overrides or {}) else f"--set {key}: {exc}")
+    if not problems:
+        try:
+            config_from_dict(unflatten(flat))
+        except ConfigError as exc:
+            problems.append(f"{where}{exc}")
+    return problems
+
+
 MADE = ("stages", "student", "prompt_student", "prompt_teacher", "prompt_teacher_tuned", "results.json")
 
 

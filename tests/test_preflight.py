@@ -272,3 +272,50 @@ def test_client_app_checks_a_sites_file_at_hello(tmp_path, tiny_dirs, files):
     msg = SimpleNamespace(metadata=SimpleNamespace(message_type="query.hello"))  # never read: refused before
     with pytest.raises(PreflightError, match="row 2: unknown label 'negtive'.*did you mean 'negative'"):
         app._registered_funcs["query.hello"](msg, ctx)
+
+
+def test_sweep_checks_its_base_run_before_any_cell(tmp_path, tiny_dirs, files, capsys):
+    train, test, _ = files
+    out = tmp_path / "sweep"
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text(f'''output_dir = "{out}"
+methods = ["zero_shot"]
+num_clients = [1]
+target_epsilon = [4]
+partitioning = ["iid"]
+seeds = [0]
+[base.model]
+teacher = "{tmp_path / 'no-teacher'}"
+[base.data]
+train = "{train}"
+test = "{test}"
+public = "{tmp_path / 'no-public.jsonl'}"
+''')
+    assert main(["sweep", "--config", str(sweep), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "no such directory" in err and "no-public.jsonl: data file does not exist" in err
+    assert not out.exists()
+
+
+def test_simulation_run_checks_inputs_and_partitions_before_ray(tmp_path, tiny_dirs, files, monkeypatch, capsys):
+    import simulation.run as sim
+
+    monkeypatch.setattr(sim, "simulate", lambda *a, **k: pytest.fail("the simulation must not start"))
+    train, test, public = files
+    argv = ["--num-supernodes", "100", "-c", f'model.teacher="{tiny_dirs["masked"]}"',
+            "-c", f'data.train="{train}"', "-c", f'data.test="{test}"', "-c", f'data.public="{public}"',
+            "-c", 'model.label_words="positive:good;negative:bad"']
+    with pytest.raises(SystemExit) as exc:
+        sim.main(argv)
+    assert exc.value.code == 2
+    assert "cannot split" in capsys.readouterr().err  # 48 examples (less the validation split) for 100 clients
+
+
+def test_every_config_problem_is_reported_at_once(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[tune]\nlrr = 1\nepochs = -1\n[data]\nmin_label_count = 0\n")
+    assert main(["run", "--config", str(cfg), "--output-dir", str(tmp_path / "run"), "--set", "prompt.init=\"x\""]) == 2
+    err = capsys.readouterr().err
+    for key in ("tune.lrr", "tune.epochs", "data.min_label_count", "prompt.init"):
+        assert key in err, (key, err)
+    assert not (tmp_path / "run").exists()
