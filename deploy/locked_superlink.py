@@ -185,8 +185,11 @@ class PeerFilter:
         self.log = log
 
     def allowed(self, path: str, peer: str | None) -> bool:
-        """Whether a peer at address ``peer`` may request ``path``."""
-        if path in PUBLIC_PATHS or path.startswith(PUBLIC_PATH_PREFIXES):
+        """Whether a peer at address ``peer`` may request ``path`` (a path with ``.``/``..`` or empty
+        segments is never public: only a plain ``/v1/fleet/...`` path counts as the Fleet API)."""
+        segs = path.split("/")[1:]
+        plain = not any(seg in (".", "..") for seg in segs) and "" not in segs[:-1]
+        if plain and (path in PUBLIC_PATHS or path.startswith(PUBLIC_PATH_PREFIXES)):
             return True
         try:
             addr = ipaddress.ip_address(peer or "")
@@ -255,6 +258,22 @@ def _check_flower_config(config) -> list[str]:
     return bad
 
 
+def _unlocking_environment(env) -> list[str]:
+    """Environment variables that would open a way around the locks (empty list = fine).
+
+    Flower 1.41 starts its legacy gRPC Control / Fleet servers on their own sockets (default
+    0.0.0.0:9093 / :9092) when ``FLWR_INTERNAL_GRPC_*_API=1``, outside the peer filter; and
+    ``FLWR_OIDC_ENABLED=1`` asks for the Enterprise authentication plugin this launcher replaces.
+    """
+    bad = []
+    for var in ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API"):
+        if env.get(var) == "1":
+            bad.append(f"{var}=1 would start a gRPC API on its own socket, outside the peer filter; unset it")
+    if env.get("FLWR_OIDC_ENABLED") == "1":
+        bad.append("FLWR_OIDC_ENABLED=1 is set; this launcher replaces the Control API authentication plugin, unset it")
+    return bad
+
+
 def _start_superexec(fs, config, secret_file: Path):
     """Start ``flower-superexec`` as Flower's subprocess mode would, plus the shared secret; it
     exits with this process (``--parent-pid``)."""
@@ -302,14 +321,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     if any(a == "--isolation" or a.startswith(("--isolation=", "--superexec-auth-secret-file")) for a in flower_args):
         sys.exit("locked_superlink.py: do not pass --isolation or --superexec-auth-secret-file; the launcher "
                  "sets both (--superexec-secret-file)")
+    if bad_env := _unlocking_environment(os.environ):
+        sys.exit("locked_superlink.py: refusing to start: " + "; ".join(bad_env))
     sys.argv = ["flower-superlink", *flower_args, "--isolation", "process",
                 "--superexec-auth-secret-file", str(secret_file)]
     config = fs._parse_superlink_lifespan_config()  # Flower's own argument checks
     if bad := _check_flower_config(config):
         sys.exit("locked_superlink.py: refusing to start: " + "; ".join(bad))
-    if os.environ.get("FLWR_OIDC_ENABLED") == "1":
-        sys.exit("locked_superlink.py: FLWR_OIDC_ENABLED=1 is set; this launcher replaces the Control API "
-                 "authentication plugin, unset it")
     config = dataclasses.replace(config, authn_plugin=operator_token_plugin(token))
 
     from logging import INFO, WARN

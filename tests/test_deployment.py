@@ -553,9 +553,11 @@ def test_peer_filter_serves_only_the_fleet_api_to_non_loopback_peers(peer):
     for path in ("/v1/fleet/activate-node", "/v1/fleet/pull-messages", "/health"):
         assert _asgi_call(app, path, peer) == 200, path
     for path in ("/v1/control/register-node", "/v1/control/start-run", "/v1/runtime/acquire-task",
-                 "/v1/runtime/pull-messages", "/docs", "/openapi.json", "/v1/fleetX", "/"):
+                 "/v1/runtime/pull-messages", "/docs", "/openapi.json", "/v1/fleetX", "/",
+                 "/v1/fleet/../control/start-run", "/v1/fleet//../control/register-node", "/v1/fleet/./x",
+                 "/v1/fleet/.."):
         assert _asgi_call(app, path, peer) == 403, path
-    assert len(refusals) == 8 and all(peer in r for r in refusals)
+    assert len(refusals) == 12 and all(peer in r for r in refusals)
 
 
 @pytest.mark.parametrize("peer", ["127.0.0.1", "127.0.0.53", "::1", "::ffff:127.0.0.1"])
@@ -648,6 +650,12 @@ def test_launcher_refuses_an_unlocked_superlink(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exc:  # back to Flower's subprocess isolation, where task hand-out is open
         ls.main([*own, "--", "--isolation", "subprocess"])
     assert "do not pass --isolation" in str(exc.value.code)
+    for var in ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API", "FLWR_OIDC_ENABLED"):
+        with monkeypatch.context() as m:  # each would open a path around the locks
+            m.setenv(var, "1")
+            with pytest.raises(SystemExit) as exc:
+                ls.main([*own, "--", "--enable-supernode-auth"])
+            assert var in str(exc.value.code)
 
 
 def test_scripts_refuse_flags_that_undo_the_lock(tmp_path):
