@@ -19,17 +19,47 @@ LIBRARY_LOGGERS = ("transformers", "datasets", "opacus", "huggingface_hub", "flw
 _state = {"quiet": False}
 
 
-def configure(quiet: bool) -> None:
+def configure(quiet: bool, stream: TextIO | None = None) -> None:
     """Switch every post-fl progress report off (``quiet``) or on; quiet also silences the libraries'
-    progress bars, info logs and Python warnings (transformers, datasets, Hugging Face Hub, opacus)."""
+    progress bars, info logs and Python warnings (transformers, datasets, Hugging Face Hub, opacus).
+    When ``stream`` (default stderr) is not a terminal, the libraries' bars are switched off too:
+    in a log file they would write a fragment per update."""
     _state["quiet"] = quiet
+    stream = stream if stream is not None else sys.stderr
     if quiet:
         silence_libraries()
+    elif not (getattr(stream, "isatty", None) and stream.isatty()):
+        library_bars_off()
 
 
 def is_quiet() -> bool:
     """True after ``configure(quiet=True)``."""
     return _state["quiet"]
+
+
+def library_bars_off() -> None:
+    """The progress bars of transformers, datasets and the Hugging Face Hub off (their logs stay)."""
+    import os
+
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:  # pragma: no cover
+        pass
 
 
 def silence_libraries() -> None:
@@ -38,7 +68,7 @@ def silence_libraries() -> None:
     import os
     import warnings
 
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    library_bars_off()
     os.environ["TRANSFORMERS_VERBOSITY"] = "error"
     os.environ["DATASETS_VERBOSITY"] = "error"
     for name in LIBRARY_LOGGERS:
@@ -49,20 +79,12 @@ def silence_libraries() -> None:
         import transformers
 
         transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
     try:
         import datasets
 
         datasets.utils.logging.set_verbosity_error()
-        datasets.disable_progress_bars()
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
     except ImportError:  # pragma: no cover
         pass
 

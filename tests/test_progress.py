@@ -98,3 +98,12 @@ def test_the_training_loops_report_through_the_helper(monkeypatch, capsys, tiny_
     transfer_prompt(model, prompt, model, make_sentiment(16, seed=3), TransferConfig(steps=40, batch_size=4),
                     progress=True)
     assert "transfer: " not in capsys.readouterr().err
+
+
+def test_library_bars_are_off_when_writing_to_a_log():
+    import transformers
+
+    transformers.utils.logging.enable_progress_bar()
+    P.configure(quiet=False, stream=io.StringIO())  # not a terminal
+    assert not transformers.utils.logging.is_progress_bar_enabled()
+    assert not P.is_quiet()
