@@ -18,6 +18,17 @@ The module is built on callables so it works with any trainer:
 :func:`audit_by_canaries` draws canary inclusion at random, calls
 ``train_fn`` / ``score_fn``, and hands the scores to the statistical core
 :func:`epsilon_lower_bound_from_scores`.  Depends on numpy and scipy only.
+
+Power. With ``n`` member and ``n`` non-member observations the bound cannot exceed the value
+for a perfect attack (TPR = 1, FPR = 0), where both Clopper-Pearson upper bounds are
+``1 − level^(1/n)`` ≈ ``ln(1/level) / n``: the maximum is about ``ln(n / ln(1/level))``
+(:func:`max_epsilon_lower_bound`). Certifying ε = 8 at 95 % confidence with one fixed threshold
+takes 11,000 observations of each kind (:func:`observations_needed`); 32 + 32 observations
+cap the bound at 2.1 with one fixed threshold and at 1.3 with Bonferroni over 64 thresholds. Every :class:`AuditResult` carries
+that cap (``max_epsilon_lower_bound``) so a small bound is never read as evidence of privacy when
+the audit could not have shown more. :func:`audit_by_canaries` can spend its first
+``calibration_trials`` on choosing the threshold, so that the rest are tested at one fixed
+threshold (no multiple-comparison correction, hence more power).
 """
 
 from __future__ import annotations
@@ -35,6 +46,8 @@ __all__ = [
     "clopper_pearson_upper",
     "epsilon_lower_bound_from_scores",
     "audit_by_canaries",
+    "max_epsilon_lower_bound",
+    "observations_needed",
 ]
 
 
@@ -52,6 +65,9 @@ class AuditResult:
         n_nonmembers: number of non-member observations.
         confidence: 1 − α, the confidence of the Clopper-Pearson bounds.
         delta: the δ used in the conversion.
+        max_epsilon_lower_bound: the largest bound these observation counts could have given
+            (a perfect attack, the same confidence and threshold correction); the audit's power.
+        n_thresholds: thresholds the confidence level was shared between (1 = one fixed threshold).
     """
 
     epsilon_lower_bound: float
@@ -62,6 +78,8 @@ class AuditResult:
     n_nonmembers: int
     confidence: float
     delta: float = 0.0
+    max_epsilon_lower_bound: float = math.nan
+    n_thresholds: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form (JSON-friendly; ``inf`` thresholds become ``None``)."""
@@ -91,6 +109,50 @@ def clopper_pearson_upper(k: np.ndarray | int, n: int, level: float) -> np.ndarr
     m = k < n
     out[m] = _beta.ppf(1.0 - level, k[m] + 1.0, n - k[m])
     return out
+
+
+def _epsilon_from_rates(fpr_hi: np.ndarray, fnr_hi: np.ndarray, delta: float) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a = np.where(1.0 - delta - fpr_hi > 0, np.log(np.maximum(1.0 - delta - fpr_hi, 1e-300) / fnr_hi), -np.inf)
+        b = np.where(1.0 - delta - fnr_hi > 0, np.log(np.maximum(1.0 - delta - fnr_hi, 1e-300) / fpr_hi), -np.inf)
+    return np.maximum(a, b)
+
+
+def max_epsilon_lower_bound(n_members: int, n_nonmembers: int, delta: float, alpha: float = 0.05,
+                            n_thresholds: int = 1) -> float:
+    """The largest ε lower bound a threshold audit with these observation counts can report.
+
+    That of a perfect attack (no false positives, no false negatives), with the Clopper-Pearson
+    level ``alpha / 2 / n_thresholds`` of :func:`epsilon_lower_bound_from_scores`. An audit whose
+    maximum is below the claimed ε cannot detect a violation of that claim, whatever it measures.
+    """
+    _check_delta_alpha(delta, alpha)
+    if n_members < 1 or n_nonmembers < 1 or n_thresholds < 1:
+        raise ValueError(f"need >= 1 member, non-member and threshold, got {n_members}, {n_nonmembers}, "
+                         f"{n_thresholds}")
+    level = alpha / 2.0 / int(n_thresholds)
+    fnr_hi = clopper_pearson_upper(np.asarray([0]), int(n_members), level)
+    fpr_hi = clopper_pearson_upper(np.asarray([0]), int(n_nonmembers), level)
+    return max(0.0, float(_epsilon_from_rates(fpr_hi, fnr_hi, float(delta))[0]))
+
+
+def observations_needed(target_epsilon: float, delta: float, alpha: float = 0.05, n_thresholds: int = 1) -> int:
+    """Smallest n such that n members and n non-members let a perfect attack certify ``target_epsilon``."""
+    _check_delta_alpha(delta, alpha)
+    if not target_epsilon > 0 or not math.isfinite(target_epsilon):
+        raise ValueError(f"target_epsilon must be finite and > 0, got {target_epsilon}")
+    lo, hi = 1, 2
+    while max_epsilon_lower_bound(hi, hi, delta, alpha, n_thresholds) < target_epsilon:
+        lo, hi = hi, hi * 2
+        if hi > 1 << 40:
+            raise ValueError(f"epsilon {target_epsilon} cannot be certified at delta {delta}")
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if max_epsilon_lower_bound(mid, mid, delta, alpha, n_thresholds) >= target_epsilon:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def _as_scores(x: Sequence[float] | np.ndarray, name: str) -> np.ndarray:
@@ -166,10 +228,8 @@ def epsilon_lower_bound_from_scores(
     fn = n_m - tp
     fpr_hi = clopper_pearson_upper(fp, n_n, level)
     fnr_hi = clopper_pearson_upper(fn, n_m, level)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        a = np.where(1.0 - delta - fpr_hi > 0, np.log(np.maximum(1.0 - delta - fpr_hi, 1e-300) / fnr_hi), -np.inf)
-        b = np.where(1.0 - delta - fnr_hi > 0, np.log(np.maximum(1.0 - delta - fnr_hi, 1e-300) / fpr_hi), -np.inf)
-    eps = np.maximum(a, b)
+    eps = _epsilon_from_rates(fpr_hi, fnr_hi, float(delta))
+    n_thr = int(thresholds.size) if correction == "bonferroni" else 1
     i = int(np.argmax(eps))
     best = float(eps[i])
     if best > 0.0:
@@ -186,6 +246,8 @@ def epsilon_lower_bound_from_scores(
         n_nonmembers=int(n_n),
         confidence=1.0 - float(alpha),
         delta=float(delta),
+        max_epsilon_lower_bound=max_epsilon_lower_bound(n_m, n_n, delta, alpha, n_thr),
+        n_thresholds=n_thr,
     )
 
 
@@ -200,6 +262,7 @@ def audit_by_canaries(
     *,
     correction: str = "bonferroni",
     include_prob: float = 0.5,
+    calibration_trials: int = 0,
 ) -> AuditResult:
     """Canary membership-inference audit of a training procedure (e.g. DP soft-prompt tuning).
 
@@ -217,8 +280,15 @@ def audit_by_canaries(
     common in practice; for a textbook-rigorous audit use one canary per run
     (or the one-run analysis of Steinke, Nasr, Jagielski 2023).
 
+    With ``calibration_trials > 0`` the first that many trials only choose the
+    threshold (the best uncorrected one on their scores); the other
+    ``n_trials − calibration_trials`` are tested at that one threshold, so no
+    correction is needed and the bound's maximum (``max_epsilon_lower_bound``)
+    is higher for the same number of trials.
+
     Returns:
-        :class:`AuditResult` with ``n_members + n_nonmembers == n_trials · len(canaries)``.
+        :class:`AuditResult`; ``n_members + n_nonmembers`` = (``n_trials`` −
+        ``calibration_trials``) · ``len(canaries)``.
     Raises:
         ValueError: on no canaries, ``n_trials < 1``, δ/α outside (0, 1), or if
             the random draws produced no members or no non-members.
@@ -231,19 +301,28 @@ def audit_by_canaries(
         raise ValueError(f"n_trials must be a positive integer, got {n_trials!r}")
     if not 0.0 < include_prob < 1.0:
         raise ValueError(f"include_prob must be in (0, 1), got {include_prob!r}")
+    if int(calibration_trials) != calibration_trials or not 0 <= calibration_trials < n_trials:
+        raise ValueError(f"calibration_trials must be an integer in [0, n_trials), got {calibration_trials!r}")
     rng = np.random.default_rng(seed)
-    members: list[float] = []
-    nonmembers: list[float] = []
-    for _ in range(int(n_trials)):
+    obs: list[tuple[list[float], list[float]]] = [([], []), ([], [])]  # (calibration, test) x (members, non)
+    for trial in range(int(n_trials)):
         mask = rng.random(len(canaries)) < include_prob
         included = [c for c, m in zip(canaries, mask) if m]
         prompt = train_fn(included)
+        members, nonmembers = obs[0] if trial < calibration_trials else obs[1]
         for c, m in zip(canaries, mask):
             s = float(score_fn(prompt, c))
             (members if m else nonmembers).append(s)
-    if not members or not nonmembers:
-        raise ValueError(
-            f"audit drew {len(members)} member and {len(nonmembers)} non-member observations; "
-            "increase n_trials or the number of canaries"
-        )
+    for name, (members, nonmembers) in zip(("calibration", "test"), obs):
+        if (name == "test" or calibration_trials) and (not members or not nonmembers):
+            raise ValueError(
+                f"audit drew {len(members)} member and {len(nonmembers)} non-member {name} observations; "
+                "increase n_trials or the number of canaries"
+            )
+    members, nonmembers = obs[1]
+    if calibration_trials:
+        chosen = epsilon_lower_bound_from_scores(obs[0][0], obs[0][1], delta, alpha, correction="none")
+        threshold = chosen.threshold if math.isfinite(chosen.threshold) else float(np.median(obs[0][0]))
+        return epsilon_lower_bound_from_scores(members, nonmembers, delta, alpha, threshold=threshold,
+                                               correction="none")
     return epsilon_lower_bound_from_scores(members, nonmembers, delta, alpha, correction=correction)

@@ -89,7 +89,7 @@ CSV_COLUMNS = [
     "rounds", "clients_per_round", "train_examples", "test_examples",
     "client_s_per_round", "student_s_per_client_round", "teacher_s_per_client_round", "cost_source",
     "bytes_down_per_client_round", "bytes_up_per_client_round", "model_bytes_once",
-    "audit_epsilon_lb", "audit_tpr", "audit_fpr", "audit_observations",
+    "audit_epsilon_lb", "audit_max_epsilon_lb", "audit_tpr", "audit_fpr", "audit_observations",
     "cell_seconds", "run_dir", "error",
 ]
 EPSILON_AXIS_NOTE = (
@@ -127,28 +127,36 @@ class RaptSweepConfig:
 
 @dataclass
 class AuditSweepConfig:
-    """Membership-inference audit by canaries, run for cells whose method and client count are listed.
+    """Membership-inference audit by canaries, run for cells whose method, client count and target ε are listed.
 
     The audited mechanism is the cell's single-site prompt tuning on the student at the
     cell's target ε (DP-SGD, δ = ``delta``): ``trials`` fresh prompts of ``num_virtual_tokens``
     tokens are tuned on ``base_examples`` training examples plus a random half of ``canaries``
     canary texts (``canary_words`` random vocabulary words with a random label), each for
     ``epochs`` epochs at ``lr`` (many epochs on few examples, so a non-private prompt
-    memorises); a canary's score is how much tuning lowered its loss. See
+    memorises); a canary's score is how much tuning lowered its loss. The first
+    ``calibration_trials`` trials choose the attack's threshold, the others test it. See
     :func:`audit_prompt_tuning`.
+
+    Power: the defaults give (100 − 8) × 256 ≈ 23,500 test observations, about 11,800 of each
+    kind, so a perfect attack could certify ε ≈ 8.1 at 95 % confidence (the least that can detect a
+    violation of ε = 8, :func:`post_fl.audit.observations_needed`); every row carries the
+    maximum its own observation counts allow (``audit_max_epsilon_lb``).
     """
 
     enabled: bool = True
     methods: list[str] = field(default_factory=lambda: ["post"])
     clients: list[int] = field(default_factory=lambda: [1])
-    canaries: int = 16
+    epsilons: list[float] = field(default_factory=lambda: [8.0, math.inf])  # the claim audited; inf = attack strength
+    canaries: int = 256
     canary_words: int = 8
-    trials: int = 4
+    trials: int = 100
+    calibration_trials: int = 8
     base_examples: int = 8
     num_virtual_tokens: int = 16
-    epochs: float = 50.0
+    epochs: float = 10.0
     lr: float = 0.3
-    batch_size: int = 8
+    batch_size: int = 32
     delta: float = 1e-5
     alpha: float = 0.05
 
@@ -167,6 +175,9 @@ class AuditSweepConfig:
             raise ConfigError("audit.epochs and audit.lr: expected > 0")
         if not 0 < self.delta < 1 or not 0 < self.alpha < 1:
             raise ConfigError("audit.delta and audit.alpha: expected in (0, 1)")
+        if not 0 <= self.calibration_trials < self.trials:
+            raise ConfigError(f"audit.calibration_trials: expected 0 <= calibration_trials < trials = {self.trials}, "
+                              f"got {self.calibration_trials}")
 
 
 @dataclass
@@ -723,7 +734,7 @@ def _rapt_client_fn(server, run_cfg: RunConfig, fed, eta: float, rapt_cfg: RaptS
     the most privatised tokens in one example (for the per-example guarantee).
     """
     from .aggregate import ClientUpdate
-    from .federated import client_partition
+    from .federated import client_partition, derive_seed
     from .randomness import dp_torch_generator
     from .rapt import ReconstructionHead
 
@@ -741,9 +752,10 @@ def _rapt_client_fn(server, run_cfg: RunConfig, fed, eta: float, rapt_cfg: RaptS
                                                  dp_torch_generator(insecure_seed, RAPT_STREAM, cid))
             fn.max_text_tokens[cid] = private[cid].max_text_tokens
             heads[cid] = ReconstructionHead(model.embedding_dim, model.word_embeddings, mlp=False)
-        torch.manual_seed(ins["client-seed"])
+        seed = derive_seed(run_cfg.seed, ins["round"], cid, RAPT_STREAM)  # batch order only: post-processing
+        torch.manual_seed(seed)
         delta, steps, loss, seconds = rapt_local_round(model, private[cid], heads[cid], prompt_np, run_cfg.tune,
-                                                       rapt_cfg, ins["client-seed"])
+                                                       rapt_cfg, seed)
         n = len(private[cid].labels)
         metrics = {"num-examples": n, "loss": loss, "epsilon": math.inf, "delta": 0.0,
                    "steps": steps, "noise-multiplier": 0.0, "sample-rate": min(run_cfg.tune.batch_size, n) / n}
@@ -807,13 +819,16 @@ def audit_prompt_tuning(model, base_data, target_epsilon: float, audit: AuditSwe
     """Canary membership-inference audit of prompt tuning at ``target_epsilon``: an empirical ε lower bound.
 
     Each of ``audit.trials`` trials tunes a fresh prompt (DP-SGD at ``target_epsilon``,
-    δ = ``audit.delta``; none when inf) on ``base_data`` plus a random half of the canaries.
+    δ = ``audit.delta``, fresh DP noise every trial; none when inf) on ``base_data`` plus a
+    random half of the canaries.
     A canary's membership score is its loss under the initial prompt minus its loss under the
     tuned prompt (how much tuning taught the prompt *that* text's label). Scores of included
     canaries are member observations, the others non-member ones;
     :func:`post_fl.audit.epsilon_lower_bound_from_scores` turns them into a Clopper-Pearson
-    lower bound on ε at confidence 1 − ``audit.alpha`` (threshold choice Bonferroni-corrected).
-    Returns :class:`post_fl.audit.AuditResult`.
+    lower bound on ε at confidence 1 − ``audit.alpha``: the threshold is chosen on the first
+    ``audit.calibration_trials`` trials and tested on the rest (Bonferroni over all thresholds
+    when 0). Returns :class:`post_fl.audit.AuditResult`, whose ``max_epsilon_lower_bound`` is the
+    most these observation counts could show.
     """
     from .audit import audit_by_canaries
     from .data import TextDataset
@@ -850,7 +865,8 @@ def audit_prompt_tuning(model, base_data, target_epsilon: float, audit: AuditSwe
         return before - _canary_losses(model, canaries, res.prompt)
 
     return audit_by_canaries(train_fn, lambda scores, i: float(scores[i]), list(range(len(canaries))),
-                             audit.trials, audit.delta, audit.alpha, seed=seed)
+                             audit.trials, audit.delta, audit.alpha, seed=seed,
+                             calibration_trials=audit.calibration_trials)
 
 
 # ---------------------------------------------------------------- one cell
@@ -1007,7 +1023,8 @@ def run_cell(ctx: SweepContext, cell: Cell) -> dict[str, Any]:
                bytes_down_per_client_round=s["bytes_down"], bytes_up_per_client_round=s["bytes_up"],
                model_bytes_once=s["model_bytes_once"])
     a = cfg.audit
-    if a.enabled and cell.method in a.methods and cell.num_clients in a.clients:
+    if a.enabled and cell.method in a.methods and cell.num_clients in a.clients and \
+            float(cell.target_epsilon) in [float(e) for e in a.epsilons]:
         from .pipeline import load_student
 
         task = ctx.task(cell.seed)
@@ -1015,8 +1032,8 @@ def run_cell(ctx: SweepContext, cell: Cell) -> dict[str, Any]:
         base = task.train.shuffled(cell.seed + 17).head(a.base_examples) if a.base_examples else \
             task.train.subset([])
         res = audit_prompt_tuning(student, base, cell.target_epsilon, a, cfg.base.tune, cell.seed)
-        row.update(audit_epsilon_lb=res.epsilon_lower_bound, audit_tpr=res.tpr, audit_fpr=res.fpr,
-                   audit_observations=res.n_members + res.n_nonmembers)
+        row.update(audit_epsilon_lb=res.epsilon_lower_bound, audit_max_epsilon_lb=res.max_epsilon_lower_bound,
+                   audit_tpr=res.tpr, audit_fpr=res.fpr, audit_observations=res.n_members + res.n_nonmembers)
     row["cell_seconds"] = time.perf_counter() - t0
     return row
 
@@ -1106,6 +1123,21 @@ def _cellfmt(vals: list[float], digits: int = 3) -> str:
     return f"{m:.{digits}f} ± {float(np.std(vals)):.{digits}f}"
 
 
+def _delta_cell(group: list[dict]) -> str:
+    """The δ of a group's ε (the largest over seeds), in scientific notation; '' when none."""
+    d = [_num(r.get("delta")) for r in group]
+    d = [v for v in d if math.isfinite(v)]
+    return ("0" if max(d) == 0 else f"{max(d):.0e}") if d else ""
+
+
+def _audit_cell(group: list[dict]) -> str:
+    """``lb (max M)``: the audit's ε lower bound beside the most its observation counts could show."""
+    lb = _cellfmt([_num(r.get("audit_epsilon_lb")) for r in group], 2)
+    mx = [_num(r.get("audit_max_epsilon_lb")) for r in group]
+    mx = [v for v in mx if math.isfinite(v)]
+    return lb if lb in ("", "–") or not mx else f"{lb} (max {min(mx):.2f})"
+
+
 def markdown_table(rows: list[dict]) -> str:
     """A Markdown table of a sweep: one line per cell (seeds averaged, ± std), with the ε-axis caveat."""
     groups: dict[tuple, list[dict]] = {}
@@ -1118,15 +1150,15 @@ def markdown_table(rows: list[dict]) -> str:
     order = {m: i for i, m in enumerate(METHODS)}
     keys = sorted(groups, key=lambda k: (order.get(k[0], 99), _num(k[1]) if k[1] else 0, k[2], k[3],
                                          _num(k[4]) if k[4] else 0))
-    lines = ["| method | clients | partitioning | target ε | accuracy | student acc. | ε spent | audit ε lb | "
+    lines = ["| method | clients | partitioning | target ε | accuracy | student acc. | ε spent | δ | audit ε lb (max) | "
              "s/client/round (student) | s/client/round (teacher) | bytes/client/round (up) | seeds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for k in keys:
         g = groups[k]
         part = k[2] + (f"(α={k[3]})" if k[2] == "dirichlet" else "")
         col = lambda name, d=3: _cellfmt([_num(r.get(name)) for r in g], d)  # noqa: E731
         lines.append(f"| {k[0]} | {k[1] or '–'} | {part or '–'} | {k[4] or '–'} | {col('accuracy')} | "
-                     f"{col('student_accuracy')} | {col('epsilon', 2)} | {col('audit_epsilon_lb', 2)} | "
+                     f"{col('student_accuracy')} | {col('epsilon', 2)} | {_delta_cell(g)} | {_audit_cell(g)} | "
                      f"{col('student_s_per_client_round', 2)} | {col('teacher_s_per_client_round', 2)} | "
                      f"{col('bytes_up_per_client_round', 0)} | {len(g)} |")
     errors = [r for r in rows if r.get("status") != "ok"]

@@ -140,3 +140,56 @@ def test_bad_inputs_raise_value_error():
         audit_by_canaries(lambda inc: 0, lambda p, c: 0.0, [1, 2], n_trials=0, delta=DELTA)
     with pytest.raises(ValueError, match="delta"):
         audit_by_canaries(lambda inc: 0, lambda p, c: 0.0, [1, 2], n_trials=3, delta=0.0)
+
+
+# ---------------------------------------------------------------- power: the most an audit can show
+def test_max_epsilon_lower_bound_closed_form_and_is_reached_by_a_perfect_attack():
+    from post_fl.audit import max_epsilon_lower_bound
+
+    n, alpha = 500, 0.05
+    p = 1 - (alpha / 2) ** (1 / n)  # Clopper-Pearson upper bound for 0 of n, one threshold
+    assert max_epsilon_lower_bound(n, n, DELTA, alpha) == pytest.approx(math.log((1 - DELTA - p) / p))
+    # a perfect attack on these counts reaches the maximum, at its own number of thresholds (2 here)
+    res = epsilon_lower_bound_from_scores(np.ones(n), np.zeros(n), DELTA, alpha)
+    assert res.n_thresholds == 2
+    assert res.epsilon_lower_bound == pytest.approx(res.max_epsilon_lower_bound)
+    assert res.max_epsilon_lower_bound == pytest.approx(max_epsilon_lower_bound(n, n, DELTA, alpha, 2))
+    # the figures: 32 + 32 observations cannot certify more than ~1.3 (Bonferroni, 64 thresholds)
+    assert max_epsilon_lower_bound(32, 32, DELTA, alpha, 64) == pytest.approx(1.28, abs=0.01)
+    assert max_epsilon_lower_bound(8, 8, DELTA, alpha, 16) == 0.0
+    with pytest.raises(ValueError, match="member"):
+        max_epsilon_lower_bound(0, 5, DELTA)
+
+
+def test_every_result_reports_its_maximum_and_never_exceeds_it():
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        m, k = rng.integers(5, 300, size=2)
+        res = epsilon_lower_bound_from_scores(rng.normal(2, 1, m), rng.normal(0, 1, k), DELTA)
+        assert 0.0 <= res.epsilon_lower_bound <= res.max_epsilon_lower_bound + 1e-12
+        assert res.to_dict()["max_epsilon_lower_bound"] == res.max_epsilon_lower_bound
+
+
+def test_observations_needed_to_detect_epsilon_8():
+    from post_fl.audit import max_epsilon_lower_bound, observations_needed
+
+    n = observations_needed(8.0, DELTA)
+    assert max_epsilon_lower_bound(n, n, DELTA) >= 8.0 > max_epsilon_lower_bound(n - 1, n - 1, DELTA)
+    assert 10_000 < n < 12_000
+    assert observations_needed(8.0, DELTA, n_thresholds=100) > n  # a correction costs observations
+
+
+def test_calibration_trials_fix_the_threshold_and_raise_the_power():
+    canaries = _vector_canaries(k=40)
+    plain = audit_by_canaries(_memorising_train_fn(sigma=0.05), _score, canaries, n_trials=40, delta=DELTA, seed=1)
+    split = audit_by_canaries(_memorising_train_fn(sigma=0.05), _score, canaries, n_trials=44, delta=DELTA, seed=1,
+                              calibration_trials=4)
+    assert split.n_thresholds == 1 and split.n_members + split.n_nonmembers == 40 * 40
+    assert split.max_epsilon_lower_bound > plain.max_epsilon_lower_bound
+    assert split.epsilon_lower_bound > plain.epsilon_lower_bound > 1.0
+    rng = np.random.default_rng(9)
+    null = audit_by_canaries(lambda included: rng.normal(size=200), _score, canaries, n_trials=30, delta=DELTA,
+                             seed=1, calibration_trials=5)
+    assert null.epsilon_lower_bound <= 0.2
+    with pytest.raises(ValueError, match="calibration_trials"):
+        audit_by_canaries(lambda inc: 0, lambda p, c: 0.0, [1, 2], n_trials=3, delta=DELTA, calibration_trials=3)

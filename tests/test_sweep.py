@@ -63,7 +63,9 @@ batch_size = 8
 steps = 3
 batch_size = 8
 [audit]
+epsilons = [4, inf]
 trials = 2
+calibration_trials = 0
 canaries = 4
 base_examples = 4
 epochs = 2
@@ -203,6 +205,9 @@ def test_tiny_sweep_end_to_end_then_resume(assets, tmp_path, monkeypatch, capsys
     assert {r["key"] for r in audited} == {"post|clients=1|eps=4|part=iid|seed=0",
                                            "post|clients=1|eps=inf|part=iid|seed=0"}
     assert 0.0 <= float(by["post|clients=1|eps=4|part=iid|seed=0"]["audit_epsilon_lb"]) < 4.0
+    for r in audited:  # the audit's power is reported beside every figure (a smoke-sized audit: almost none)
+        assert float(r["audit_epsilon_lb"]) <= float(r["audit_max_epsilon_lb"]) < 1.0
+    assert "(max 0.00)" in (out / "results.md").read_text()
     # plots and table
     _png_ok(out / "plots" / "accuracy_vs_epsilon.png")
     _png_ok(out / "plots" / "accuracy_vs_clients.png")
@@ -241,19 +246,32 @@ def audit_model(tmp_path_factory):
 
 
 def test_audit_non_private_prompt_memorises_canaries(audit_model):
-    audit = S.AuditSweepConfig(trials=8, canaries=16, base_examples=0, num_virtual_tokens=16, epochs=150,
-                               lr=0.3, batch_size=8)
+    audit = S.AuditSweepConfig(trials=8, calibration_trials=0, canaries=16, base_examples=0, num_virtual_tokens=16,
+                               epochs=150, lr=0.3, batch_size=8)
     res = S.audit_prompt_tuning(audit_model, make_sentiment(0), math.inf, audit, TuneConfig(), seed=0)
     assert res.n_members + res.n_nonmembers == 8 * 16
     assert res.epsilon_lower_bound > 0.2, res
 
 
 def test_audit_dp_prompt_stays_below_claimed_epsilon(audit_model):
-    audit = S.AuditSweepConfig(trials=4, canaries=16, base_examples=8, num_virtual_tokens=16, epochs=10,
-                               lr=0.3, batch_size=8)
+    audit = S.AuditSweepConfig(trials=4, calibration_trials=0, canaries=16, base_examples=8, num_virtual_tokens=16,
+                               epochs=10, lr=0.3, batch_size=8)
     base = make_sentiment(8, seed=5)
     res = S.audit_prompt_tuning(audit_model, base, 1.0, audit, TuneConfig(), seed=0)
     assert 0.0 <= res.epsilon_lower_bound < 1.0, res
+
+
+def test_default_audit_is_large_enough_to_detect_epsilon_8():
+    from post_fl.audit import max_epsilon_lower_bound, observations_needed
+
+    a = S.AuditSweepConfig()
+    a.validate()
+    per_side = (a.trials - a.calibration_trials) * a.canaries / 2  # expected members (and non-members)
+    assert per_side >= 1.05 * observations_needed(8.0, a.delta, a.alpha)
+    assert max_epsilon_lower_bound(int(per_side), int(per_side), a.delta, a.alpha) > 8.0
+    assert 8.0 in a.epsilons and math.inf in a.epsilons
+    with pytest.raises(ConfigError, match="calibration_trials"):
+        S.AuditSweepConfig(trials=4).validate()
 
 
 # ---------------------------------------------------------------- RAPT privatisation of the text span
