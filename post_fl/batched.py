@@ -93,6 +93,7 @@ class BatchedRound:
     examples_processed: int  # forward/backward rows over all steps and clients
     micro_batches: int
     client_state_bytes: int  # prompts + Adam moments + gradient sums of all clients
+    data_bytes: int  # the tokenized examples of all clients (ids, masks, answer positions, labels)
 
 
 def check_client_data(model: ScoringModel, data: TextDataset, client_id: int) -> None:
@@ -279,6 +280,7 @@ def train_clients_batched(model: ScoringModel, global_prompt: torch.Tensor | np.
     answer = torch.cat([t[2] for t in encoded])
     labels = torch.cat([t[3] for t in encoded])
     lengths = attention.sum(1)
+    data_bytes = sum(t.numel() * t.element_size() for t in (input_ids, attention, answer, labels))
     offsets = np.cumsum([0] + [len(t[0]) for t in encoded])
     del encoded
     for row, c in enumerate(ids):
@@ -354,7 +356,7 @@ def train_clients_batched(model: ScoringModel, global_prompt: torch.Tensor | np.
                                examples=p.n,
                                mean_loss=float(sum(p.losses) / len(p.losses)) if p.losses else math.nan,
                                accountant_history=[list(h) for h in history])
-    return BatchedRound(out, seconds, rows_done, micro, state_bytes)
+    return BatchedRound(out, seconds, rows_done, micro, state_bytes, data_bytes)
 
 
 class BatchedTransport:
