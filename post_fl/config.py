@@ -28,8 +28,8 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Which models play teacher (the provider's large LM) and student (its distilled copy).
 
-    ``teacher`` is any Hugging Face model directory or hub name, or ``"embedded"`` for the
-    default model shipped inside a registry package. ``student`` is a directory written by
+    ``teacher`` is any Hugging Face model directory or hub name, or a model shipped inside a
+    registry package: ``"embedded-smollm2"`` (the default causal LM) or ``"embedded"`` (MiniLM, fast). ``student`` is a directory written by
     ``post-fl distill`` or empty to distil one. ``head`` is ``auto`` (decided from the
     model's architecture), ``causal`` (next-token LM head), ``masked`` (MLM head) or
     ``embedding`` (encoder without LM head: classes scored by similarity of pooled
@@ -204,6 +204,14 @@ class DistillConfig:
                 raise ConfigError(f"distill.{name}: expected >= 0, got {getattr(self, name)}")
         if not 0 < self.mlm_probability < 1:
             raise ConfigError(f"distill.mlm_probability: expected in (0, 1), got {self.mlm_probability}")
+        if not 0 <= self.target_agreement <= 1:
+            raise ConfigError(f"distill.target_agreement: expected in [0, 1], got {self.target_agreement}")
+        if self.time_budget_s <= 0:
+            raise ConfigError(f"distill.time_budget_s: expected > 0, got {self.time_budget_s}")
+        if self.eval_every < 1:
+            raise ConfigError(f"distill.eval_every: expected >= 1, got {self.eval_every}")
+        if self.teacher_batch_size < 1:
+            raise ConfigError(f"distill.teacher_batch_size: expected >= 1, got {self.teacher_batch_size}")
 
 
 @dataclass
@@ -214,7 +222,7 @@ class TransferConfig:
     + (1 - ``alpha``) * T^2 KL on the prompted outputs, at the answer position.
     """
 
-    steps: int = 100
+    steps: int = 50  # sized so that the main job fits 15 min on 2 CPU cores with the SmolLM2 teacher
     batch_size: int = 16
     lr: float = 0.01
     alpha: float = 0.5

@@ -57,7 +57,7 @@ FIELD_HELP: dict[str, str] = {
     "tune.max_grad_norm": "per-example gradient clipping bound of DP-SGD",
     "tune.accountant": "privacy accountant: rdp | prv",
     # distill
-    "distill.num_layers": "teacher layers the student keeps (evenly spaced)",
+    "distill.num_layers": "teacher layers the student keeps (evenly spaced); 0 = a fifth of the teacher's, at least 1",
     "distill.steps": "at most this many distillation steps (target agreement or time budget usually stop it first)",
     "distill.batch_size": "public texts per distillation step",
     "distill.lr": "learning rate of the student (AdamW)",

@@ -34,7 +34,9 @@ HEADS = ("causal", "masked", "embedding")
 EMBEDDING_SCALE = 20.0  # inverse temperature of cosine-similarity class scores
 EMBEDDING_LABEL_TEMPLATE = "This text is {word}."
 DEFAULT_TEMPLATES = {
-    "causal": "{text} It was",
+    # chosen on the embedded task's validation split (benchmarks/choose_verbalizer.py): SmolLM2 0.728 vs 0.540
+    # with "{text} It was"
+    "causal": "Review: {text}\nSentiment:",
     "masked": "{text} It was {mask}.",
     "embedding": "{text}",
 }
