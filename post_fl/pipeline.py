@@ -411,10 +411,3 @@ class Pipeline:
         log.info("stage evaluate done in %.1fs", time.perf_counter() - t0)
         return results
 
-
-def _jsonable_cfg(d: dict) -> dict:
-    import json
-
-    from .jsonio import jsonable
-
-    return json.loads(json.dumps(jsonable(d)))
