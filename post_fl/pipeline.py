@@ -410,4 +410,3 @@ class Pipeline:
         self._mark_complete("evaluate", self.run / "results.json")
         log.info("stage evaluate done in %.1fs", time.perf_counter() - t0)
         return results
-
