@@ -212,8 +212,14 @@ def _script_env(tmp_path):
     import os
 
     # as a new user runs it: no activated venv (only system paths), Flower home in the test's folder
-    return {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", str(tmp_path)),
-            "FLWR_HOME": str(tmp_path / "flwr-home"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    import sys
+    from pathlib import Path
+
+    env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", str(tmp_path)),
+           "FLWR_HOME": str(tmp_path / "flwr-home"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if not (REPO / ".venv" / "bin" / "python").exists():  # a checkout whose venv lives elsewhere
+        env["POST_FL_VENV"] = str(Path(sys.executable).parent.parent)
+    return env
 
 
 def test_flwr_run_script_refuses_bad_inputs_before_starting_anything(tmp_path):
