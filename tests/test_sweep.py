@@ -200,6 +200,12 @@ def test_tiny_sweep_end_to_end_then_resume(assets, tmp_path, monkeypatch, capsys
     assert per_token_epsilon(float(rapt["rapt_eta"]), teacher.word_embeddings) == pytest.approx(4.0, rel=1e-5)
     assert by["rapt|clients=1|eps=inf|part=iid|seed=0"]["rapt_eta"] == "inf"
     assert rapt["accuracy_privatized_inputs"] != ""
+    # the update's guarantee: k tokens x eps + the label's randomised-response eps, per example (local, pure)
+    k = (float(rapt["rapt_example_epsilon"]) - float(rapt["rapt_label_epsilon"])) / 4.0
+    assert float(rapt["rapt_label_epsilon"]) == 4.0 and k >= 1 and k == int(k)
+    assert float(rapt["epsilon"]) == float(rapt["rapt_example_epsilon"]) and float(rapt["delta"]) == 0.0
+    assert "post-processing" in rapt["epsilon_unit"]
+    assert by["rapt|clients=1|eps=inf|part=iid|seed=0"]["epsilon_unit"].startswith("none")
     # audit only on the configured subset (post, single site); below the claim for the DP cell
     audited = [r for r in rows if r["audit_epsilon_lb"] != ""]
     assert {r["key"] for r in audited} == {"post|clients=1|eps=4|part=iid|seed=0",
