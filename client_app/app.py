@@ -103,7 +103,8 @@ def make_client_app(run_config: dict[str, Any] | None = None, mods: list | None 
                 data = fl.site_dataset(str(data_path), run_cfg, student.label_names)
             else:  # simulation: this node's partition of the shared training set
                 num_partitions = node_config.get("num-partitions")
-                data = fl.client_partition(run_cfg, fed, cid, int(num_partitions) if num_partitions is not None else None)
+                parts = int(num_partitions) if num_partitions is not None else None
+                data = fl.client_partition(run_cfg, fed, cid, parts)
             ledger = fl.open_ledger(run_cfg, data, cid, node_config) if (run_cfg.tune.private or data_path) else None
             res = fl.train_client(student, prompt, data, run_cfg, fed, int(ins["round"]), cid, float(ins["clip"]),
                                   ledger, run_id=str(context.run_id))

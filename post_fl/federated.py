@@ -119,7 +119,7 @@ class FederatedConfig:
     trim_fraction: float = 0.1
     weight_cap_factor: float = 3.0
     max_update_norm: float = 0.0  # 0 = max_update_norm_factor x |initial prompt|; inf = no bound
-    max_update_norm_factor: float = 1.0
+    max_update_norm_factor: float = 5.0
     user_dp: bool = False
     user_dp_clip: float = 1.0
     user_dp_noise_multiplier: float = 0.0
