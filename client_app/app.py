@@ -116,6 +116,13 @@ def make_client_app(run_config: dict[str, Any] | None = None, mods: list | None 
             if legacy:
                 raise
             return _status(msg, {"status": fl.REFUSED, "reason": str(exc)})
+        if run_cfg.tune.private:  # the site's own view of its spending (this line stays on the site)
+            from flwr.common.logger import log
+            from logging import INFO
+
+            log(INFO, "[post-fl client %s] round %s: epsilon %.4g of budget %g spent at delta %.3g (ledger %s)%s",
+                cid, ins["round"], res.private["epsilon"], ledger.budget, res.private["delta"], ledger.path,
+                " [NOT PRIVATE: insecure_reproducible]" if run_cfg.insecure_reproducible else "")
         if legacy:  # equal weights (num_examples = 1): the protocol reveals the uniform sum only
             import flwr.compat.common.recorddict_compat as compat
             from flwr.common import Code, FitRes, Status, ndarrays_to_parameters

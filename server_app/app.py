@@ -155,7 +155,8 @@ class GridTransport:
         import flwr.compat.common.recorddict_compat as compat
 
         client_of = {n: c for c, n in self.node_of.items()}
-        proxies = {c: GridClientProxy(self.node_of[c], self.grid, self.grid.run.run_id) for c in instructions}
+        grid = _ErrorRecordingGrid(self.grid)  # which node failed, and why (the workflow keeps only the error)
+        proxies = {c: GridClientProxy(self.node_of[c], grid, self.grid.run.run_id) for c in instructions}
         params = ndarrays_to_parameters([np.ascontiguousarray(prompt)])
         captured: dict[str, Any] = {}
 
@@ -194,18 +195,45 @@ class GridTransport:
                            reconstruction_threshold=self.fed.secagg_reconstruction_threshold,
                            clipping_range=clip_range, max_weight=1.0,
                            quantization_range=self.fed.secagg_quantization_range,
-                           timeout=self.timeout)(self.grid, ctx)
+                           timeout=self.timeout)(grid, ctx)
         out = fl.RoundReplies()
-        for failure in captured.get("failures", []) or []:
-            reason = fl.one_line_reason(getattr(failure, "reason", failure))
-            log(WARNING, "round %s: SecAgg+ failure: %s", server_round, reason)
+        for node, reason in grid.errors.items():  # a client that refused or failed drops out of SecAgg+
+            cid = client_of.get(node)
+            if cid is None or cid not in instructions:
+                continue
+            line = fl.one_line_reason(reason)
+            if fl.BUDGET_EXHAUSTED in line or "ClientRefusal" in line:
+                status = fl.BUDGET_EXHAUSTED if fl.BUDGET_EXHAUSTED in line else fl.REFUSED
+                out.refusals[cid] = {"status": status, "reason": line}
+            else:
+                out.failures[cid] = line
         if captured.get("mean") is None:
-            out.failures = {c: "secure aggregation halted (too few clients completed SecAgg+)" for c in instructions}
+            for c in instructions:
+                if c not in out.refusals:
+                    out.failures.setdefault(c, "secure aggregation halted (too few clients completed SecAgg+)")
             return out
         out.metrics = captured["metrics"]
         out.secure_mean = np.asarray(captured["mean"], np.float32)
         out.secure_count = len(out.metrics)
         return out
+
+
+class _ErrorRecordingGrid:
+    """A Grid wrapper for the SecAgg+ workflow that remembers each node's last error reply reason."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self.errors: dict[int, str] = {}
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        for r in replies:
+            if r.has_error():
+                self.errors[r.metadata.src_node_id] = str(r.error.reason)
+        return replies
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
 
 
 def parse_train_reply(cid: int, content: RecordDict) -> ClientUpdate:

@@ -311,3 +311,27 @@ def test_failed_client_reason_in_results_is_one_line(fed_root, tmp_path, monkeyp
     failed = json.loads((tmp_path / "run" / "results.json").read_text())["rounds"][0]["failed"]
     assert list(failed) == ["0"]
     assert "\n" not in failed["0"] and "\x1b" not in failed["0"] and failed["0"].endswith("KeyError: 'gone'")
+
+
+def test_budget_refusals_are_recorded_under_secagg(fed_root, tmp_path):
+    """Under SecAgg+ a refusing client drops out of the protocol; the server still records its
+    budget-exhausted reason per client, and the user-DP round still releases (noise only)."""
+    from simulation.inprocess import InProcessGrid
+
+    over = {"federated.rounds": 1, "federated.num_clients": 3, "federated.fraction_train": 1.0,
+            "federated.secagg": True, "federated.user_dp": True, "federated.user_dp_noise_multiplier": 1.0,
+            "tune.target_epsilon": 3.0, "transfer.steps": 1}
+    for run in ("first", "second"):
+        F._STUDENTS.clear()
+        server_app, client_app = _apps(fed_flat(fed_root, tmp_path / run, **over))
+        grid = InProcessGrid(client_app, 3)
+        for i, ctx in enumerate(grid.contexts.values()):  # the same virtual sites, ledgers kept across runs
+            ctx.node_config.update({"privacy-ledger": str(tmp_path / f"ledger{i}"), "privacy-budget-epsilon": 3.0})
+        _serve(server_app, grid)
+    first = json.loads((tmp_path / "first" / "run" / "results.json").read_text())
+    second = json.loads((tmp_path / "second" / "run" / "results.json").read_text())
+    assert first["rounds"][0]["valid"] == 3
+    row = second["rounds"][0]
+    assert row["valid"] == 0 and sorted(row["refused"]) == ["0", "1", "2"]
+    assert all(F.BUDGET_EXHAUSTED in why and "\n" not in why for why in row["refused"].values())
+    assert second["privacy"]["user_level"]["rounds"] == 1 and not second["privacy"]["user_level"]["holds_against_server"]
