@@ -334,4 +334,47 @@ def test_budget_refusals_are_recorded_under_secagg(fed_root, tmp_path):
     row = second["rounds"][0]
     assert row["valid"] == 0 and sorted(row["refused"]) == ["0", "1", "2"]
     assert all(F.BUDGET_EXHAUSTED in why and "\n" not in why for why in row["refused"].values())
-    assert second["privacy"]["user_level"]["rounds"] == 1 and not second["privacy"]["user_level"]["holds_against_server"]
+    user = second["privacy"]["user_level"]
+    assert user["rounds"] == 1 and not user["holds_against_server"]  # noise-only release, topped up by the server
+
+
+def test_a_round_lost_by_the_server_still_counts_in_the_clients_ledgers(fed_root, tmp_path, monkeypatch):
+    """Write-ahead accounting: the server dies after the clients trained round 2 but before it checkpointed.
+    On resume round 2 is run again with fresh noise; the first, lost release stays charged in the ledgers.
+    With the simulation's default budget (= the target, all spent by rounds 1 and 2) the clients then refuse
+    the repeat; with a larger site budget the repeat runs and the ledgers hold three rounds."""
+    from post_fl.aggregate import RoundFailedError
+    from test_federated import run_local
+
+    class Crash(Exception):
+        pass
+
+    real = F.FederatedServer.complete_round
+
+    def crash_in_round_2(self, rnd, sampled, replies):
+        if rnd == 2:
+            raise Crash
+        return real(self, rnd, sampled, replies)
+
+    def crashed_run(flat):
+        monkeypatch.setattr(F.FederatedServer, "complete_round", crash_in_round_2)
+        with pytest.raises(Crash):
+            run_local(flat)
+        monkeypatch.setattr(F.FederatedServer, "complete_round", real)
+
+    over = {"federated.rounds": 2, "federated.fraction_train": 1.0, "transfer.steps": 1}
+    flat = fed_flat(fed_root, tmp_path / "default", **over)
+    crashed_run(flat)
+    with pytest.raises(RoundFailedError, match="round 2 failed.*6 refused"):
+        run_local(flat)  # the lost round 2 was charged: repeating it would exceed the budget
+    monkeypatch.setattr(F, "site_budget", lambda run_cfg, node_config=None: 100.0)
+    flat = fed_flat(fed_root, tmp_path / "roomy", **over)
+    crashed_run(flat)
+    results, server, _ = run_local(flat)
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    ledgers = read_ledgers(tmp_path / "roomy" / "run" / F.LEDGER_DIR_NAME)
+    assert len(ledgers) == 6 and all(v["rounds"] == 3 for v in ledgers.values())  # 1, 2 (lost), 2 again
+    assert all(server.clients[c]["rounds"] == [1, 2] for c in range(6))
+    eps = results["privacy"]["sample_level"]["epsilon_per_client"]
+    assert all(eps[str(c)] == pytest.approx(ledgers[c]["epsilon"]) for c in range(6))
+    assert all(e > 8.0 for e in eps.values())  # three rounds' worth of a noise calibrated for two
