@@ -59,11 +59,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--num-supernodes", type=int, required=True)
     ap.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--insecure-reproducible", action="store_true",
+                    help="seed every DP mechanism from the config seed (bit-exact reruns); NOT PRIVATE, and "
+                         "every output says so")
     args = ap.parse_args(argv)
     try:
         flat = read_run_config(args.config, args.set)
     except ConfigError as exc:
         ap.error(str(exc))
+    if args.insecure_reproducible:
+        flat["insecure_reproducible"] = True
     from post_fl.federated import build_configs
     from post_fl.preflight import PreflightError, check_federated
 
