@@ -27,7 +27,7 @@ inconsistent file is an error naming it.
 **Training stops at a target, not a step count**: every ``eval_every`` steps the student's class
 predictions on held-out public text are compared with the teacher's; training ends when their
 agreement reaches ``target_agreement``, when ``time_budget_s`` has passed, or after ``steps`` steps,
-whichever comes first. The report gives both agreement measures (next-token top-1 on held-out public
+whichever comes first (``steps = 0`` keeps the layer-copied student untrained). The report gives both agreement measures (next-token top-1 on held-out public
 text; class predictions on held-out public text and, when given, on the task's validation split).
 """
 
@@ -428,9 +428,9 @@ def distill_student(teacher: ScoringModel, public: TextDataset, cfg: DistillConf
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr)
     train_start = time.perf_counter()
     agree = agree0
-    stopped = "target" if agree0 >= cfg.target_agreement else ""
+    stopped = ""  # the first check comes after eval_every steps: a distillation always trains
     bar = None
-    if progress and not stopped:
+    if progress:
         from .progress import progress_bar
 
         bar = progress_bar(cfg.steps, desc="distill")
