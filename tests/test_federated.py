@@ -256,3 +256,24 @@ def test_client_with_empty_partition_fails_alone_in_local_runs(fed_root, tmp_pat
     results, _, _ = run_local(flat)
     row = results["rounds"][0]
     assert row["valid"] == 5 and "partition is empty" in row["failed"]["0"]
+
+
+def test_default_norm_bound_rejects_a_poisoned_update(fed_root, tmp_path):
+    """max_update_norm = 0 derives the bound 5 x |P_0|: honest (client-clipped) updates pass, an update
+    100 x |P_0| long is rejected, and the round goes on."""
+    def poison(u):
+        if u.client_id == 0:
+            u.delta = u.delta / max(np.linalg.norm(u.delta), 1e-12) * 100 * p0
+        return u
+
+    run_cfg, fed = F.build_configs(fed_flat(fed_root, tmp_path, **{"federated.rounds": 1}))
+    probe = F.FederatedServer(run_cfg, fed)
+    probe.prepare()
+    p0 = float(np.linalg.norm(probe.prompt))
+    assert probe.max_norm == pytest.approx(5 * p0)
+    flat = fed_flat(fed_root, tmp_path, **{"federated.rounds": 1, "federated.fraction_train": 1.0,
+                                           "transfer.steps": 1})
+    results, server, _ = run_local(flat, poison)
+    row = results["rounds"][0]
+    assert list(row["rejected"]) == ["0"] and "above the bound" in row["rejected"]["0"]
+    assert row["valid"] == 5 and row["update_norm"] <= server.max_norm
