@@ -115,6 +115,7 @@ class FederatedConfig:
     partitioning: str = "iid"
     dirichlet_alpha: float = 0.5
     classes_per_client: int = 1
+    min_partition_size: int = 2  # every client gets at least this many private examples (else refused up front)
     aggregation: str = "auto"
     trim_fraction: float = 0.1
     weight_cap_factor: float = 3.0
@@ -152,6 +153,8 @@ class FederatedConfig:
             raise ConfigError(f"federated.dirichlet_alpha: expected > 0, got {self.dirichlet_alpha}")
         if self.classes_per_client < 1:
             raise ConfigError(f"federated.classes_per_client: expected >= 1, got {self.classes_per_client}")
+        if self.min_partition_size < 1:
+            raise ConfigError(f"federated.min_partition_size: expected >= 1, got {self.min_partition_size}")
         if self.aggregation not in ("auto", *AGGREGATIONS):
             raise ConfigError(f"federated.aggregation: expected one of {('auto', *AGGREGATIONS)}, "
                               f"got {self.aggregation!r}")
@@ -410,11 +413,12 @@ def client_partition(run_cfg: RunConfig, fed_cfg: FederatedConfig, partition_id:
     if not 0 <= partition_id < n:
         raise ValueError(f"partition id {partition_id} outside 0..{n - 1}")
     key = json.dumps([dataclasses.asdict(run_cfg.data), run_cfg.seed, n, fed_cfg.partitioning,
-                      fed_cfg.dirichlet_alpha, fed_cfg.classes_per_client], sort_keys=True, default=str)
+                      fed_cfg.dirichlet_alpha, fed_cfg.classes_per_client, fed_cfg.min_partition_size], sort_keys=True,
+                     default=str)
     if key not in _PARTITIONS:
         train = _load_task(run_cfg)[0]
         _PARTITIONS[key] = partition(train, n, fed_cfg.partitioning, fed_cfg.dirichlet_alpha,
-                                     fed_cfg.classes_per_client, run_cfg.seed)
+                                     fed_cfg.classes_per_client, run_cfg.seed, fed_cfg.min_partition_size)
     return _PARTITIONS[key][partition_id]
 
 

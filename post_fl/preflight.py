@@ -244,7 +244,7 @@ def check_federated(run_cfg: RunConfig, fed_cfg, partitions: bool = False) -> No
         try:
             train = load_task(run_cfg).train
             partition(train, fed_cfg.num_clients, fed_cfg.partitioning, fed_cfg.dirichlet_alpha,
-                      fed_cfg.classes_per_client, run_cfg.seed, getattr(fed_cfg, "min_partition_size", 1))
+                      fed_cfg.classes_per_client, run_cfg.seed, fed_cfg.min_partition_size)
         except ValueError as exc:
             problems.append(f"federated.partitioning: {exc}")
     if problems:

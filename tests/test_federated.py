@@ -277,3 +277,18 @@ def test_default_norm_bound_rejects_a_poisoned_update(fed_root, tmp_path):
     row = results["rounds"][0]
     assert list(row["rejected"]) == ["0"] and "above the bound" in row["rejected"]["0"]
     assert row["valid"] == 5 and row["update_norm"] <= server.max_norm
+
+
+def test_every_client_gets_the_configured_minimum_or_the_split_is_refused(fed_root, tmp_path):
+    """federated.min_partition_size reaches the partitioner: a strongly skewed Dirichlet split still gives
+    each client that many examples, and a minimum the data cannot meet is refused with the numbers."""
+    from post_fl.data import DataError
+
+    flat = fed_flat(fed_root, tmp_path, **{"federated.partitioning": "dirichlet", "federated.dirichlet_alpha": 0.05,
+                                           "federated.min_partition_size": 3})
+    run_cfg, fed = F.build_configs(flat)
+    sizes = [len(F.client_partition(run_cfg, fed, c)) for c in range(fed.num_clients)]
+    assert min(sizes) >= 3, sizes
+    run_cfg, fed = F.build_configs({**flat, "federated.min_partition_size": 1000})
+    with pytest.raises(DataError, match="1000"):
+        F.client_partition(run_cfg, fed, 0)
