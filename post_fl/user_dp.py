@@ -30,10 +30,12 @@ noise of variance ``k sigma^2 C^2 / m``:
   plus independent noise), so the reported epsilon holds; utility is a little worse than
   central DP by the factor ``k / m``.
 * ``k < m`` survivors (more dropouts than planned): the sum holds only ``k/m`` of the
-  variance, the effective noise multiplier is ``sigma * sqrt(k / m)``, and the round must be
-  charged to the accountant with that smaller multiplier, or not released. Set ``m`` to
-  the SecAgg reconstruction threshold (SecAgg cannot unmask with fewer survivors anyway),
-  so this case never releases a sum.
+  variance (effective multiplier ``sigma * sqrt(k / m)``). The server
+  (:meth:`post_fl.federated.FederatedServer.complete_round`) then tops the noise up to
+  ``sigma^2 C^2`` from its own OS entropy before releasing, so the release keeps the charged
+  ``sigma`` against everyone *but the server*, which could subtract its own top-up; results
+  then report ``holds_against_server = false``. Setting ``m`` to the SecAgg reconstruction
+  threshold makes this case rare (SecAgg cannot unmask with fewer survivors anyway).
 * A dropped client's share is lost with its update (SecAgg+ removes its masks); the shares of
   the survivors alone carry the noise, which is why ``m`` counts survivors, not sampled clients.
 * A client's own share does not protect that client against itself, and ``m - 1`` colluding
