@@ -82,7 +82,7 @@ def main() -> None:
                "data": res.get("data"), "distill": res.get("distill"), "transfer": res.get("transfer")}
     if args.rerun_distill:
         again = args.out.with_name(args.out.name + "-cached")
-        w2, l2, _ = run_timed(base + ["distill", "-o", str(again), "--no-resume"] + opts, env,
+        w2, l2, _ = run_timed(base + ["distill", "-o", str(again)] + opts, env,
                               args.out.parent / f"{again.name}.log")
         summary["cached_distill_wall_seconds"] = w2
         summary["cached_distill_load_1min_samples"] = l2
