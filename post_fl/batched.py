@@ -34,8 +34,9 @@ released prompt equals ``tune_prompt(..., insecure_seed=s)``'s (``tests/test_bat
 
 Memory: the activations of one micro-batch (fixed by ``micro_batch``, not by K), the tokenized
 data of all clients, and per client its prompt, Adam's two moments and a gradient sum (four
-``V x D`` float32 tensors, :attr:`BatchedRound.client_state_bytes`) plus a three-number accountant
-history.
+``V x D`` float32 tensors, :attr:`BatchedRound.client_state_bytes`; a round's temporaries add about
+three more) plus a three-number accountant history. Freed heap memory is handed back to the OS
+after every micro-batch (:func:`release_freed_memory`), so resident memory tracks the live tensors.
 
 :class:`BatchedTransport` puts this engine behind the :class:`post_fl.federated.Transport`
 protocol, so ``run_federated(server, BatchedTransport(server, run_cfg, fed_cfg))`` runs the same
@@ -45,6 +46,7 @@ clients of a round trained in shared passes. No Flower inside.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import time
@@ -106,6 +108,28 @@ def check_client_data(model: ScoringModel, data: TextDataset, client_id: int) ->
     if list(data.label_names) != list(model.label_names):
         raise DataError(f"client {client_id}: data labels {data.label_names} differ from the model's verbalizer "
                         f"labels {model.label_names}")
+
+
+def _malloc_trim():
+    """glibc's ``malloc_trim`` (None elsewhere)."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Hand the heap memory freed by the last micro-batch back to the OS (glibc ``malloc_trim``).
+
+    Micro-batches of varying width leave glibc's heap fragmented; without this the resident memory
+    of a round grows with the number of micro-batches (measured: +804 MiB for 300 clients of the
+    MiniLM student, against +305 MiB with it), although the live tensors do not.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -266,7 +290,7 @@ def train_clients_batched(model: ScoringModel, global_prompt: torch.Tensor | np.
 
     # tokenize every client's data once; one padded table with per-client offsets
     encoded, plans = [], []
-    for row, c in enumerate(ids):
+    for c in ids:
         check_client_data(model, datasets[c], c)
         encoded.append(encode_dataset(model, datasets[c]).tensors)
     width = max(t[0].shape[1] for t in encoded)
@@ -320,6 +344,8 @@ def train_clients_batched(model: ScoringModel, global_prompt: torch.Tensor | np.
                 loss_sum.index_add_(0, who, losses.double())
                 rows_done += len(rows)
                 micro += 1
+                del grads, losses
+                release_freed_memory()
         rows_active = torch.tensor([p.row for p in active], dtype=torch.long)
         grads = torch.empty((len(active), V, D))
         for i, (p, idx) in enumerate(picks):
