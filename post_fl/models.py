@@ -102,14 +102,8 @@ def looks_like_path(name: str) -> bool:
     return "/" in name and Path(name).parent.is_dir()
 
 
-def check_scoring_setup(name_or_dir: str, label_names: Sequence[str], label_words: dict | None = None,
-                        head: str = "auto", template: str = "", max_length: int = 64) -> str:
-    """Check, without loading weights, that a model would load and score ``label_names``.
-
-    Reads the model's config and tokenizer, builds its skeleton on the ``meta`` device (no memory,
-    no weights read) and runs every verbalizer and template check of :class:`ScoringModel` on it.
-    Returns the head that would be used; raises :class:`ModelError` naming the problem.
-    """
+def _config_and_head(name_or_dir: str, head: str):
+    """(model path, its HF config, the head to use): ``head`` or, for ``auto``, the one the config implies."""
     from transformers import AutoConfig
 
     path = resolve_model_path(name_or_dir)
@@ -120,6 +114,18 @@ def check_scoring_setup(name_or_dir: str, label_names: Sequence[str], label_word
     chosen = detect_head(config) if head == "auto" else head
     if chosen not in HEADS:
         raise ModelError(f"head {head!r} unknown; expected auto or one of {HEADS}")
+    return path, config, chosen
+
+
+def check_scoring_setup(name_or_dir: str, label_names: Sequence[str], label_words: dict | None = None,
+                        head: str = "auto", template: str = "", max_length: int = 64) -> str:
+    """Check, without loading weights, that a model would load and score ``label_names``.
+
+    Reads the model's config and tokenizer, builds its skeleton on the ``meta`` device (no memory,
+    no weights read) and runs every verbalizer and template check of :class:`ScoringModel` on it.
+    Returns the head that would be used; raises :class:`ModelError` naming the problem.
+    """
+    path, config, chosen = _config_and_head(name_or_dir, head)
     tokenizer = load_tokenizer(path)
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
@@ -406,17 +412,8 @@ def load_tokenizer(path: str):
 def load_scoring_model(name_or_dir: str, label_names: Sequence[str], label_words: dict | None = None,
                        head: str = "auto", template: str = "", max_length: int = 64) -> ScoringModel:
     """Load any HF model directory or name (or ``"embedded"``) as a frozen :class:`ScoringModel`."""
-    from transformers import AutoConfig
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    path = resolve_model_path(name_or_dir)
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{name_or_dir}: cannot read the model config ({exc})") from None
-    chosen = detect_head(config) if head == "auto" else head
-    if chosen not in HEADS:
-        raise ModelError(f"head {head!r} unknown; expected auto or one of {HEADS}")
+    path, config, chosen = _config_and_head(name_or_dir, head)
     backbone = _load_backbone(path, chosen)
     tokenizer = load_tokenizer(path)
     return ScoringModel(backbone, tokenizer, chosen, label_names, label_words, template, max_length,

@@ -38,13 +38,13 @@ from .config import ConfigError, TuneConfig
 from .data import DataError, TextDataset
 from .models import ScoringModel
 from .prompt import SoftPrompt
+from .delta import check_delta, default_delta, resolve  # noqa: F401  (check_delta, default_delta: re-exported)
 from .randomness import dp_torch_generator
 
 log = logging.getLogger(__name__)
 
 # stream id of DP-SGD in the insecure (seeded) mode of post_fl.randomness
 DP_SGD_STREAM = 11
-DEFAULT_MAX_DELTA = 1e-5
 _RNG_NOTE = [False]  # the one-time explanation of Opacus' secure_mode has been logged
 
 
@@ -83,27 +83,6 @@ class TuneResult:
     accountant_history: list = field(default_factory=list)
 
 
-def default_delta(n: int) -> float:
-    """The default delta for a dataset of ``n`` records: ``min(1e-5, 1 / (10 n))``."""
-    return min(DEFAULT_MAX_DELTA, 1.0 / (10.0 * max(int(n), 1)))
-
-
-def check_delta(delta: float, n: int, key: str, what: str) -> float:
-    """``delta`` if ``0 < delta < 1/n``, else :class:`ConfigError` naming ``key``, ``n`` and the bound.
-
-    A delta of 1/n or more allows a mechanism that publishes one of ``n`` records in the clear
-    with probability delta and still "satisfies" (epsilon, delta)-DP; the guarantee is void.
-    """
-    n = max(int(n), 1)
-    if not delta > 0:
-        raise ConfigError(f"{key}: expected > 0, got {delta}")
-    if delta >= 1.0 / n:
-        raise ConfigError(f"{key} = {delta:g} is >= 1/N = {1.0 / n:g} (N = {n} {what}): such a delta lets a "
-                          f"mechanism publish a record in the clear; use delta < 1/N, e.g. 0 for the default "
-                          f"min(1e-5, 1/(10 N)) = {default_delta(n):g}")
-    return float(delta)
-
-
 def resolve_delta(cfg: TuneConfig, n_examples: int) -> float:
     """The example-level delta for ``n_examples`` private examples.
 
@@ -111,9 +90,7 @@ def resolve_delta(cfg: TuneConfig, n_examples: int) -> float:
     otherwise), else ``min(1e-5, 1/(10 N))``, so a client with 1-3 examples never reports
     delta = 1/N.
     """
-    if cfg.delta > 0:
-        return check_delta(cfg.delta, n_examples, "tune.delta", "private examples")
-    return default_delta(n_examples)
+    return resolve(cfg.delta, n_examples, "tune.delta", "private examples")
 
 
 def planned_steps(cfg: TuneConfig, n_examples: int) -> int:

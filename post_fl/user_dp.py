@@ -51,8 +51,8 @@ import math
 import numpy as np
 
 from .config import ConfigError
+from .delta import resolve
 
-DEFAULT_MAX_USER_DELTA = 1e-5
 
 
 def _check_rng(rng, where: str) -> np.random.Generator:
@@ -72,15 +72,7 @@ def resolve_user_delta(delta: float, num_clients: int) -> float:
     n = int(num_clients)
     if n < 1:
         raise ConfigError(f"federated.num_clients: expected >= 1, got {num_clients}")
-    if delta is None or delta == 0:
-        return min(DEFAULT_MAX_USER_DELTA, 1.0 / (10.0 * n))
-    if not 0 < delta < 1:
-        raise ConfigError(f"federated.user_dp_delta: expected in [0, 1), got {delta}")
-    if delta >= 1.0 / n:
-        raise ConfigError(f"federated.user_dp_delta = {delta:g} is >= 1/N = {1.0 / n:g} (N = {n} clients): such a "
-                          f"delta lets the mechanism reveal one client's update in the clear; use delta < 1/N, e.g. "
-                          f"0 for the default min(1e-5, 1/(10 N)) = {min(DEFAULT_MAX_USER_DELTA, 0.1 / n):g}")
-    return float(delta)
+    return resolve(delta, n, "federated.user_dp_delta", "clients")
 
 
 def clip_update(delta: np.ndarray, clip_norm: float) -> tuple[np.ndarray, float]:
