@@ -23,7 +23,10 @@ all its children (Ray's workers included). The student is MiniLM's default stude
 (``model.teacher = "embedded"``, ``distill.num_layers = 0`` = a fifth of its 6 layers = 1 layer),
 distilled for ``--distill-steps`` steps (its quality does not change the timings). Clients'
 examples are the embedded task's training texts, reused cyclically when K*n exceeds them.
-The machine may be shared: read the ratios, taken back to back within one run.
+``--epochs`` below 1 shortens the round for both sides alike (a third of an epoch = one DP-SGD
+step per client at n = 40); ``--single-steps S`` times only S steps of the single-site run (same
+sample rate and batch) and scales the time to all its steps. The machine may be shared: read the
+ratios, taken back to back within one run. Writes ``<out>/bench_batched.json`` (or ``--json``).
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
