@@ -119,13 +119,28 @@ def _noise_multiplier(target_epsilon: float, delta: float, q: float, steps: int,
 
 
 def epsilon_from_history(history: list, delta: float, accountant: str = "rdp") -> float:
-    """Epsilon spent by a DP-SGD history of (noise multiplier, sample rate, steps) at ``delta``."""
-    from opacus.accountants import create_accountant
+    """Epsilon spent by a DP-SGD history of (noise multiplier, sample rate, steps) at ``delta``.
 
+    Composition does not depend on the order of the mechanisms, so entries with the same
+    (noise multiplier, sample rate) are merged by adding their steps (exact for the RDP and PRV
+    accountants) and the result is memoised: a federation's clients of equal size share
+    histories, and a client's ledger asks for its epsilon several times a round.
+    """
     if not history:
         return 0.0
+    merged: dict[tuple[float, float], int] = {}
+    for sigma, q, steps in history:
+        key = (float(sigma), float(q))
+        merged[key] = merged.get(key, 0) + int(steps)
+    return _epsilon_of(tuple(sorted((s, q, n) for (s, q), n in merged.items())), float(delta), accountant)
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon_of(history: tuple, delta: float, accountant: str) -> float:
+    from opacus.accountants import create_accountant
+
     acc = create_accountant(accountant)
-    acc.history = [tuple(h) for h in history]
+    acc.history = list(history)
     return float(acc.get_epsilon(delta=delta))
 
 

@@ -160,3 +160,20 @@ def test_clients_with_one_to_three_examples_report_a_small_delta(tiny_dirs, sent
     with pytest.raises(ConfigError, match="tune.delta"):
         tune_prompt(m, init_from_vocab(m.word_embeddings, 2), sentiment.head(3),
                     TuneConfig(epochs=1, batch_size=4, delta=0.4))
+
+
+def test_epsilon_from_history_merges_equal_mechanisms_exactly():
+    """Entries with the same (sigma, q) compose like one entry with their steps added, in any order;
+    the memoised result equals Opacus' accountant on the raw history."""
+    from opacus.accountants import RDPAccountant
+
+    from post_fl.tuning import epsilon_from_history
+
+    hist = [(1.1, 0.02, 30), (0.9, 0.05, 10), (1.1, 0.02, 70)]
+    acc = RDPAccountant()
+    acc.history = list(hist)
+    direct = acc.get_epsilon(delta=1e-5)
+    assert epsilon_from_history(hist, 1e-5) == pytest.approx(direct, rel=1e-9)
+    assert epsilon_from_history([(1.1, 0.02, 100), (0.9, 0.05, 10)], 1e-5) == pytest.approx(direct, rel=1e-9)
+    assert epsilon_from_history(list(reversed(hist)), 1e-5) == pytest.approx(direct, rel=1e-9)
+    assert epsilon_from_history([(1.1, 0.02, 30)], 1e-5) < direct
