@@ -49,6 +49,7 @@ def data_problems(cfg: RunConfig) -> tuple[list[str] | None, dict[str, list[str]
     d = cfg.data
     problems: list[str] = []
     names: list[str] | None = None
+    test_names: list[str] | None = None
     words = dict(cfg.model.label_words)
     if d.train == EMBEDDED_DEFAULT:
         known = _embedded_labels(getattr(d, "embedded_task", ""))
@@ -70,6 +71,7 @@ def data_problems(cfg: RunConfig) -> tuple[list[str] | None, dict[str, list[str]
             names, label_issues = training_label_names(scanned, d.label_column, list(words) or None,
                                                        d.min_label_count, d.allow_rare_labels)
             problems += [f"data.train: {p}" for p in label_issues]
+            test_names = names  # the test file is still checked against them, so every problem is reported
             names = names if not label_issues else None
     if d.test == EMBEDDED_DEFAULT:
         if d.train != EMBEDDED_DEFAULT:
@@ -78,9 +80,10 @@ def data_problems(cfg: RunConfig) -> tuple[list[str] | None, dict[str, list[str]
     else:
         scanned = scan_text_file(d.test, d.test_text_column or d.text_column, d.label_column)
         problems += [f"data.test: {p}" for p in scanned.problems]
-        if not scanned.problems and names is not None:
+        test_names = names if names is not None else test_names
+        if not scanned.problems and test_names is not None:
             problems += [f"data.test: {p}" for p in
-                         label_problems(scanned, d.label_column, names, "a label of data.train")]
+                         label_problems(scanned, d.label_column, test_names, "a label of data.train")]
     if d.public != EMBEDDED_DEFAULT:
         scanned = scan_text_file(d.public, d.public_text_column or d.text_column, None)
         problems += [f"data.public: {p}" for p in scanned.problems]

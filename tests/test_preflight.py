@@ -111,6 +111,21 @@ def test_a_typo_label_is_never_a_new_class(tmp_path, tiny_dirs, files):
         assert load_task(ok).train.label_names == ["negative", "positive", "postive"]
 
 
+def test_a_test_file_is_still_checked_when_the_training_labels_have_a_typo(tmp_path, tiny_dirs, files):
+    """A rare (typo) training label does not hide the test file's unknown label: both in one error."""
+    typo = tmp_path / "typo.csv"
+    data = make_sentiment(30, seed=4)
+    names = ["negative", "positive"]
+    typo.write_text("text,label\n" + "".join(f"{t},{'postive' if i == 3 else names[y]}\n"
+                                             for i, (t, y) in enumerate(zip(data.texts, data.labels))))
+    bad_test = tmp_path / "bad_test.csv"
+    bad_test.write_text("text,label\nfine,positive\nmeh,neutral\n")
+    cfg = _cfg(tiny_dirs, files, tmp_path / "run", **{"data.train": str(typo), "data.test": str(bad_test)})
+    with pytest.raises(PreflightError) as err:
+        check_run(cfg)
+    assert "label 'postive'" in str(err.value) and "row 2: unknown label 'neutral'" in str(err.value)
+
+
 def test_a_stage_run_alone_needs_the_stages_before_it(tmp_path, tiny_dirs, files, capsys):
     run = tmp_path / "run"
     cfg = _cfg(tiny_dirs, files, run)
