@@ -10,6 +10,7 @@ import pytest
 from conftest import make_sentiment
 from test_federated import fed_flat
 
+from post_fl import fed_client
 from post_fl import federated as F
 from post_fl.aggregate import ClientUpdate
 from post_fl.ledger import BudgetExhausted, PrivacyLedger, dataset_sha256, read_ledgers
@@ -367,7 +368,7 @@ def test_a_round_lost_by_the_server_still_counts_in_the_clients_ledgers(fed_root
     crashed_run(flat)
     with pytest.raises(RoundFailedError, match="round 2 failed.*6 refused"):
         run_local(flat)  # the lost round 2 was charged: repeating it would exceed the budget
-    monkeypatch.setattr(F, "site_budget", lambda run_cfg, node_config=None: 100.0)
+    monkeypatch.setattr(fed_client, "site_budget", lambda run_cfg, node_config=None: 100.0)  # open_ledger's
     flat = fed_flat(fed_root, tmp_path / "roomy", **over)
     crashed_run(flat)
     results, server, _ = run_local(flat)

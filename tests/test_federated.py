@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from post_fl import federated as F
+from post_fl import local_transport
 from post_fl.aggregate import RoundFailedError
 from post_fl.config import ConfigError
 from post_fl.data import TextDataset
@@ -251,7 +252,7 @@ def test_client_with_empty_partition_fails_alone_in_local_runs(fed_root, tmp_pat
         data = real(cfg, fed, cid)
         return TextDataset([], [], data.label_names) if cid == 0 else data
 
-    monkeypatch.setattr(F, "client_partition", partition)
+    monkeypatch.setattr(local_transport, "client_partition", partition)  # where LocalTransport looks it up
     flat = fed_flat(fed_root, tmp_path, **{"federated.rounds": 1, "federated.fraction_train": 1.0})
     results, _, _ = run_local(flat)
     row = results["rounds"][0]
