@@ -56,19 +56,6 @@ def client_partition(run_cfg: RunConfig, fed_cfg: FederatedConfig, partition_id:
     return _PARTITIONS[key][partition_id]
 
 
-_SIGMAS: dict[tuple, float] = {}
-
-
-def _calibrated_sigma(tune, n: int, total_steps: int) -> float:
-    """``tuning.calibrate_noise_multiplier``, memoised per process (it takes seconds; clients of equal size share it)."""
-    from .tuning import calibrate_noise_multiplier, resolve_delta, sample_rate
-
-    key = (tune.target_epsilon, resolve_delta(tune, n), sample_rate(tune, n), total_steps, tune.accountant)
-    if key not in _SIGMAS:
-        _SIGMAS[key] = float(calibrate_noise_multiplier(tune, n, total_steps))
-    return _SIGMAS[key]
-
-
 _SITE_DATA: dict[tuple, TextDataset] = {}
 
 
@@ -201,7 +188,7 @@ def train_client(student: ScoringModel, global_prompt: np.ndarray, data: TextDat
     what the client keeps (epsilon, delta, loss, examples).
     """
     from .randomness import dp_numpy_rng
-    from .tuning import planned_steps, resolve_delta, sample_rate, tune_prompt
+    from .tuning import calibrate_noise_multiplier, planned_steps, resolve_delta, sample_rate, tune_prompt
 
     tune = run_cfg.tune
     n = len(data)
@@ -215,7 +202,7 @@ def train_client(student: ScoringModel, global_prompt: np.ndarray, data: TextDat
     if tune.private:
         if ledger is None:
             raise ValueError("train_client: a DP client needs its privacy ledger")
-        sigma = _calibrated_sigma(tune, n, fed_cfg.rounds * steps)
+        sigma = calibrate_noise_multiplier(tune, n, fed_cfg.rounds * steps)  # memoised in tuning
         ledger.check(sigma, q, steps, delta)  # raises BudgetExhausted before anything is trained
         history = ledger.history()
     elif ledger is not None and math.isfinite(ledger.budget):

@@ -19,7 +19,7 @@ Code that patches a name (tests' ``monkeypatch``) must patch it in the module th
 
 from __future__ import annotations
 
-from .fed_client import (ClientRefusal, ClientResult, _calibrated_sigma, _load_task, _PARTITIONS, _SIGMAS,
+from .fed_client import (ClientRefusal, ClientResult, _load_task, _PARTITIONS,
                          _SITE_DATA, budget_status, check_site_allows, client_partition, insecure_seed_for,
                          ledger_dir_for, one_line_reason, open_ledger, site_budget, site_dataset, train_client)
 from .fed_config import (FederatedConfig, _USER_SIGMAS, build_configs, derive_seed, flatten_configs,
@@ -47,6 +47,6 @@ __all__ = [
     "ledger_dir_for", "one_line_reason", "open_ledger", "site_budget", "site_dataset", "train_client",
     "FederatedServer", "RoundReplies", "Transport", "run_federated", "LocalTransport",
     # process-wide caches and helpers other modules and tests reach through the facade
-    "_STUDENTS", "_PARTITIONS", "_SIGMAS", "_SITE_DATA", "_USER_SIGMAS", "_calibrated_sigma", "_load_task",
+    "_STUDENTS", "_PARTITIONS", "_SITE_DATA", "_USER_SIGMAS", "_load_task",
     "_load_cached_dir", "_floats",
 ]

@@ -191,14 +191,11 @@ def _dp_client_fn(server, run_cfg: RunConfig, fed) -> Callable:
 
 
 def _warm_noise_calibration(run_cfg: RunConfig, fed, n: int) -> None:
-    """Calibrate a client's DP-SGD noise multiplier before its round is timed (one-off, memoised)."""
-    from . import federated
-    from .tuning import planned_steps
+    """Calibrate a client's DP-SGD noise multiplier before its round is timed (one-off, memoised in tuning)."""
+    from .tuning import calibrate_noise_multiplier, planned_steps
 
-    warm = getattr(federated, "_calibrated_sigma", None)
-    if warm is not None:
-        warm(run_cfg.tune, n, fed.rounds * planned_steps(run_cfg.tune, n))
-
+    if run_cfg.tune.private:
+        calibrate_noise_multiplier(run_cfg.tune, n, fed.rounds * planned_steps(run_cfg.tune, n))
 
 
 # ---------------------------------------------------------------- cost probe
