@@ -74,13 +74,19 @@ __all__ = [
 _DIST_BLOCK_ELEMS = 1 << 24
 
 
-def _check_eta(eta: float, *, allow_inf: bool) -> float:
+def _positive(value, name: str, meaning: str) -> float:
+    """``value`` as a float > 0 (inf allowed), else ValueError naming ``name`` (``meaning`` explains it)."""
     try:
-        eta = float(eta)
+        number = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"eta must be a positive number, got {eta!r}") from None
-    if math.isnan(eta) or eta <= 0:
-        raise ValueError(f"eta (the d_χ-privacy parameter) must be > 0, got {eta}")
+        raise ValueError(f"{name} must be a positive number, got {value!r}") from None
+    if math.isnan(number) or number <= 0:
+        raise ValueError(f"{name} ({meaning}) must be > 0, got {value}")
+    return number
+
+
+def _check_eta(eta: float, *, allow_inf: bool) -> float:
+    eta = _positive(eta, "eta", "the d_χ-privacy parameter")
     if math.isinf(eta) and not allow_inf:
         raise ValueError("eta must be finite here")
     return eta
@@ -381,12 +387,7 @@ def reconstruction_loss(
 
 def randomized_response_keep_probability(epsilon: float, num_classes: int) -> float:
     """Probability that K-ary randomised response keeps the true label: ``e^ε / (e^ε + K − 1)``."""
-    try:
-        eps = float(epsilon)
-    except (TypeError, ValueError):
-        raise ValueError(f"label epsilon must be a positive number, got {epsilon!r}") from None
-    if math.isnan(eps) or eps <= 0:
-        raise ValueError(f"label epsilon (randomised response) must be > 0, got {epsilon}")
+    eps = _positive(epsilon, "label epsilon", "randomised response")
     k = int(num_classes)
     if k < 1 or k != num_classes:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")

@@ -260,14 +260,19 @@ def test_deployed_site_needs_a_budget_and_refuses_insecure_runs(fed_root, tmp_pa
     assert "NOT PRIVATE" in res["not_private"]
 
 
-def test_duplicate_client_id_from_a_second_node_is_refused(fed_root, tmp_path, caplog):
+def _one_round_grid(fed_root, tmp_path, nodes: int):
+    """A 1-round, all-clients federation (6 partitions) as (ServerApp, in-process grid of ``nodes`` nodes)."""
     from simulation.inprocess import InProcessGrid
 
     F._STUDENTS.clear()
     flat = fed_flat(fed_root, tmp_path, **{"federated.rounds": 1, "federated.fraction_train": 1.0,
                                            "transfer.steps": 1})
     server_app, client_app = _apps(flat)
-    grid = InProcessGrid(client_app, 7)
+    return server_app, InProcessGrid(client_app, nodes)
+
+
+def test_duplicate_client_id_from_a_second_node_is_refused(fed_root, tmp_path, caplog):
+    server_app, grid = _one_round_grid(fed_root, tmp_path, 7)
     contexts = list(grid.contexts.values())
     contexts[6].node_config.update({"partition-id": 2, "num-partitions": 6})  # an impostor claims client 2
     for ctx in contexts[:6]:
@@ -293,13 +298,7 @@ def test_failure_reasons_are_one_line():
 
 def test_failed_client_reason_in_results_is_one_line(fed_root, tmp_path, monkeypatch):
     """A client error with a multi-line, coloured reason is stored as its last meaningful line."""
-    from simulation.inprocess import InProcessGrid
-
-    F._STUDENTS.clear()
-    flat = fed_flat(fed_root, tmp_path, **{"federated.rounds": 1, "federated.fraction_train": 1.0,
-                                           "transfer.steps": 1})
-    server_app, client_app = _apps(flat)
-    grid = InProcessGrid(client_app, 6)
+    server_app, grid = _one_round_grid(fed_root, tmp_path, 6)
     real = grid.client_app
 
     def flaky(msg, ctx):

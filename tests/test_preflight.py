@@ -87,14 +87,20 @@ def test_a_refused_run_leaves_an_existing_run_folder_untouched(tmp_path, tiny_di
     assert _snapshot(run) == before  # config.json, stages and student exactly as they were
 
 
-def test_a_typo_label_is_never_a_new_class(tmp_path, tiny_dirs, files):
-    from post_fl.pipeline import load_task
-
+def _write_typo_train(tmp_path):
+    """30 training rows labelled negative/positive, row 4 with the typo 'postive'."""
     typo = tmp_path / "typo.csv"
     data = make_sentiment(30, seed=4)
     names = ["negative", "positive"]
     typo.write_text("text,label\n" + "".join(f"{t},{'postive' if i == 3 else names[y]}\n"
                                              for i, (t, y) in enumerate(zip(data.texts, data.labels))))
+    return typo
+
+
+def test_a_typo_label_is_never_a_new_class(tmp_path, tiny_dirs, files):
+    from post_fl.pipeline import load_task
+
+    typo = _write_typo_train(tmp_path)
     cfg = _cfg(tiny_dirs, files, tmp_path / "run", **{"data.train": str(typo)})
     with pytest.raises(PreflightError, match=r"row 4: label 'postive'.*only 1 row.*did you mean 'positive'"):
         check_run(cfg)
@@ -113,11 +119,7 @@ def test_a_typo_label_is_never_a_new_class(tmp_path, tiny_dirs, files):
 
 def test_a_test_file_is_still_checked_when_the_training_labels_have_a_typo(tmp_path, tiny_dirs, files):
     """A rare (typo) training label does not hide the test file's unknown label: both in one error."""
-    typo = tmp_path / "typo.csv"
-    data = make_sentiment(30, seed=4)
-    names = ["negative", "positive"]
-    typo.write_text("text,label\n" + "".join(f"{t},{'postive' if i == 3 else names[y]}\n"
-                                             for i, (t, y) in enumerate(zip(data.texts, data.labels))))
+    typo = _write_typo_train(tmp_path)
     bad_test = tmp_path / "bad_test.csv"
     bad_test.write_text("text,label\nfine,positive\nmeh,neutral\n")
     cfg = _cfg(tiny_dirs, files, tmp_path / "run", **{"data.train": str(typo), "data.test": str(bad_test)})
