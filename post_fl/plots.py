@@ -142,3 +142,133 @@ def plot_accuracy_vs_clients(rows: list[dict], path: str | Path, caption: str = 
         rows, "num_clients", "target_epsilon", lambda c: f"{c:g}", "number of clients",
         lambda e: "ε = ∞ (no DP)" if math.isinf(e) else f"target ε = {e:g}",
         "Privacy-utility: test accuracy vs number of clients", path, caption)
+
+
+EPSILON_COLORS = {1.0: "tab:red", 4.0: "tab:orange", 8.0: "tab:blue", math.inf: "0.2"}
+REFERENCE_LINES = {"majority": ("majority class", dict(color="tab:brown", linestyle=(0, (1, 1.5)))),
+                   "zero_shot": ("zero-shot teacher", dict(color="tab:gray", linestyle="--")),
+                   "calibrated_zero_shot": ("calibrated zero-shot (bias fit on validation)",
+                                            dict(color="tab:purple", linestyle="-."))}
+DP_LEVEL_TITLES = {"sample": "sample-level DP (DP-SGD on each client)",
+                   "user": "user-level DP (DP-FedAvg, server noise)"}
+
+
+def _part_label(r: dict) -> str:
+    part = r.get("partitioning") or "iid"
+    return f"Dirichlet(α={_f(r.get('dirichlet_alpha')):g})" if part == "dirichlet" else part
+
+
+def _setting_line(rows: list[dict], context: dict) -> str:
+    """'n = 40 examples per client' or 'N training examples split among the clients'."""
+    per = sorted({int(_f(r.get("examples_per_client"))) for r in rows
+                  if math.isfinite(_f(r.get("examples_per_client"))) and _f(r.get("examples_per_client")) > 0})
+    if per:
+        return "fixed data per client: n = " + ", ".join(map(str, per)) + " examples per client"
+    total = sorted({int(_f(r.get("train_examples"))) for r in rows if math.isfinite(_f(r.get("train_examples")))})
+    n = "/".join(map(str, total)) if total else context.get("total", "?")
+    return f"fixed total data: {n} training examples split among the clients"
+
+
+def plot_clients_experiment(rows: list[dict], path: str | Path, method: str = "post",
+                            context: dict | None = None) -> Path:
+    """Write :func:`clients_experiment_figure` of ``rows`` to the PNG ``path``; returns the path."""
+    fig, caption = clients_experiment_figure(rows, method, context)
+    return _save(fig, Path(path), caption)
+
+
+def clients_experiment_figure(rows: list[dict], method: str = "post",
+                              context: dict | None = None) -> tuple[Figure, str]:
+    """Accuracy of ``method`` against the number of clients (log x axis), one line per target ε.
+
+    Panels: one column per DP level present (sample-level DP-SGD, user-level DP-FedAvg), one row
+    per partitioning present (iid, Dirichlet(α)). Points are the mean test accuracy over seeds, bars
+    the 95% Wilson interval (several seeds: lowest lower to highest upper bound); ε = inf (no DP)
+    is drawn in every panel. The reference methods (majority class, zero-shot, calibrated
+    zero-shot) are horizontal lines. ``context`` (:func:`post_fl.sweep_report.report_context`)
+    names the task in the title. Returns the figure and its caption (drawn by ``_save``).
+    """
+    context = context or {}
+    mine = [r for r in rows if r.get("method") == method and not math.isnan(_f(r.get("accuracy")))
+            and math.isfinite(_f(r.get("num_clients")))]
+    levels = [lv for lv in ("sample", "user") if any((r.get("dp_level") or "sample") == lv
+                                                      and math.isfinite(_f(r.get("target_epsilon"))) for r in mine)]
+    levels = levels or ["sample"]
+    parts = sorted({_part_label(r) for r in mine}, key=lambda p: (p != "iid", p)) or ["iid"]
+    # {(level, part): {eps: {clients: [rows]}}}
+    series: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for r in mine:
+        eps = _f(r.get("target_epsilon"))
+        for lv in (levels if math.isinf(eps) else [r.get("dp_level") or "sample"]):
+            if lv == "user" and _f(r.get("num_clients")) <= 1:
+                continue  # user-level DP with one client is not run
+            series[(lv, _part_label(r))][eps][_f(r.get("num_clients"))].append(r)
+    refs = {m: [_f(r["accuracy"]) for r in rows if r.get("method") == m and not math.isnan(_f(r.get("accuracy")))]
+            for m in REFERENCE_LINES}
+    n_rows, n_cols = len(parts), len(levels)
+    width_in, height_in = 6.0 * n_cols, 4.2 * n_rows + 2.6
+    fig = Figure(figsize=(width_in, height_in))
+    fig.subplots_adjust(left=0.75 / width_in, right=1 - 0.25 / width_in, top=1 - 1.75 / height_in,
+                        wspace=0.22, hspace=0.5)
+    all_eps = sorted({e for s in series.values() for e in s})
+    clients = sorted({x for s in series.values() for e in s.values() for x in e}) or [1.0]
+    axes = []
+    for i, part in enumerate(parts):
+        for j, lv in enumerate(levels):
+            ax = fig.add_subplot(n_rows, n_cols, i * n_cols + j + 1, sharey=axes[0] if axes else None)
+            axes.append(ax)
+            s = series.get((lv, part), {})
+            for k, eps in enumerate(all_eps):
+                pts = s.get(eps)
+                if not pts:
+                    continue
+                xs = sorted(pts)
+                shift = 1.0 + 0.06 * (k - (len(all_eps) - 1) / 2)  # spread the bars of equal x apart
+                means, lo, hi = [], [], []
+                for x in xs:
+                    accs = [_f(r["accuracy"]) for r in pts[x]]
+                    m = sum(accs) / len(accs)
+                    lows = [_f(r.get("accuracy_ci_low")) for r in pts[x]]
+                    highs = [_f(r.get("accuracy_ci_high")) for r in pts[x]]
+                    lows = [v for v in lows if not math.isnan(v)] or [m]
+                    highs = [v for v in highs if not math.isnan(v)] or [m]
+                    means.append(m)
+                    lo.append(max(0.0, m - min(lows)))
+                    hi.append(max(0.0, max(highs) - m))
+                seeds = max(len(pts[x]) for x in xs)
+                label = ("ε = ∞ (no DP)" if math.isinf(eps) else f"ε = {eps:g}") + \
+                    (f" ({seeds} seeds)" if seeds > 1 else "")
+                ax.errorbar([x * shift for x in xs], means, yerr=[lo, hi], capsize=3, marker="o", markersize=4,
+                            color=EPSILON_COLORS.get(eps), label=label)
+            for m, accs in refs.items():
+                if accs:
+                    name, style = REFERENCE_LINES[m]
+                    ax.axhline(sum(accs) / len(accs), label=name, linewidth=1.2, **style)
+            ax.set_xscale("log")  # every panel the same clients axis, so columns compare at a glance
+            ax.set_xticks(clients, [f"{x:g}" for x in clients])
+            ax.set_xlim(min(clients) / 1.6, max(clients) * 1.6)
+            ax.set_xlabel("number of clients (log scale)")
+            ax.set_ylabel("test accuracy")
+            ax.set_title(f"{DP_LEVEL_TITLES[lv]}\n{part}", fontsize=10)
+            ax.grid(alpha=0.3)
+            if not s:
+                ax.text(0.5, 0.5, "no finished cells", ha="center", transform=ax.transAxes)
+    handles, labels = [], []
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    if handles:
+        order = sorted(range(len(labels)), key=lambda i: (not labels[i].startswith("ε"), i))  # ε lines first
+        fig.legend([handles[i] for i in order], [labels[i] for i in order], loc="upper center",
+                   ncol=min(len(labels), 4), fontsize=8, bbox_to_anchor=(0.5, 1 - 0.62 / height_in), frameon=False)
+    task = context.get("task", "the sweep's task")
+    fig.suptitle(f"{method}: test accuracy vs number of clients — {task}\n{_setting_line(mine, context)}",
+                 fontsize=11, y=1 - 0.05 / height_in, va="top")
+    test = sorted({int(_f(r.get("test_examples"))) for r in mine if math.isfinite(_f(r.get("test_examples")))})
+    caption = (f"Points: mean test accuracy of {method} over seeds on {'/'.join(map(str, test)) or '?'} test examples; "
+               "bars: 95% Wilson interval (several seeds: lowest to highest bound). Sample-level ε: example-level "
+               "(ε, δ)-DP of DP-SGD on each client's data (the most any client spent); user-level ε: DP-FedAvg over "
+               "a client's whole data (δ = min(1e-5, 1/(10 K))), not run for 1 client. ε = ∞: no DP, drawn in "
+               "both columns. Horizontal lines: the reference methods (no private training).")
+    return fig, caption

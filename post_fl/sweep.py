@@ -31,13 +31,15 @@ from pathlib import Path
 from typing import Callable
 
 from .config import ConfigError
-from .sweep_grid import (AuditSweepConfig, Cell, expand_cells, _fmt_eps, _list, _LIST_AXES, load_sweep_config,
+from .sweep_grid import (AuditSweepConfig, Cell, DEFAULT_METHODS, DP_LEVELS, ENGINES, expand_cells, _fmt_eps, _list, _LIST_AXES, load_sweep_config,
                          METHODS, PARTITIONINGS, RaptSweepConfig, REFERENCE_METHODS, RESULTS_CSV, RESULTS_MD,
                          _scalar, _SCALARS, _section, SETTINGS_JSON, STUDENT_METHODS, sweep_config_from_dict,
                          SweepConfig)
 from .sweep_report import (append_row, _audit_cell, _cellfmt, CSV_COLUMNS, _delta_cell, EPSILON_AXIS_NOTE,
-                           finished_keys, markdown_table, _num, read_results, write_report)
-from .sweep_cells import (_cell_configs, _dp_client_fn, _federated_run, run_cell, seconds_per_step,
+                           finished_keys, markdown_table, _num, read_results, write_report, clients_tables,
+                           migrate_columns, report_context, with_row_interval)
+from .sweep_cells import (calibrated_zero_shot, check_examples_per_client, TimedBatchedTransport, USER_LEVEL_UNIT,
+                          with_interval, _cell_configs, _dp_client_fn, _federated_run, run_cell, seconds_per_step,
                           server_prompt_rounds, settings_fingerprint, SweepContext, SweepTransport,
                           _warm_noise_calibration)
 from .sweep_rapt import (privatize_batch, privatize_client_data, _rapt_client_fn, rapt_eta, rapt_label_epsilon,
@@ -55,7 +57,9 @@ __all__ = ["run_sweep", "CLI_COMMANDS", "METHODS", "REFERENCE_METHODS", "STUDENT
     "rapt_local_round", "rapt_label_epsilon", "rapt_row_privacy", "_rapt_client_fn", "make_canaries",
     "_canary_losses", "audit_prompt_tuning", "settings_fingerprint", "SweepContext", "SweepTransport",
     "_dp_client_fn", "_warm_noise_calibration", "seconds_per_step", "_cell_configs", "_federated_run",
-    "server_prompt_rounds", "run_cell"]
+    "server_prompt_rounds", "run_cell", "DEFAULT_METHODS", "DP_LEVELS", "ENGINES", "clients_tables",
+    "migrate_columns", "report_context", "calibrated_zero_shot", "check_examples_per_client",
+    "TimedBatchedTransport", "USER_LEVEL_UNIT", "with_interval", "with_row_interval"]
 
 
 # ---------------------------------------------------------------- the sweep
@@ -90,6 +94,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = False, report: Callable[[str], 
     todo = [c for c in cells if c.key not in done]
     say(f"sweep: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run -> {csv_path}")
     ctx = SweepContext(cfg, progress)
+    check_examples_per_client(ctx, todo)  # n x K beyond the training set: refused before any cell runs
     for i, cell in enumerate(todo, start=1):
         t0 = time.perf_counter()
         try:
@@ -97,7 +102,8 @@ def run_sweep(cfg: SweepConfig, progress: bool = False, report: Callable[[str], 
         except (ValueError, RuntimeError, FileNotFoundError) as exc:
             log.exception("cell %s failed", cell.key)
             row = {"key": cell.key, "status": "error", "method": cell.method, "seed": cell.seed,
-                   "num_clients": cell.num_clients, "target_epsilon": cell.target_epsilon,
+                   "num_clients": cell.num_clients, "examples_per_client": cell.examples_per_client,
+                   "dp_level": cell.dp_level, "target_epsilon": cell.target_epsilon,
                    "partitioning": cell.partitioning, "error": f"{type(exc).__name__}: {exc}"}
         append_row(csv_path, row)
         acc = row.get("accuracy")
@@ -105,7 +111,7 @@ def run_sweep(cfg: SweepConfig, progress: bool = False, report: Callable[[str], 
             + (f", accuracy {acc:.3f}" if isinstance(acc, float) else "")
             + f" ({time.perf_counter() - t0:.1f}s)")
     rows = read_results(csv_path)
-    write_report(rows, out)
+    write_report(rows, out, cfg)
     return rows
 
 
@@ -135,7 +141,7 @@ def _run_cli(args) -> int:
         if not rows:
             print(f"post-fl sweep: error: {out / RESULTS_CSV} has no rows", file=sys.stderr)
             return 2
-        paths = write_report(rows, out)
+        paths = write_report(rows, out, cfg)
     else:
         from .preflight import check_run
 

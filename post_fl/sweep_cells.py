@@ -5,6 +5,10 @@ Methods, all on the same data split and the same teacher:
 
 ``zero_shot``
     the teacher without a prompt (one cell per seed).
+``calibrated_zero_shot``
+    the teacher without a prompt, its class scores shifted by a per-class bias fitted on the
+    *validation* split (:func:`post_fl.evaluate.fit_class_bias`; never on test): the zero-shot
+    reference with the template's label prior removed (one cell per seed).
 ``majority``
     a reference line, not a learner: every test example gets the most frequent label of the
     training split (one cell per seed). A prompt that does no better has learnt only the
@@ -53,10 +57,13 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------- the sweep's shared state
 def settings_fingerprint(cfg: SweepConfig) -> dict:
     """Every setting other than the grid axes: cells run under different ones cannot share a CSV."""
-    d = jsonable({"base": {k: v for k, v in cfg.base.to_dict().items() if k not in ("output_dir", "seed")},
-                  "rounds": cfg.rounds, "clients_per_round": cfg.clients_per_round,
-                  "federated": cfg.federated, "rapt": dataclasses.asdict(cfg.rapt),
-                  "audit": dataclasses.asdict(cfg.audit)})
+    d = {"base": {k: v for k, v in cfg.base.to_dict().items() if k not in ("output_dir", "seed")},
+         "rounds": cfg.rounds, "clients_per_round": cfg.clients_per_round,
+         "federated": cfg.federated, "rapt": dataclasses.asdict(cfg.rapt),
+         "audit": dataclasses.asdict(cfg.audit)}
+    if cfg.engine != "sequential":  # only when set, so sweeps run before the engine existed still match
+        d["engine"] = cfg.engine
+    d = jsonable(d)
     return json.loads(json.dumps(d, sort_keys=True))
 
 
@@ -71,6 +78,7 @@ class SweepContext:
         self._teacher = None
         self._student_dir: Path | None = None
         self._diameter: float | None = None
+        self._zero_shot_scores: dict[tuple[int, str], torch.Tensor] = {}
 
     def task(self, seed: int):
         from .pipeline import load_task
@@ -117,6 +125,16 @@ class SweepContext:
                     save_student(student, d, rep)
                 self._student_dir = d
         return self._student_dir
+
+    def zero_shot_scores(self, seed: int, split: str) -> torch.Tensor:
+        """The teacher's class scores (no prompt) on the ``test`` or ``validation`` split, computed once."""
+        from .evaluate import class_scores
+
+        if (seed, split) not in self._zero_shot_scores:
+            data = self.task(seed).test if split == "test" else self.task(seed).validation
+            self._zero_shot_scores[(seed, split)] = class_scores(self.teacher, data.texts, None,
+                                                                 self.cfg.base.eval.batch_size)
+        return self._zero_shot_scores[(seed, split)]
 
     def embedding_diameter(self) -> float:
         """diam(φ(V)) of the teacher's input embeddings (exact for small vocabularies, else an upper bound)."""
@@ -165,6 +183,42 @@ class SweepTransport:
             self.bytes_up = max(self.bytes_up, int(np.asarray(upd.delta).nbytes))
             out.updates.append(upd)
             out.metrics[cid] = upd.metrics
+        return out
+
+
+class TimedBatchedTransport:
+    """:class:`post_fl.batched.BatchedTransport` with the cost counters of :class:`SweepTransport`.
+
+    All sampled clients of a round train in shared passes, so a client's seconds are the round's
+    training seconds (:attr:`post_fl.batched.BatchedRound.seconds`) divided by the clients in it
+    (amortised, not one client alone); its steps are its own DP-SGD steps.
+    """
+
+    def __init__(self, server, run_cfg: RunConfig, fed) -> None:
+        from .batched import BatchedTransport
+
+        self.inner = BatchedTransport(server, run_cfg, fed)
+        self.num_clients = fed.num_clients
+        self.client_seconds: list[float] = []
+        self.client_steps: list[int] = []
+        self.bytes_down = 0
+        self.bytes_up = 0
+
+    def client_ids(self) -> list[int]:
+        return self.inner.client_ids()
+
+    def train_round(self, server_round: int, prompt: np.ndarray, instructions: dict[int, dict]):
+        self.inner.last_round = None
+        out = self.inner.train_round(server_round, prompt, instructions)
+        res = self.inner.last_round
+        if res is not None and res.clients:
+            per = res.seconds / len(res.clients)
+            for c in res.clients.values():
+                self.client_seconds.append(per)
+                self.client_steps.append(int(c.steps))
+        for upd in out.updates:
+            self.bytes_down = max(self.bytes_down, int(np.asarray(prompt, np.float32).nbytes))
+            self.bytes_up = max(self.bytes_up, int(np.asarray(upd.delta).nbytes))
         return out
 
 
@@ -231,9 +285,13 @@ def _cell_configs(ctx: SweepContext, cell: Cell, model_dir: Path, run_dir: Path)
 
     cfg = ctx.cfg
     base = cfg.base
-    private = math.isfinite(cell.target_epsilon) and cell.method != "rapt"
+    user = cell.dp_level == "user" and math.isfinite(cell.target_epsilon)
+    private = math.isfinite(cell.target_epsilon) and cell.method != "rapt" and not user
+    data = base.data
+    if cell.examples_per_client:
+        data = dataclasses.replace(base.data, max_train_examples=cell.examples_per_client * cell.num_clients)
     run_cfg = dataclasses.replace(
-        base, seed=cell.seed, output_dir=str(run_dir),
+        base, seed=cell.seed, output_dir=str(run_dir), data=data,
         model=dataclasses.replace(base.model, student=str(model_dir)),
         tune=dataclasses.replace(base.tune, target_epsilon=cell.target_epsilon if private else math.inf,
                                  dp=private and base.tune.dp),
@@ -243,8 +301,25 @@ def _cell_configs(ctx: SweepContext, cell: Cell, model_dir: Path, run_dir: Path)
                             "fraction_train": min(1.0, cfg.clients_per_round / n), "min_clients": 1,
                             "partitioning": cell.partitioning or "iid",
                             "dirichlet_alpha": cell.dirichlet_alpha or 0.5, "eval_every": cfg.rounds,
-                            "client_cache_dir": str(ctx.out / "client-cache"), "resume": True}, FederatedConfig)
+                            "client_cache_dir": str(ctx.out / "client-cache"), "resume": True,
+                            **({"user_dp": True, "user_dp_target_epsilon": cell.target_epsilon,
+                                "user_dp_noise": "server"} if user else {})}, FederatedConfig)
     return run_cfg, fed
+
+
+def check_examples_per_client(ctx: SweepContext, cells: list[Cell]) -> None:
+    """Refuse (ConfigError naming both numbers) any cell whose ``examples_per_client x num_clients``
+    exceeds the base training set (after ``base.data.max_train_examples``) of its seed."""
+    from .config import ConfigError
+
+    for cell in cells:
+        if cell.examples_per_client:
+            need, have = cell.examples_per_client * cell.num_clients, len(ctx.task(cell.seed).train)
+            if need > have:
+                raise ConfigError(
+                    f"examples_per_client = {cell.examples_per_client} x num_clients = {cell.num_clients} needs "
+                    f"{need} training examples, but the training set has {have} (base.data.max_train_examples = "
+                    f"{ctx.cfg.base.data.max_train_examples}); use fewer clients or examples per client")
 
 
 def _federated_run(ctx: SweepContext, cell: Cell) -> dict:
@@ -261,15 +336,21 @@ def _federated_run(ctx: SweepContext, cell: Cell) -> dict:
     server = FederatedServer(run_cfg, fed, run_dir, report=log.info)
     server.prepare()
     eta = math.inf
+    if cell.examples_per_client:
+        check_examples_per_client(ctx, [cell])
+    client_fn = None
     if cell.method == "rapt":
         eta = rapt_eta(cell.target_epsilon, ctx.embedding_diameter())
         client_fn = _rapt_client_fn(server, run_cfg, fed, eta, ctx.cfg.rapt,
                                     rapt_label_epsilon(ctx.cfg.rapt, cell.target_epsilon))
+        transport = SweepTransport(fed.num_clients, client_fn)
+    elif ctx.cfg.engine == "batched":
+        transport = TimedBatchedTransport(server, run_cfg, fed)
     else:
-        client_fn = _dp_client_fn(server, run_cfg, fed)
-    transport = SweepTransport(fed.num_clients, client_fn)
+        transport = SweepTransport(fed.num_clients, _dp_client_fn(server, run_cfg, fed))
     client_partition(run_cfg, fed, 0)  # split once before timing
-    summary: dict[str, Any] = {"eta": eta}
+    summary: dict[str, Any] = {"eta": eta, "engine": "batched" if isinstance(transport, TimedBatchedTransport)
+                               else "sequential"}
     if cell.method == "rapt":  # the guarantee's k: the most privatised tokens of one training example
         summary["rapt_max_text_tokens"] = client_fn.max_text_tokens
     bs = run_cfg.eval.batch_size
@@ -296,8 +377,13 @@ def _federated_run(ctx: SweepContext, cell: Cell) -> dict:
     eps = [float(r.get("epsilon", math.inf)) for r in per_client]
     deltas = [float(r.get("delta", 0.0)) for r in per_client if r.get("delta") is not None]
     private = run_cfg.tune.private
+    if fed.user_dp:  # DP-FedAvg: the user-level epsilon of the released prompts, from the server's accountant
+        summary.update(epsilon=server.user_epsilon(), delta=fed.resolved_user_delta,
+                       user_dp_noise_multiplier=server.user_dp_sigma)
+    else:
+        summary.update(epsilon=max(eps) if (eps and private) else math.inf,
+                       delta=max(deltas) if (deltas and private) else 0.0)
     summary.update(
-        epsilon=max(eps) if (eps and private) else math.inf, delta=max(deltas) if (deltas and private) else 0.0,
         train_examples=len(server.train), test_examples=len(server.test),
         client_s_per_round=float(np.mean(transport.client_seconds)) if transport.client_seconds else math.nan,
         steps_per_client_round=float(np.mean(transport.client_steps)) if transport.client_steps else math.nan,
@@ -335,7 +421,7 @@ def server_prompt_rounds(server, transport) -> None:
 
 def run_cell(ctx: SweepContext, cell: Cell) -> dict[str, Any]:
     """Run one cell and return its CSV row (accuracy, privacy spent, cost, optional audit)."""
-    from .evaluate import accuracy, majority_class_accuracy
+    from .evaluate import accuracy_of_scores, majority_class_accuracy
 
     t0 = time.perf_counter()
     cfg = ctx.cfg
@@ -343,15 +429,19 @@ def run_cell(ctx: SweepContext, cell: Cell) -> dict[str, Any]:
     if cell.method in REFERENCE_METHODS:
         task = ctx.task(cell.seed)
         if cell.method == "zero_shot":
-            acc, unit = (accuracy(ctx.teacher, task.test, None, cfg.base.eval.batch_size),
+            acc, unit = (accuracy_of_scores(ctx.zero_shot_scores(cell.seed, "test"), task.test.labels),
                          "none (no private data used)")
+        elif cell.method == "calibrated_zero_shot":
+            acc, _ = calibrated_zero_shot(ctx, cell.seed)
+            unit = "none (reference: class bias fitted on the non-private validation split)"
         else:
             acc, unit = (majority_class_accuracy(task.train.labels, task.test.labels),
                          "none (reference: the training split's most frequent label)")
         row.update(accuracy=acc, test_examples=len(task.test), train_examples=len(task.train), epsilon=0.0,
                    delta=0.0, epsilon_unit=unit, cell_seconds=time.perf_counter() - t0)
-        return row
-    row.update(num_clients=cell.num_clients, target_epsilon=cell.target_epsilon, partitioning=cell.partitioning,
+        return with_interval(row)
+    row.update(num_clients=cell.num_clients, examples_per_client=cell.examples_per_client, dp_level=cell.dp_level,
+               target_epsilon=cell.target_epsilon, partitioning=cell.partitioning,
                dirichlet_alpha=cell.dirichlet_alpha if cell.partitioning == "dirichlet" else "",
                rounds=cfg.rounds, clients_per_round=min(cell.num_clients, cfg.clients_per_round),
                run_dir=str(Path("runs") / cell.run_slug))
@@ -365,6 +455,8 @@ def run_cell(ctx: SweepContext, cell: Cell) -> dict[str, Any]:
     if cell.method == "rapt":
         row.update(rapt_row_privacy(cell.target_epsilon, rapt_label_epsilon(cfg.rapt, cell.target_epsilon),
                                     s.get("rapt_max_text_tokens")), rapt_eta=s["eta"])
+    elif cell.dp_level == "user" and math.isfinite(cell.target_epsilon):
+        row.update(epsilon=s["epsilon"], delta=s["delta"], epsilon_unit=USER_LEVEL_UNIT)
     else:
         row.update(epsilon=s["epsilon"], delta=s["delta"],
                    epsilon_unit="example-level DP-SGD (max over clients)" if math.isfinite(cell.target_epsilon)
@@ -374,8 +466,11 @@ def run_cell(ctx: SweepContext, cell: Cell) -> dict[str, Any]:
                client_s_per_round=s["client_s_per_round"],
                student_s_per_client_round=s.get("student_s_per_client_round", ""),
                teacher_s_per_client_round=s.get("teacher_s_per_client_round", ""),
-               cost_source=f"{measured} measured in the run; the other model probed for "
-                           f"{cfg.cost_probe_steps} steps on client 0 data",
+               engine=s.get("engine", "sequential"),
+               cost_source=f"{measured} measured in the run"
+                           + (" (client-batched: a round's seconds / its clients)" if s.get("engine") == "batched"
+                              else "")
+                           + f"; the other model probed for {cfg.cost_probe_steps} steps on client 0 data",
                bytes_down_per_client_round=s["bytes_down"], bytes_up_per_client_round=s["bytes_up"],
                model_bytes_once=s["model_bytes_once"])
     a = cfg.audit
@@ -391,5 +486,34 @@ def run_cell(ctx: SweepContext, cell: Cell) -> dict[str, Any]:
         row.update(audit_epsilon_lb=res.epsilon_lower_bound, audit_max_epsilon_lb=res.max_epsilon_lower_bound,
                    audit_tpr=res.tpr, audit_fpr=res.fpr, audit_observations=res.n_members + res.n_nonmembers)
     row["cell_seconds"] = time.perf_counter() - t0
+    return with_interval(row)
+
+
+USER_LEVEL_UNIT = ("user-level DP-FedAvg (one user = a client's whole data; server-side noise, trusts the "
+                   "server; clients run no DP-SGD)")
+
+
+def with_interval(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with the 95% Wilson interval of its test accuracy (``accuracy_ci_low`` / ``_high``) and
+    its binomial standard error (``accuracy_stderr``), from ``accuracy`` and ``test_examples``."""
+    from .evaluate import accuracy_summary
+
+    acc, n = row.get("accuracy"), row.get("test_examples")
+    if isinstance(acc, (int, float)) and math.isfinite(acc) and isinstance(n, int) and n > 0:
+        summ = accuracy_summary(float(acc), n)
+        row.update(accuracy_ci_low=summ["ci95"][0], accuracy_ci_high=summ["ci95"][1], accuracy_stderr=summ["stderr"])
     return row
+
+
+def calibrated_zero_shot(ctx: SweepContext, seed: int) -> tuple[float, torch.Tensor]:
+    """Calibrated zero-shot test accuracy of the teacher and its per-class bias, fitted on the validation
+    split only (:func:`post_fl.evaluate.fit_class_bias`): ``(accuracy, bias)``."""
+    from .evaluate import accuracy_of_scores, fit_class_bias
+
+    task = ctx.task(seed)
+    if task.validation is None or len(task.validation) == 0:
+        raise ValueError("calibrated_zero_shot needs a validation split (data.validation_fraction > 0 or the "
+                         "embedded task); the bias is never fitted on test")
+    bias = fit_class_bias(ctx.zero_shot_scores(seed, "validation"), task.validation.labels)
+    return accuracy_of_scores(ctx.zero_shot_scores(seed, "test"), task.test.labels, bias), bias
 

@@ -12,6 +12,11 @@ A sweep file (TOML) names the grid axes and a base run config::
     seeds = [0]
     rounds = 3                          # federated rounds per cell
     clients_per_round = 10              # sampled per round (all when fewer)
+    examples_per_client = [0]           # 0 = the training set split among the clients; n > 0 = n each
+    dp_level = ["sample"]               # "sample" = DP-SGD per client; "user" = DP-FedAvg (user level)
+    extra_seeds = []                    # more seeds, run only at the epsilons in extra_seeds_at_epsilon
+    extra_seeds_at_epsilon = []
+    engine = "sequential"               # or "batched": DP-SGD clients of direct/post/teacher_dp in shared passes
     [base]      # a RunConfig, exactly as 'post-fl run --config' reads it ([model], [data], [tune], ...)
     [federated] # optional FederatedConfig settings other than the axes (e.g. aggregation)
     [rapt]      # RAPT settings (reconstruction weight, head learning rate)
@@ -30,8 +35,11 @@ from .config import ConfigError, RunConfig, config_from_dict, read_toml
 
 
 
-METHODS = ("zero_shot", "majority", "direct", "post", "teacher_dp", "rapt")
-REFERENCE_METHODS = ("zero_shot", "majority")  # one cell per seed, no clients, no privacy cost
+METHODS = ("zero_shot", "calibrated_zero_shot", "majority", "direct", "post", "teacher_dp", "rapt")
+DEFAULT_METHODS = ("zero_shot", "majority", "direct", "post", "teacher_dp", "rapt")  # a file without `methods`
+REFERENCE_METHODS = ("zero_shot", "calibrated_zero_shot", "majority")  # one cell per seed, no clients, no privacy
+DP_LEVELS = ("sample", "user")  # DP-SGD per client (example level) | DP-FedAvg (user level)
+ENGINES = ("sequential", "batched")
 STUDENT_METHODS = ("direct", "post")  # share one federated run on the student
 PARTITIONINGS = ("iid", "dirichlet", "pathological")
 RESULTS_CSV, RESULTS_MD, SETTINGS_JSON = "results.csv", "results.md", "sweep_settings.json"
@@ -117,10 +125,29 @@ class AuditSweepConfig:
 
 @dataclass
 class SweepConfig:
-    """A privacy-utility grid: axes, federated settings per cell, and the base run config."""
+    """A privacy-utility grid: axes, federated settings per cell, and the base run config.
+
+    Axes beyond methods x clients x epsilon x partitioning x seeds:
+
+    * ``examples_per_client``: 0 (default) splits the base training set among the clients (fixed
+      total); ``n > 0`` gives each of K clients exactly ``n`` examples, ``n K`` drawn from the
+      training set (the base config's, after ``base.data.max_train_examples``); iid only.
+    * ``dp_level``: ``sample`` (default) = example-level DP-SGD on each client; ``user`` =
+      DP-FedAvg: clients train without DP-SGD, the server clips each update to
+      ``federated.user_dp_clip`` and adds Gaussian noise calibrated to the cell's ε over the
+      rounds (``user_dp_noise = server``: secure aggregation is not simulated in-process, so the
+      guarantee trusts the server). Skipped for 1 client; ε = inf has one (no-DP) cell for both
+      levels; RAPT (a local guarantee of its own) runs at the sample level only.
+    * ``extra_seeds`` run only at the ε values in ``extra_seeds_at_epsilon`` (e.g. a second seed
+      for the ε = 8 column); ``seeds`` run everywhere.
+
+    ``engine = "batched"`` trains the DP-SGD (and non-private) clients of direct / post /
+    teacher_dp in shared passes (:class:`post_fl.batched.BatchedTransport`); RAPT always runs
+    client by client.
+    """
 
     output_dir: str = "runs/sweep"
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     num_clients: list[int] = field(default_factory=lambda: [1, 10])
     target_epsilon: list[float] = field(default_factory=lambda: [1.0, 8.0, math.inf])
     partitioning: list[str] = field(default_factory=lambda: ["iid"])
@@ -129,6 +156,11 @@ class SweepConfig:
     rounds: int = 3
     clients_per_round: int = 10
     cost_probe_steps: int = 2
+    examples_per_client: list[int] = field(default_factory=lambda: [0])
+    dp_level: list[str] = field(default_factory=lambda: ["sample"])
+    extra_seeds: list[int] = field(default_factory=list)
+    extra_seeds_at_epsilon: list[float] = field(default_factory=list)
+    engine: str = "sequential"
     base: RunConfig = field(default_factory=RunConfig)
     federated: dict[str, Any] = field(default_factory=dict)
     rapt: RaptSweepConfig = field(default_factory=RaptSweepConfig)
@@ -141,7 +173,7 @@ class SweepConfig:
         bad = [m for m in self.methods if m not in METHODS]
         if bad:
             raise ConfigError(f"methods: unknown method(s) {bad}; expected some of {list(METHODS)}")
-        for name in ("num_clients", "target_epsilon", "partitioning", "seeds"):
+        for name in ("num_clients", "target_epsilon", "partitioning", "seeds", "examples_per_client", "dp_level"):
             if not getattr(self, name):
                 raise ConfigError(f"{name}: expected a non-empty list")
         if any(n < 1 for n in self.num_clients):
@@ -153,6 +185,28 @@ class SweepConfig:
             raise ConfigError(f"partitioning: unknown scheme(s) {bad}; expected some of {list(PARTITIONINGS)}")
         if "dirichlet" in self.partitioning and (not self.dirichlet_alpha or any(a <= 0 for a in self.dirichlet_alpha)):
             raise ConfigError(f"dirichlet_alpha: expected a non-empty list of values > 0, got {self.dirichlet_alpha}")
+        if any(n < 0 for n in self.examples_per_client):
+            raise ConfigError(f"examples_per_client: expected values >= 0 (0 = split the training set), "
+                              f"got {self.examples_per_client}")
+        if any(n > 0 for n in self.examples_per_client) and any(p != "iid" for p in self.partitioning):
+            raise ConfigError(f"examples_per_client > 0 gives every client exactly n examples, which only iid "
+                              f"partitioning does; got partitioning = {self.partitioning} (use [\"iid\"], or a "
+                              "separate sweep file for the label-skewed grid)")
+        bad = [d for d in self.dp_level if d not in DP_LEVELS]
+        if bad:
+            raise ConfigError(f"dp_level: unknown level(s) {bad}; expected some of {list(DP_LEVELS)}")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"engine: expected one of {list(ENGINES)}, got {self.engine!r}")
+        overlap = sorted(set(self.extra_seeds) & set(self.seeds))
+        if overlap:
+            raise ConfigError(f"extra_seeds: {overlap} already in seeds; extra seeds are run only at "
+                              "extra_seeds_at_epsilon, seeds everywhere")
+        if self.extra_seeds and not self.extra_seeds_at_epsilon:
+            raise ConfigError("extra_seeds_at_epsilon: expected the epsilon value(s) where extra_seeds run "
+                              f"(e.g. [8]); extra_seeds = {self.extra_seeds}")
+        missing = [e for e in self.extra_seeds_at_epsilon if float(e) not in [float(t) for t in self.target_epsilon]]
+        if missing:
+            raise ConfigError(f"extra_seeds_at_epsilon: {missing} not in target_epsilon {self.target_epsilon}")
         if self.rounds < 1:
             raise ConfigError(f"rounds: expected >= 1, got {self.rounds}")
         if self.clients_per_round < 1:
@@ -164,12 +218,17 @@ class SweepConfig:
         known = {f.name for f in dataclasses.fields(FederatedConfig)}
         owned = {"rounds", "num_clients", "fraction_train", "min_clients", "partitioning", "dirichlet_alpha",
                  "checkpoint_dir", "client_cache_dir", "resume"}
+        if "user" in self.dp_level:
+            owned |= {"user_dp", "user_dp_target_epsilon", "user_dp_noise", "user_dp_noise_multiplier"}
         for k in self.federated:
             if k not in known:
                 raise ConfigError(f"unknown setting federated.{k}; known: {', '.join(sorted(known - owned))}")
             if k in owned:
                 raise ConfigError(f"federated.{k}: set by the sweep (axes num_clients, partitioning, "
-                                  "dirichlet_alpha, rounds, clients_per_round); remove it")
+                                  "dirichlet_alpha, dp_level, target_epsilon, rounds, clients_per_round); remove it")
+        if self.engine == "batched" and self.federated.get("secagg"):
+            raise ConfigError("engine = batched: the client-batched simulation aggregates in the clear; "
+                              "federated.secagg needs engine = sequential")
         self.base.validate()
         self.rapt.validate()
         self.audit.validate()
@@ -177,8 +236,9 @@ class SweepConfig:
 
 
 _LIST_AXES = {"methods": str, "num_clients": int, "target_epsilon": float, "partitioning": str,
-              "dirichlet_alpha": float, "seeds": int}
-_SCALARS = {"output_dir": str, "rounds": int, "clients_per_round": int, "cost_probe_steps": int}
+              "dirichlet_alpha": float, "seeds": int, "examples_per_client": int, "dp_level": str,
+              "extra_seeds": int, "extra_seeds_at_epsilon": float}
+_SCALARS = {"output_dir": str, "rounds": int, "clients_per_round": int, "cost_probe_steps": int, "engine": str}
 
 
 def _scalar(value: Any, kind: type, key: str) -> Any:
@@ -290,6 +350,8 @@ class Cell:
     partitioning: str = ""
     dirichlet_alpha: float = 0.0
     seed: int = 0
+    examples_per_client: int = 0  # 0 = the training set split among the clients
+    dp_level: str = "sample"  # "sample" (DP-SGD per client; also every eps = inf cell) | "user" (DP-FedAvg)
 
     @property
     def partition_label(self) -> str:
@@ -299,19 +361,28 @@ class Cell:
     def key(self) -> str:
         if self.method in REFERENCE_METHODS:
             return f"{self.method}|seed={self.seed}"
-        return (f"{self.method}|clients={self.num_clients}|eps={_fmt_eps(self.target_epsilon)}|"
+        n = f"|n={self.examples_per_client}" if self.examples_per_client else ""
+        dp = "|dp=user" if self.dp_level == "user" else ""
+        return (f"{self.method}|clients={self.num_clients}{n}|eps={_fmt_eps(self.target_epsilon)}{dp}|"
                 f"part={self.partition_label}|seed={self.seed}")
 
     @property
     def run_slug(self) -> str:
         """Folder name of the federated run; ``direct`` and ``post`` share the student run."""
         kind = "student" if self.method in STUDENT_METHODS else self.method
-        return (f"{kind}-c{self.num_clients}-eps{_fmt_eps(self.target_epsilon)}-"
+        n = f"-n{self.examples_per_client}" if self.examples_per_client else ""
+        dp = "-user" if self.dp_level == "user" else ""
+        return (f"{kind}-c{self.num_clients}{n}-eps{_fmt_eps(self.target_epsilon)}{dp}-"
                 f"{self.partition_label.replace('(', '').replace(')', '')}-s{self.seed}")
 
 
 def expand_cells(cfg: SweepConfig) -> list[Cell]:
-    """Every cell of the grid, in run order, without duplicates (1 client ignores partitioning)."""
+    """Every cell of the grid, in run order, without duplicates.
+
+    1 client ignores partitioning and has no user-level cells; ε = inf is one no-DP cell whatever
+    the dp_level; RAPT has no user-level cells; ``extra_seeds`` add cells only at
+    ``extra_seeds_at_epsilon`` (and no reference cells).
+    """
     cells: list[Cell] = []
     seen: set[str] = set()
 
@@ -323,15 +394,26 @@ def expand_cells(cfg: SweepConfig) -> list[Cell]:
     parts: list[tuple[str, float]] = []
     for p in cfg.partitioning:
         parts += [(p, a) for a in cfg.dirichlet_alpha] if p == "dirichlet" else [(p, 0.0)]
-    for seed in cfg.seeds:
-        for m in REFERENCE_METHODS:
-            if m in cfg.methods:
-                add(Cell(m, seed=seed))
+    extra_eps = [float(e) for e in cfg.extra_seeds_at_epsilon]
+    for seed in [*cfg.seeds, *cfg.extra_seeds]:
+        extra = seed not in cfg.seeds
+        if not extra:
+            for m in REFERENCE_METHODS:
+                if m in cfg.methods:
+                    add(Cell(m, seed=seed))
         for n in cfg.num_clients:
-            for p, a in (parts if n > 1 else [("iid", 0.0)]):
-                for eps in cfg.target_epsilon:
-                    for m in cfg.methods:
-                        if m not in REFERENCE_METHODS:
-                            add(Cell(m, n, eps, p, a, seed))
+            for per in cfg.examples_per_client:
+                for p, a in (parts if n > 1 else [("iid", 0.0)]):
+                    for level in cfg.dp_level:
+                        if level == "user" and n == 1:
+                            continue  # one client: user level = the whole data set, not a federation
+                        for eps in cfg.target_epsilon:
+                            if extra and float(eps) not in extra_eps:
+                                continue
+                            lv = "sample" if math.isinf(eps) else level  # no DP: one cell for both levels
+                            for m in cfg.methods:
+                                if m in REFERENCE_METHODS or (m == "rapt" and lv == "user"):
+                                    continue
+                                add(Cell(m, n, eps, p, a, seed, per, lv))
     return cells
 
