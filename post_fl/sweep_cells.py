@@ -393,7 +393,9 @@ def _federated_run(ctx: SweepContext, cell: Cell) -> dict:
                              + sum(len(b) for b in server.package.files.values())))
     # the other model's cost: a short probe on this cell's client-0 data, scaled to a client's round
     probe_data = client_partition(run_cfg, fed, 0)
-    if len(probe_data):
+    measured = "student" if cell.method in STUDENT_METHODS else "teacher"
+    summary[f"{measured}_s_per_client_round"] = summary["client_s_per_round"]
+    if len(probe_data) and ctx.cfg.cost_probe_steps > 0:  # 0 = no probe (the other model's column stays empty)
         if cell.method in STUDENT_METHODS:
             sps = seconds_per_step(ctx.teacher, probe_data, run_cfg.tune, ctx.cfg.cost_probe_steps, cell.seed)
             summary["teacher_s_per_client_round"] = sps * summary["steps_per_client_round"]
@@ -470,7 +472,8 @@ def run_cell(ctx: SweepContext, cell: Cell) -> dict[str, Any]:
                cost_source=f"{measured} measured in the run"
                            + (" (client-batched: a round's seconds / its clients)" if s.get("engine") == "batched"
                               else "")
-                           + f"; the other model probed for {cfg.cost_probe_steps} steps on client 0 data",
+                           + (f"; the other model probed for {cfg.cost_probe_steps} steps on client 0 data"
+                              if cfg.cost_probe_steps > 0 else "; the other model not probed (cost_probe_steps = 0)"),
                bytes_down_per_client_round=s["bytes_down"], bytes_up_per_client_round=s["bytes_up"],
                model_bytes_once=s["model_bytes_once"])
     a = cfg.audit

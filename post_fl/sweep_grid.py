@@ -211,8 +211,8 @@ class SweepConfig:
             raise ConfigError(f"rounds: expected >= 1, got {self.rounds}")
         if self.clients_per_round < 1:
             raise ConfigError(f"clients_per_round: expected >= 1, got {self.clients_per_round}")
-        if self.cost_probe_steps < 1:
-            raise ConfigError(f"cost_probe_steps: expected >= 1, got {self.cost_probe_steps}")
+        if self.cost_probe_steps < 0:
+            raise ConfigError(f"cost_probe_steps: expected >= 0 (0 = no probe), got {self.cost_probe_steps}")
         from .federated import FederatedConfig
 
         known = {f.name for f in dataclasses.fields(FederatedConfig)}

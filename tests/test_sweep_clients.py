@@ -44,7 +44,7 @@ dp_level = ["sample", "user"]
 seeds = [0]
 rounds = 1
 clients_per_round = 3
-cost_probe_steps = 1
+cost_probe_steps = 0
 engine = "batched"
 [base.model]
 teacher = "{root / 'teacher'}"
@@ -125,6 +125,7 @@ def test_new_sweep_files_parse():
     ("examples_per_client = [-1]", "examples_per_client: expected values >= 0"),
     ("dp_level = [\"group\"]", r"dp_level: unknown level\(s\) \['group'\]"),
     ("engine = \"fast\"", "engine: expected one of"),
+    ("cost_probe_steps = -1", "cost_probe_steps: expected >= 0"),
     ("extra_seeds = [0]\nextra_seeds_at_epsilon = [4]", r"extra_seeds: \[0\] already in seeds"),
     ("extra_seeds = [1]", "extra_seeds_at_epsilon: expected the epsilon"),
     ("extra_seeds = [1]\nextra_seeds_at_epsilon = [8]", r"extra_seeds_at_epsilon: \[8.0\] not in target_epsilon"),
@@ -240,6 +241,9 @@ def test_client_count_sweep_end_to_end(assets, tmp_path):
         user = by[f"{m}|clients=3|n=4|eps=4|dp=user|part=iid|seed=0"]
         assert sample["engine"] == "batched" and sample["dp_level"] == "sample"
         assert int(sample["train_examples"]) == 12 and sample["examples_per_client"] == "4"
+        measured, other = ("student", "teacher") if m == "post" else ("teacher", "student")
+        assert float(sample[f"{measured}_s_per_client_round"]) > 0 and sample[f"{other}_s_per_client_round"] == ""
+        assert "not probed" in sample["cost_source"] and "client-batched" in sample["cost_source"]
         # sample level: the row's epsilon is the most any client's ledger spent
         ledgers = read_ledgers(out / sample["run_dir"] / "client-ledgers")
         assert len(ledgers) == 3
