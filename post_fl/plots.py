@@ -183,8 +183,8 @@ def clients_experiment_figure(rows: list[dict], method: str = "post",
     Panels: one column per DP level present (sample-level DP-SGD, user-level DP-FedAvg), one row
     per partitioning present (iid, Dirichlet(α)). Points are the mean test accuracy over seeds, bars
     the 95% Wilson interval (several seeds: lowest lower to highest upper bound); ε = inf (no DP)
-    is drawn in every panel. The reference methods (majority class, zero-shot, calibrated
-    zero-shot) are horizontal lines. ``context`` (:func:`post_fl.sweep_report.report_context`)
+    is drawn in every panel, the single site (1 client) in every partitioning row. The reference
+    methods (majority class, zero-shot, calibrated zero-shot) are horizontal lines. ``context`` (:func:`post_fl.sweep_report.report_context`)
     names the task in the title. Returns the figure and its caption (drawn by ``_save``).
     """
     context = context or {}
@@ -201,7 +201,9 @@ def clients_experiment_figure(rows: list[dict], method: str = "post",
         for lv in (levels if math.isinf(eps) else [r.get("dp_level") or "sample"]):
             if lv == "user" and _f(r.get("num_clients")) <= 1:
                 continue  # user-level DP with one client is not run
-            series[(lv, _part_label(r))][eps][_f(r.get("num_clients"))].append(r)
+            single = _f(r.get("num_clients")) == 1  # a single site has no partitioning: drawn in every row
+            for part in (parts if single else [_part_label(r)]):
+                series[(lv, part)][eps][_f(r.get("num_clients"))].append(r)
     refs = {m: [_f(r["accuracy"]) for r in rows if r.get("method") == m and not math.isnan(_f(r.get("accuracy")))]
             for m in REFERENCE_LINES}
     n_rows, n_cols = len(parts), len(levels)
@@ -270,5 +272,5 @@ def clients_experiment_figure(rows: list[dict], method: str = "post",
                "bars: 95% Wilson interval (several seeds: lowest to highest bound). Sample-level ε: example-level "
                "(ε, δ)-DP of DP-SGD on each client's data (the most any client spent); user-level ε: DP-FedAvg over "
                "a client's whole data (δ = min(1e-5, 1/(10 K))), not run for 1 client. ε = ∞: no DP, drawn in "
-               "both columns. Horizontal lines: the reference methods (no private training).")
+               "both columns; 1 client (single site, no partitioning) is drawn in every row. Horizontal lines: the reference methods (no private training).")
     return fig, caption

@@ -269,8 +269,8 @@ def _rows():
         for lv in ("sample", "user"):
             for k in (1, 10, 100):
                 for eps in ("1", "8", "inf"):
-                    if (lv == "user" and (k == 1 or eps == "inf")):
-                        continue
+                    if (lv == "user" and (k == 1 or eps == "inf")) or (k == 1 and part != "iid"):
+                        continue  # as expand_cells: no user level for 1 client or eps = inf; 1 client is iid
                     for seed in ((0, 1) if eps == "8" else (0,)):
                         rows.append({"status": "ok", "method": "post", "num_clients": str(k), "dp_level": lv,
                                      "partitioning": part, "dirichlet_alpha": "0.5" if part == "dirichlet" else "",
@@ -298,7 +298,8 @@ def test_clients_plot_has_a_panel_per_level_and_partitioning(tmp_path):
     bars = {c.get_label(): list(c.lines[0].get_xdata()) for c in user_iid.containers}
     assert "ε = ∞ (no DP)" in bars and "ε = 1" in bars
     assert all(len(xs) == 2 and min(xs) > 5 for xs in bars.values()), bars
-    assert len(next(c for c in axes[0].containers if c.get_label() == "ε = 1").lines[0].get_xdata()) == 3
+    for ax in (axes[0], axes[2]):  # sample level, iid and Dirichlet: the single site is drawn in both
+        assert len(next(c for c in ax.containers if c.get_label() == "ε = 1").lines[0].get_xdata()) == 3
     # fixed per client: only iid, two panels; the title names n
     per = [dict(r, examples_per_client="40") for r in _rows() if r.get("partitioning", "iid") == "iid"]
     fig2, _ = clients_experiment_figure(per, "post")
