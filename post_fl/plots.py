@@ -184,8 +184,9 @@ def clients_experiment_figure(rows: list[dict], method: str = "post",
     per partitioning present (iid, Dirichlet(α)). Points are the mean test accuracy over seeds, bars
     the 95% Wilson interval (several seeds: lowest lower to highest upper bound); ε = inf (no DP)
     is drawn in every panel, the single site (1 client) in every partitioning row. The reference
-    methods (majority class, zero-shot, calibrated zero-shot) are horizontal lines. ``context`` (:func:`post_fl.sweep_report.report_context`)
-    names the task in the title. Returns the figure and its caption (drawn by ``_save``).
+    methods (majority class, zero-shot, calibrated zero-shot) are horizontal lines. ``context``
+    (:func:`post_fl.sweep_report.report_context`) names the task in the title. Returns the figure
+    and its caption (drawn by ``_save``).
     """
     context = context or {}
     mine = [r for r in rows if r.get("method") == method and not math.isnan(_f(r.get("accuracy")))
@@ -247,6 +248,7 @@ def clients_experiment_figure(rows: list[dict], method: str = "post",
                     ax.axhline(sum(accs) / len(accs), label=name, linewidth=1.2, **style)
             ax.set_xscale("log")  # every panel the same clients axis, so columns compare at a glance
             ax.set_xticks(clients, [f"{x:g}" for x in clients])
+            ax.minorticks_off()  # only the client counts of the grid are labelled
             ax.set_xlim(min(clients) / 1.6, max(clients) * 1.6)
             ax.set_xlabel("number of clients (log scale)")
             ax.set_ylabel("test accuracy")
@@ -272,5 +274,6 @@ def clients_experiment_figure(rows: list[dict], method: str = "post",
                "bars: 95% Wilson interval (several seeds: lowest to highest bound). Sample-level ε: example-level "
                "(ε, δ)-DP of DP-SGD on each client's data (the most any client spent); user-level ε: DP-FedAvg over "
                "a client's whole data (δ = min(1e-5, 1/(10 K))), not run for 1 client. ε = ∞: no DP, drawn in "
-               "both columns; 1 client (single site, no partitioning) is drawn in every row. Horizontal lines: the reference methods (no private training).")
+               "both columns; 1 client (single site, no partitioning) is drawn in every row. Horizontal lines: "
+               "the reference methods (no private training).")
     return fig, caption

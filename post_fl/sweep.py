@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Callable
 
 from .config import ConfigError
-from .sweep_grid import (AuditSweepConfig, Cell, DEFAULT_METHODS, DP_LEVELS, ENGINES, expand_cells, _fmt_eps, _list, _LIST_AXES, load_sweep_config,
+from .sweep_grid import (AuditSweepConfig, Cell, DEFAULT_METHODS, DP_LEVELS, ENGINES, expand_cells, _fmt_eps,
+                         _list, _LIST_AXES, load_sweep_config,
                          METHODS, PARTITIONINGS, RaptSweepConfig, REFERENCE_METHODS, RESULTS_CSV, RESULTS_MD,
                          _scalar, _SCALARS, _section, SETTINGS_JSON, STUDENT_METHODS, sweep_config_from_dict,
                          SweepConfig)

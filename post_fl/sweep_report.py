@@ -192,7 +192,8 @@ def clients_tables(rows: list[dict]) -> str:
         for r in mine:
             part = r.get("partitioning", "") + (f"(α={r['dirichlet_alpha']})" if r.get("partitioning") == "dirichlet"
                                                 else "")
-            levels = ["sample", "user"] if math.isinf(_num(r.get("target_epsilon"))) else [r.get("dp_level") or "sample"]
+            no_dp = math.isinf(_num(r.get("target_epsilon")))
+            levels = ["sample", "user"] if no_dp else [r.get("dp_level") or "sample"]
             for lv in levels:
                 if lv == "user" and not any((x.get("dp_level") == "user") for x in mine):
                     continue
