@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -225,11 +226,13 @@ def test_calibrated_zero_shot_is_fitted_on_validation_only():
 
 
 # ---------------------------------------------------------------- end to end (batched engine)
-def test_client_count_sweep_end_to_end(assets, tmp_path):
+@pytest.mark.parametrize("engine", ["batched", "sequential"])
+def test_client_count_sweep_end_to_end(assets, tmp_path, engine):
     from post_fl.ledger import read_ledgers
 
     out = tmp_path / "out"
-    cfg = S.load_sweep_config(_write(tmp_path, sweep_toml(assets, out)))
+    text = sweep_toml(assets, out).replace('engine = "batched"', f'engine = "{engine}"')
+    cfg = S.load_sweep_config(_write(tmp_path, text))
     rows = S.run_sweep(cfg)
     by = {r["key"]: r for r in rows}
     assert len(rows) == 7 and all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
@@ -239,11 +242,12 @@ def test_client_count_sweep_end_to_end(assets, tmp_path):
     for m in ("post", "teacher_dp"):
         sample = by[f"{m}|clients=3|n=4|eps=4|part=iid|seed=0"]
         user = by[f"{m}|clients=3|n=4|eps=4|dp=user|part=iid|seed=0"]
-        assert sample["engine"] == "batched" and sample["dp_level"] == "sample"
+        assert sample["engine"] == user["engine"] == engine and sample["dp_level"] == "sample"
         assert int(sample["train_examples"]) == 12 and sample["examples_per_client"] == "4"
         measured, other = ("student", "teacher") if m == "post" else ("teacher", "student")
         assert float(sample[f"{measured}_s_per_client_round"]) > 0 and sample[f"{other}_s_per_client_round"] == ""
-        assert "not probed" in sample["cost_source"] and "client-batched" in sample["cost_source"]
+        assert "not probed" in sample["cost_source"]
+        assert ("client-batched" in sample["cost_source"]) == (engine == "batched")
         # sample level: the row's epsilon is the most any client's ledger spent
         ledgers = read_ledgers(out / sample["run_dir"] / "client-ledgers")
         assert len(ledgers) == 3
@@ -253,6 +257,8 @@ def test_client_count_sweep_end_to_end(assets, tmp_path):
         assert user["epsilon_unit"] == S.USER_LEVEL_UNIT and 0 < float(user["epsilon"]) <= 4.0 + 1e-6
         assert float(user["delta"]) == pytest.approx(min(1e-5, 1 / 30))
         assert not read_ledgers(out / user["run_dir"] / "client-ledgers")
+        summary = json.loads((out / user["run_dir"] / "sweep_summary.json").read_text())
+        assert summary["user_dp_noise_multiplier"] > 0  # the server's DP-FedAvg noise was on
     png = out / "plots" / "clients_post.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "results.md").read_text()
