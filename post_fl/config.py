@@ -219,7 +219,10 @@ class TransferConfig:
     """POST prompt transfer to the teacher on public data only.
 
     Loss = ``alpha`` * T^2 KL on the prompt-induced change of the outputs
-    + (1 - ``alpha``) * T^2 KL on the prompted outputs, at the answer position.
+    + (1 - ``alpha``) * T^2 KL on the prompted outputs, at the answer position. ``space`` says which
+    outputs: ``vocab`` (the whole vocabulary, as in POST's ``mix_transfer``) or ``classes`` (the
+    verbalizer's class scores only, so the teacher is not pulled towards the student's distribution
+    over the words no class reads).
     """
 
     steps: int = 50  # sized so that the main job fits 15 min on 2 CPU cores with the SmolLM2 teacher
@@ -228,10 +231,13 @@ class TransferConfig:
     alpha: float = 0.5
     temperature: float = 2.0
     init: str = "student"  # "student" (start from the student's prompt) | "vocab"
+    space: str = "vocab"  # "vocab" (POST: vocabulary logits at the answer position) | "classes" (verbalizer scores)
 
     def validate(self) -> None:
         if self.steps < 0:
             raise ConfigError(f"transfer.steps: expected >= 0, got {self.steps}")
+        if self.space not in ("vocab", "classes"):
+            raise ConfigError(f"transfer.space: expected 'vocab' or 'classes', got {self.space!r}")
         if not 0 <= self.alpha <= 1:
             raise ConfigError(f"transfer.alpha: expected in [0, 1], got {self.alpha}")
         if self.temperature <= 0:

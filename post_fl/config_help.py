@@ -80,6 +80,7 @@ FIELD_HELP: dict[str, str] = {
     "transfer.alpha": "weight of the loss on the prompt-induced change of outputs (1 - alpha: on the prompted outputs)",
     "transfer.temperature": "temperature of the transfer KL losses",
     "transfer.init": "where the teacher prompt starts: student (the student's prompt) | vocab",
+    "transfer.space": "outputs the transfer loss compares: vocab (all answer-position logits, POST) | classes (verbalizer scores)",
     # eval
     "eval.batch_size": "texts per batch when scoring test examples",
     "eval.teacher_prompt_tuning": "true = also tune a non-private prompt on the teacher (the costly upper bound)",

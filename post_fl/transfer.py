@@ -5,7 +5,8 @@ For public inputs x the teacher's prompt P_t is trained so that, at the answer p
     L = alpha * T^2 * KL( softmax(Δ_s(x) / T) || softmax(Δ_t(x) / T) )
       + (1 - alpha) * T^2 * KL( softmax(s(x; P_s) / T) || softmax(t(x; P_t) / T) )
 
-where s, t are the student's and teacher's answer logits, Δ_s = s(x; P_s) - s(x) and
+where s, t are the student's and teacher's answer logits (``space = "vocab"``, as in the paper's
+code) or their verbalizer class scores (``space = "classes"``), Δ_s = s(x; P_s) - s(x) and
 Δ_t = t(x; P_t) - t(x) the changes the prompts cause (Wang et al., ICML 2025, ``mix_transfer``).
 The first term aligns the *direction* in which each prompt moves its model's output away
 from the unprompted output; the second matches the prompted outputs themselves.
@@ -89,16 +90,22 @@ def transfer_prompt(student: ScoringModel, student_prompt: SoftPrompt, teacher: 
         from .progress import progress_bar
 
         bar = progress_bar(cfg.steps, desc="transfer")
+    if cfg.space == "classes":
+        def outputs(model: ScoringModel, batch, p=None) -> torch.Tensor:
+            return model.class_scores(model.answer_logits(batch, p))
+    else:
+        def outputs(model: ScoringModel, batch, p=None) -> torch.Tensor:
+            return model.answer_logits(batch, p)
     student_prompt.requires_grad_(False)
     try:
         for step in range(cfg.steps):
             idx = torch.randperm(n, generator=gen)[:batch]
             s_batch, t_batch = encoded.rows(idx), teacher_encoded.rows(idx)
             with torch.no_grad():
-                s_prompted = student.answer_logits(s_batch, student_prompt)
-                s_plain = student.answer_logits(s_batch)
-                t_plain = teacher.answer_logits(t_batch)
-            t_prompted = teacher.answer_logits(t_batch, prompt)
+                s_prompted = outputs(student, s_batch, student_prompt)
+                s_plain = outputs(student, s_batch)
+                t_plain = outputs(teacher, t_batch)
+            t_prompted = outputs(teacher, t_batch, prompt)
             loss, _ = post_transfer_loss(t_prompted, t_plain, s_prompted, s_plain, cfg.alpha, cfg.temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -73,3 +73,31 @@ def test_distillation_trains_saves_and_reloads(tiny_dirs, kind, tmp_path):
     assert (tmp_path / "s" / "distill_report.json").is_file()
     batch = again.encode(["good movie"])
     assert torch.allclose(again(batch), student(batch), atol=1e-5)
+
+
+@pytest.mark.parametrize("space", ["vocab", "classes"])
+def test_transfer_space_chooses_the_outputs_the_loss_compares(tiny_dirs, space):
+    teacher = load_scoring_model(tiny_dirs["causal"], LABELS)
+    student, _ = distill_student(teacher, make_sentiment(24, seed=3), DistillConfig(num_layers=2, steps=2,
+                                                                                    batch_size=8))
+    prompt = init_from_vocab(student.word_embeddings, 3, torch.Generator().manual_seed(0))
+    public = make_sentiment(12, seed=5)
+    cfg = TransferConfig(steps=1, batch_size=len(public), lr=0.1, init="student", space=space, alpha=0.5)
+    result = transfer_prompt(student, prompt, teacher, public, cfg, seed=0)
+    s_b, t_b = student.encode(public.texts), teacher.encode(public.texts)
+    with torch.no_grad():
+        outs = {}
+        for name, f in (("vocab", lambda m, b, p=None: m.answer_logits(b, p)),
+                        ("classes", lambda m, b, p=None: m(b, p))):
+            outs[name] = post_transfer_loss(f(teacher, t_b, prompt), f(teacher, t_b), f(student, s_b, prompt),
+                                            f(student, s_b), 0.5, cfg.temperature)[0].item()
+    other = "classes" if space == "vocab" else "vocab"
+    assert result.losses[0] == pytest.approx(outs[space], rel=1e-4)
+    assert abs(outs[space] - outs[other]) > 1e-3  # the two spaces give different losses here
+
+
+def test_transfer_space_is_validated():
+    from post_fl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="transfer.space"):
+        TransferConfig(space="logits").validate()
