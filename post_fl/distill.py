@@ -563,3 +563,33 @@ def save_student(student: ScoringModel, directory: str | Path, report: DistillRe
     if report is not None:
         write_json(report.to_dict(), d / "distill_report.json")
     return d
+
+
+def public_distillation_split(public: TextDataset, seed: int) -> tuple[TextDataset, TextDataset]:
+    """(distillation texts, held-out texts) of the public set: a 90/10 split, or all of it twice when under 20."""
+    return public.split(0.9, seed) if len(public) >= 20 else (public, public)
+
+
+def cached_or_distilled_student(teacher: ScoringModel, public: TextDataset, cfg: DistillConfig, seed: int,
+                                cache_root: Path | None, validation: TextDataset | None = None,
+                                progress: bool = False) -> tuple[Path | None, ScoringModel | None, dict, str]:
+    """The student of (teacher, public corpus, distillation settings, seed): from the student cache under
+    ``cache_root`` (``None`` = no cache), else distilled now (teacher outputs cached under
+    ``cache_root/../teacher-outputs``) and stored there.
+
+    Returns (cached student directory or None, the student when distilled now or None, its report as a
+    dict, "hit" | "miss" | "off").
+    """
+    train, held_out = public_distillation_split(public, seed)
+    key = student_cache_key(teacher, train, held_out, cfg, seed) if cache_root is not None else ""
+    hit = cached_student_dir(cache_root, key) if cache_root is not None else None
+    if hit is not None:
+        log.info("distill: cached student %s (delete it to distil again)", hit)
+        from .jsonio import read_json
+
+        return hit, None, read_json(hit / "distill_report.json"), "hit"
+    student, rep = distill_student(teacher, train, cfg, seed, held_out=held_out, progress=progress,
+                                   cache_dir=cache_root.parent / "teacher-outputs" if cache_root is not None else None,
+                                   validation=validation)
+    stored = store_student(student, rep, cache_root, key) if cache_root is not None else None
+    return stored, student, rep.to_dict(), "miss" if cache_root is not None else "off"

@@ -221,36 +221,25 @@ class Pipeline:
         """
         import shutil
 
-        from .distill import (cached_student_dir, distill_student, save_student, store_student,
-                              student_cache_key)
+        from .distill import cached_or_distilled_student, save_student
         from .embedded import cache_dir
 
         if self.cfg.model.student:
             return self._stage("distill", {"skipped": f"model.student = {self.cfg.model.student}"})
         task, dcfg = self.task, self.cfg.distill
-        public_train, held_out = task.public.split(0.9, self.cfg.seed) if len(task.public) >= 20 else (task.public, task.public)
         out = self.run / STUDENT_DIR
-        root = cache_dir() / "students"
-        key = student_cache_key(self.teacher, public_train, held_out, dcfg, self.cfg.seed) if dcfg.cache else ""
-        hit = cached_student_dir(root, key) if dcfg.cache else None
-        if hit is not None:
-            log.info("distill: cached student %s (delete it to distil again)", hit)
-            if out.exists():
-                shutil.rmtree(out)
-            shutil.copytree(hit, out)
-            report = read_json(out / "distill_report.json")
-            report.update(student_cache="hit", student_cache_dir=str(hit), seconds_this_run=0.0)
+        root = cache_dir() / "students" if dcfg.cache else None
+        cached, student, report, status = cached_or_distilled_student(
+            self.teacher, task.public, dcfg, self.cfg.seed, root, validation=task.validation, progress=self.progress)
+        if out.exists():
+            shutil.rmtree(out)
+        if cached is not None:
+            shutil.copytree(cached, out)
         else:
-            student, rep = distill_student(self.teacher, public_train, dcfg, self.cfg.seed, held_out=held_out,
-                                           progress=self.progress,
-                                           cache_dir=cache_dir() / "teacher-outputs" if dcfg.cache else None,
-                                           validation=task.validation)
-            save_student(student, out, rep)
-            report = rep.to_dict()
-            if dcfg.cache:
-                store_student(student, rep, root, key)
-            report.update(student_cache="miss" if dcfg.cache else "off",
-                          student_cache_dir=str(root / key) if dcfg.cache else None, seconds_this_run=rep.seconds)
+            save_student(student, out)
+            write_json(report, out / "distill_report.json")
+        report.update(student_cache=status, student_cache_dir=str(cached) if cached is not None else None,
+                      seconds_this_run=0.0 if status == "hit" else report["seconds"])
         self._student = None
         return self._stage("distill", report)
 

@@ -108,21 +108,29 @@ class SweepContext:
 
     @property
     def student_dir(self) -> Path:
-        """The student: ``base.model.student`` or distilled once into ``<output_dir>/student``."""
+        """The student: ``base.model.student``; else, with ``base.distill.cache``, the cached student of the
+        same teacher, public corpus, distillation settings and seed (the main job's, when those match),
+        distilled and cached on a miss; without the cache, distilled once into ``<output_dir>/student``."""
         if self._student_dir is None:
             if self.cfg.base.model.student:
                 self._student_dir = Path(self.cfg.base.model.student)
             else:
                 d = self.out / "student"
                 if not (d / "model.safetensors").is_file():
-                    from .distill import distill_student, save_student
+                    from .distill import cached_or_distilled_student, save_student
+                    from .embedded import cache_dir
 
-                    public = self.task(self.cfg.base.seed).public
-                    train, held = public.split(0.9, self.cfg.base.seed) if len(public) >= 20 else (public, public)
-                    log.info("distilling the sweep's student once into %s", d)
-                    student, rep = distill_student(self.teacher, train, self.cfg.base.distill, self.cfg.base.seed,
-                                                   held_out=held, progress=self.progress)
-                    save_student(student, d, rep)
+                    dcfg = self.cfg.base.distill
+                    task = self.task(self.cfg.base.seed)
+                    log.info("the sweep's student: from the student cache or distilled once into %s", d)
+                    cached, student, _, _ = cached_or_distilled_student(
+                        self.teacher, task.public, dcfg, self.cfg.base.seed,
+                        cache_dir() / "students" if dcfg.cache else None, validation=task.validation,
+                        progress=self.progress)
+                    if cached is not None:
+                        d = cached
+                    else:
+                        save_student(student, d)
                 self._student_dir = d
         return self._student_dir
 

@@ -145,3 +145,25 @@ def test_an_incomplete_cached_student_is_an_error(tmp_path, tiny_dirs, monkeypat
     (Path(first["student_cache_dir"]) / "distill_report.json").unlink()
     with pytest.raises(DataError, match="cached student is incomplete"):
         _pipeline(tmp_path, tiny_dirs).distill()
+
+
+def test_cached_or_distilled_student_distils_once_and_is_shared(teacher, tmp_path, monkeypatch):
+    from post_fl.distill import cached_or_distilled_student
+
+    public = make_sentiment(30, seed=6)
+    cfg = DistillConfig(num_layers=2, steps=2, batch_size=8, positions_per_text=2)
+    root = tmp_path / "students"
+    d1, student, rep, state = cached_or_distilled_student(teacher, public, cfg, 0, root)
+    assert state == "miss" and student is not None and d1.parent == root and (d1 / "distill_report.json").is_file()
+    assert rep["steps"] == 2
+    calls = []
+    monkeypatch.setattr(distill, "distill_student", lambda *a, **k: calls.append(1))
+    d2, student2, rep2, state2 = cached_or_distilled_student(teacher, public, cfg, 0, root)
+    assert (state2, d2, student2, calls) == ("hit", d1, None, []) and rep2["steps"] == 2
+    # other settings are another student
+    monkeypatch.undo()
+    d3, _, _, state3 = cached_or_distilled_student(teacher, public, DistillConfig(num_layers=2, steps=3, batch_size=8,
+                                                                                  positions_per_text=2), 0, root)
+    assert state3 == "miss" and d3 != d1
+    _, s4, _, state4 = cached_or_distilled_student(teacher, public, cfg, 0, None)
+    assert state4 == "off" and s4 is not None
