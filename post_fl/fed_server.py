@@ -90,6 +90,9 @@ class FederatedServer:
         self.aggregation = resolve_aggregation(fed_cfg, run_cfg)
         self.started = time.perf_counter()
         self._prepared = False
+        # the teacher's unprompted class scores on self.test, when the caller has them already (a sweep
+        # computes them once for all its runs); None = finish() computes them
+        self.teacher_zero_shot_scores: torch.Tensor | None = None
 
     # ------------------------------------------------------------ setup
     def prepare(self) -> None:
@@ -415,6 +418,18 @@ class FederatedServer:
             out["not_private"] = "NOT PRIVATE at sample level: tune.dp is off (clients report sizes and losses)"
         return out
 
+    def _teacher_zero_shot_accuracy(self, batch_size: int) -> float:
+        """Teacher zero-shot accuracy on the test split, from ``teacher_zero_shot_scores`` when given."""
+        from .evaluate import accuracy
+
+        scores = self.teacher_zero_shot_scores
+        if scores is None:
+            return accuracy(self.teacher, self.test, None, batch_size)
+        if scores.shape != (len(self.test), self.teacher.num_classes):
+            raise ValueError(f"teacher_zero_shot_scores has shape {tuple(scores.shape)}; expected "
+                             f"({len(self.test)}, {self.teacher.num_classes}) for this run's test split")
+        return float((scores.argmax(-1) == torch.tensor(self.test.labels)).float().mean())
+
     def finish(self) -> dict:
         """Transfer the global prompt to the teacher (POST, public data), evaluate everything, write results."""
         from .evaluate import accuracy
@@ -441,7 +456,7 @@ class FederatedServer:
                     metadata={**meta, "stage": "post-transfer", "alpha": self.cfg.transfer.alpha})
         acc = {"student_zero_shot": accuracy(self.student, self.test, None, bs),
                "student_federated_prompt": accuracy(self.student, self.test, student_prompt, bs),
-               "teacher_zero_shot": accuracy(self.teacher, self.test, None, bs)}
+               "teacher_zero_shot": self._teacher_zero_shot_accuracy(bs)}
         if student_prompt.dim == self.teacher.embedding_dim:
             acc["teacher_direct_prompt"] = accuracy(self.teacher, self.test, student_prompt, bs)
         acc["teacher_transferred_prompt"] = accuracy(self.teacher, self.test, tr.prompt, bs)

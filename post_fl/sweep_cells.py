@@ -363,6 +363,8 @@ def _federated_run(ctx: SweepContext, cell: Cell) -> dict:
         summary["rapt_max_text_tokens"] = client_fn.max_text_tokens
     bs = run_cfg.eval.batch_size
     if cell.method in STUDENT_METHODS:
+        if server.test.texts == ctx.task(cell.seed).test.texts:  # the sweep's zero-shot scores, computed once
+            server.teacher_zero_shot_scores = ctx.zero_shot_scores(cell.seed, "test")
         results = run_federated(server, transport)
         acc = results["accuracy"]
         summary.update(student_accuracy=acc["student_federated_prompt"], direct=acc.get("teacher_direct_prompt"),

@@ -293,3 +293,25 @@ def test_every_client_gets_the_configured_minimum_or_the_split_is_refused(fed_ro
     run_cfg, fed = F.build_configs({**flat, "federated.min_partition_size": 1000})
     with pytest.raises(DataError, match="1000"):
         F.client_partition(run_cfg, fed, 0)
+
+
+def test_finish_uses_given_teacher_zero_shot_scores_and_checks_their_shape(fed_root, tmp_path):
+    import torch
+
+    run_cfg, fed = F.build_configs(fed_flat(fed_root, tmp_path, **{"federated.rounds": 1}))
+    server = F.FederatedServer(run_cfg, fed)
+    server.prepare()
+    n = len(server.test)
+    labels = torch.tensor(server.test.labels)
+    # scores that put every example on its true class except the first: accuracy (n - 1) / n exactly
+    scores = torch.nn.functional.one_hot(labels, server.teacher.num_classes).float()
+    scores[0] = scores[0].flip(0)
+    server.teacher_zero_shot_scores = scores
+    assert server._teacher_zero_shot_accuracy(8) == pytest.approx((n - 1) / n)
+    server.teacher_zero_shot_scores = scores[:-1]
+    with pytest.raises(ValueError, match="teacher_zero_shot_scores has shape"):
+        server._teacher_zero_shot_accuracy(8)
+    server.teacher_zero_shot_scores = None
+    from post_fl.evaluate import accuracy
+
+    assert server._teacher_zero_shot_accuracy(8) == pytest.approx(accuracy(server.teacher, server.test, None, 8))
