@@ -208,7 +208,7 @@ def clients_experiment_figure(rows: list[dict], method: str = "post",
     refs = {m: [_f(r["accuracy"]) for r in rows if r.get("method") == m and not math.isnan(_f(r.get("accuracy")))]
             for m in REFERENCE_LINES}
     n_rows, n_cols = len(parts), len(levels)
-    width_in, height_in = 6.0 * n_cols, 4.2 * n_rows + 2.6
+    width_in, height_in = max(6.0 * n_cols, 10.0), 4.2 * n_rows + 2.6  # one column: wide enough for title and legend
     fig = Figure(figsize=(width_in, height_in))
     fig.subplots_adjust(left=0.75 / width_in, right=1 - 0.25 / width_in, top=1 - 1.75 / height_in,
                         wspace=0.22, hspace=0.5)
