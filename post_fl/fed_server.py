@@ -106,11 +106,10 @@ class FederatedServer:
                                           m.max_length)
         self.student_dir = Path(m.student) if m.student else self.run / "student"
         if not (self.student_dir / STUDENT_WEIGHTS_FILE).is_file() and not m.student:
-            from .distill import distill_student, save_student
+            from .distill import distill_student, public_distillation_split, save_student
 
             self.report(f"no saved student at {self.student_dir}: distilling one from {m.teacher}")
-            public_train, held_out = (self.public.split(0.9, self.cfg.seed) if len(self.public) >= 20
-                                      else (self.public, self.public))
+            public_train, held_out = public_distillation_split(self.public, self.cfg.seed)
             student, rep = distill_student(self.teacher, public_train, self.cfg.distill, self.cfg.seed, held_out,
                                            progress=True)  # post_fl.progress: bar / log lines / quiet
             save_student(student, self.student_dir, rep)

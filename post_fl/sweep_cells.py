@@ -339,13 +339,12 @@ def _federated_run(ctx: SweepContext, cell: Cell) -> dict:
     summary_path = run_dir / "sweep_summary.json"
     if summary_path.is_file():
         return read_json(summary_path)
+    check_examples_per_client(ctx, [cell])  # also when a cell is run alone, before any model is loaded
     model_dir = ctx.student_dir if cell.method in STUDENT_METHODS else ctx.teacher_dir
     run_cfg, fed = _cell_configs(ctx, cell, model_dir, run_dir)
     server = FederatedServer(run_cfg, fed, run_dir, report=log.info)
     server.prepare()
     eta = math.inf
-    if cell.examples_per_client:
-        check_examples_per_client(ctx, [cell])
     client_fn = None
     if cell.method == "rapt":
         eta = rapt_eta(cell.target_epsilon, ctx.embedding_diameter())
