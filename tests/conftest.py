@@ -92,6 +92,16 @@ def sentiment():
     return make_sentiment(64, seed=1)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight a shared machine's other jobs);
+    a test module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def write_tiny_task(root, n_train: int, seed: int, with_student: bool = True):
     """A federated task under ``root``: a tiny masked-LM ``teacher``, ``train.csv`` (``n_train`` rows),
     ``test.csv`` and unlabelled ``public.jsonl`` (32 rows each; seeds ``seed``, ``seed+1``, ``seed+2``)
