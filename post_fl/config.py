@@ -74,6 +74,9 @@ class DataConfig:
     max_train_examples: int = 2000
     max_test_examples: int = 1000
     max_public_examples: int = 2000
+    # what one public example is: "text" (a row of the public file, or an IMDB review cut to 600 characters)
+    # | "sentence" (each sentence of those rows, 4-60 words, split before shuffling and max_public_examples)
+    public_unit: str = "text"
     # which built-in task "embedded" means: "movie-reviews" (Rotten Tomatoes private, IMDB public) | "tweets"
     embedded_task: str = "movie-reviews"
     # validation split carved from train files by a hash of each text (the built-in tasks bring their own);
@@ -87,6 +90,8 @@ class DataConfig:
     def validate(self) -> None:
         if self.embedded_task not in ("movie-reviews", "tweets"):
             raise ConfigError(f"data.embedded_task: expected movie-reviews|tweets, got {self.embedded_task!r}")
+        if self.public_unit not in ("text", "sentence"):
+            raise ConfigError(f"data.public_unit: expected text|sentence, got {self.public_unit!r}")
         if not 0 <= self.validation_fraction < 1:
             raise ConfigError(f"data.validation_fraction: expected 0 <= fraction < 1, got {self.validation_fraction}")
         for name in ("max_train_examples", "max_test_examples", "max_public_examples", "max_validation_examples"):

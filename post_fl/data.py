@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -74,6 +75,24 @@ class TextDataset:
         for y in self.labels:
             counts[self.label_names[y]] += 1
         return counts
+
+
+SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+")
+
+
+def split_sentences(texts: Sequence[str], min_words: int = 4, max_words: int = 60) -> list[str]:
+    """Every sentence of ``texts`` (split after . ! or ?) with ``min_words``..``max_words`` words, in order.
+
+    A piece that does not end a sentence (e.g. a review cut mid-sentence) is dropped; so are very
+    short fragments ("Wow.") and run-on pieces longer than ``max_words``.
+    """
+    out = []
+    for text in texts:
+        for piece in SENTENCE_END.split(text.strip()):
+            piece = piece.strip()
+            if piece and piece.rstrip("\"')]")[-1:] in (".", "!", "?") and min_words <= len(piece.split()) <= max_words:
+                out.append(piece)
+    return out
 
 
 @dataclass

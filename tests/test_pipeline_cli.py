@@ -110,6 +110,37 @@ def test_public_file_may_name_its_own_text_columns(tmp_path, files):
     assert task.public.labels == [] and len(task.train) + len(task.validation or []) == 48
 
 
+def test_split_sentences_keeps_whole_sentences_of_the_allowed_length():
+    from post_fl.data import split_sentences
+
+    texts = ['I loved it. The plot (which was "great") really worked! But the end was cut mid',
+             'Is it good? Yes, it really is good." ' + "long " * 70 + "run-on."]
+    assert split_sentences(texts) == ['The plot (which was "great") really worked!', "Yes, it really is good."]
+    assert split_sentences(texts, min_words=3)[:2] == ["I loved it.", 'The plot (which was "great") really worked!']
+
+
+def test_public_unit_sentence_splits_the_public_file(tmp_path, files):
+    from post_fl.config import load_config
+    from post_fl.data import DataError
+    from post_fl.pipeline import load_task
+
+    train, test, _ = files
+    public = tmp_path / "reviews.csv"
+    public.write_text('text\n"A fine film with a great cast. I would watch it again, gladly! Cut off in the mi"\n'
+                      '"Too short. The second review has one sentence of enough words."\n')
+    over = {"data.train": str(train), "data.test": str(test), "data.public": str(public), "data.public_unit": "sentence",
+            "model.label_words": {"negative": ["bad"], "positive": ["good"]}}
+    task = load_task(load_config(None, over))
+    assert sorted(task.public.texts) == ["A fine film with a great cast.", "I would watch it again, gladly!",
+                                         "The second review has one sentence of enough words."]
+    assert len(load_task(load_config(None, {**over, "data.public_unit": "text"})).public) == 2
+    public.write_text("text\nno sentence end here\nNor. Here.\n")
+    with pytest.raises(DataError, match="reviews.csv.*public_unit = 'sentence' found no sentence"):
+        load_task(load_config(None, over))
+    with pytest.raises(ConfigError, match="data.public_unit: expected text|sentence, got 'word'"):
+        load_config(None, {**over, "data.public_unit": "word"})
+
+
 def test_test_file_may_name_its_own_text_column(tmp_path, files):
     from post_fl.config import load_config
     from post_fl.pipeline import load_task
