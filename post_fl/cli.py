@@ -143,7 +143,8 @@ def print_results(results: dict, run_dir: Path) -> None:
             console.print(f"recovery ratio (transferred - zero-shot) / (own prompt - zero-shot) = {value:.2f}")
         else:
             console.print(f"{key.replace('_', ' ')}: {value['difference']:+.3f} "
-                          f"({value['in_standard_errors']:+.1f} standard errors)")
+                          f"({value['in_standard_errors']:+.1f} standard errors independent, "
+                          f"{value.get('in_paired_standard_errors', float('nan')):+.1f} paired)")
     dist = results.get("distill", {})
     if "agreement_after" in dist:
         val = dist.get("validation_agreement_after")

@@ -70,12 +70,36 @@ def accuracy(model: ScoringModel, data: TextDataset, prompt: SoftPrompt | None =
     return float((preds == torch.tensor(data.labels)).float().mean())
 
 
-def accuracy_of_scores(scores: torch.Tensor, labels, bias: torch.Tensor | None = None) -> float:
-    """Accuracy of argmax(log_softmax(scores) + bias) against ``labels``."""
+def correct_of_scores(scores: torch.Tensor, labels, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Per example, whether argmax(log_softmax(scores) + bias) is its label (bool, N)."""
     logp = torch.log_softmax(scores.float(), dim=-1)
     if bias is not None:
         logp = logp + bias
-    return float((logp.argmax(-1) == torch.as_tensor(list(labels))).float().mean())
+    return logp.argmax(-1) == torch.as_tensor(list(labels))
+
+
+def accuracy_of_scores(scores: torch.Tensor, labels, bias: torch.Tensor | None = None) -> float:
+    """Accuracy of argmax(log_softmax(scores) + bias) against ``labels``."""
+    return float(correct_of_scores(scores, labels, bias).float().mean())
+
+
+def paired_difference(correct_a: torch.Tensor, correct_b: torch.Tensor) -> dict:
+    """Accuracy difference A - B of two classifiers scored on the same examples, with its paired standard error.
+
+    The per-example differences d_i = [A right] - [B right] give the difference mean(d) and the
+    standard error sd(d) / sqrt(n) (sample sd, n - 1), the standard error of a paired comparison
+    (McNemar's setting): examples both get right or both get wrong add no variance, so it is
+    smaller than the independent-samples bound sqrt(se_A^2 + se_B^2) when the two agree often.
+    Returns ``{"difference", "paired_stderr", "in_paired_standard_errors"}``.
+    """
+    a, b = torch.as_tensor(correct_a).double(), torch.as_tensor(correct_b).double()
+    if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
+        raise ValueError(f"paired_difference: needs two equal-length vectors of >= 2 examples, got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    d = a - b
+    diff, se = float(d.mean()), float(d.std(unbiased=True) / math.sqrt(len(d)))
+    z = diff / se if se > 0 else (0.0 if diff == 0 else math.copysign(math.inf, diff))
+    return {"difference": diff, "paired_stderr": se, "in_paired_standard_errors": z}
 
 
 def wilson_interval(correct: float, n: int, z: float = 1.959963984540054) -> tuple[float, float]:

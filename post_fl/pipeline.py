@@ -300,8 +300,8 @@ class Pipeline:
 
     def evaluate(self) -> dict:
         """Stage 4: test accuracy of every baseline, epsilon spent and costs, into results.json."""
-        from .evaluate import (accuracy_of_scores, accuracy_summary, class_scores, contextual_calibration_bias,
-                               fit_class_bias)
+        from .evaluate import (accuracy_summary, class_scores, contextual_calibration_bias, correct_of_scores,
+                               fit_class_bias, paired_difference)
 
         test, bs = self.task.test, self.cfg.eval.batch_size
         teacher, student = self.teacher, self.student
@@ -315,38 +315,39 @@ class Pipeline:
             return out
 
         zero = scored("teacher zero-shot", teacher)
-        acc = {
-            "majority_class": majority_class_accuracy(self.task.train.labels, y),
-            "teacher_zero_shot": accuracy_of_scores(zero, y),
-        }
+        correct = {"teacher_zero_shot": correct_of_scores(zero, y)}  # per test example, for paired comparisons
         validation = self.task.validation
         if validation is not None and len(validation):
             # calibrated zero-shot: a per-class bias fitted on the validation split (never on test)
             bias = fit_class_bias(scored("teacher zero-shot (validation)", teacher, None, validation),
                                   validation.labels)
-            acc["teacher_zero_shot_calibrated"] = accuracy_of_scores(zero, y, bias)
-        acc["teacher_zero_shot_contextual"] = accuracy_of_scores(zero, y, contextual_calibration_bias(teacher))
-        acc["student_zero_shot"] = accuracy_of_scores(scored("student zero-shot", student), y)
-        acc["student_private_prompt"] = accuracy_of_scores(scored("student + DP prompt", student, student_prompt), y)
+            correct["teacher_zero_shot_calibrated"] = correct_of_scores(zero, y, bias)
+        correct["teacher_zero_shot_contextual"] = correct_of_scores(zero, y, contextual_calibration_bias(teacher))
+        correct["student_zero_shot"] = correct_of_scores(scored("student zero-shot", student), y)
+        correct["student_private_prompt"] = correct_of_scores(scored("student + DP prompt", student, student_prompt), y)
         if student_prompt.dim == teacher.embedding_dim:
-            acc["teacher_direct_prompt"] = accuracy_of_scores(scored("teacher + direct prompt", teacher,
-                                                                     student_prompt), y)
+            correct["teacher_direct_prompt"] = correct_of_scores(scored("teacher + direct prompt", teacher,
+                                                                        student_prompt), y)
         if (self.run / PROMPT_TEACHER).exists():
-            acc["teacher_transferred_prompt"] = accuracy_of_scores(
+            correct["teacher_transferred_prompt"] = correct_of_scores(
                 scored("teacher + transferred prompt", teacher, self.prompt(PROMPT_TEACHER, teacher)), y)
         if (self.run / PROMPT_TEACHER_TUNED).exists():
-            acc["teacher_tuned_prompt_nonprivate"] = accuracy_of_scores(
+            correct["teacher_tuned_prompt_nonprivate"] = correct_of_scores(
                 scored("teacher + own prompt", teacher, self.prompt(PROMPT_TEACHER_TUNED, teacher)), y)
+        acc = {"majority_class": majority_class_accuracy(self.task.train.labels, y),
+               **{k: float(v.float().mean()) for k, v in correct.items()}}
         intervals = {k: accuracy_summary(v, len(test)) for k, v in acc.items()}
         comparison = {}
         if "teacher_transferred_prompt" in acc:
             tr = acc["teacher_transferred_prompt"]
-            for base in ("teacher_zero_shot", "teacher_zero_shot_calibrated", "teacher_direct_prompt"):
-                if base in acc:  # difference in standard errors of the difference (independent-samples bound)
+            for base in ("teacher_zero_shot", "teacher_zero_shot_calibrated", "teacher_zero_shot_contextual",
+                         "teacher_direct_prompt"):
+                if base in acc:  # in standard errors: independent-samples bound, and paired (same test examples)
                     se = math.hypot(intervals[base]["stderr"], intervals["teacher_transferred_prompt"]["stderr"])
-                    comparison[f"transferred_minus_{base}"] = {"difference": tr - acc[base],
-                                                               "in_standard_errors": (tr - acc[base]) / se
-                                                               if se > 0 else math.inf}
+                    comparison[f"transferred_minus_{base}"] = {
+                        "difference": tr - acc[base], "in_standard_errors": (tr - acc[base]) / se if se > 0 else math.inf,
+                        **{k: v for k, v in paired_difference(correct["teacher_transferred_prompt"],
+                                                              correct[base]).items() if k != "difference"}}
             own = acc.get("teacher_tuned_prompt_nonprivate")
             if own is not None and own != acc["teacher_zero_shot"]:
                 comparison["recovery_ratio"] = (tr - acc["teacher_zero_shot"]) / (own - acc["teacher_zero_shot"])

@@ -74,3 +74,27 @@ def test_contextual_calibration_equalises_content_free_inputs(tiny_dirs):
     cf = torch.log_softmax(model(model.encode(["N/A", "", "[MASK]"])), -1)
     calibrated = torch.softmax(torch.logsumexp(cf, 0) + bias, -1)  # mean content-free prob / itself: uniform
     assert torch.allclose(calibrated, torch.full((2,), 0.5), atol=1e-4)
+
+
+def test_paired_difference_is_the_standard_error_of_per_example_differences():
+    import math
+
+    import pytest
+    import torch
+
+    from post_fl.evaluate import paired_difference, standard_error
+
+    a = torch.tensor([1, 1, 1, 1, 0, 1, 0, 1, 1, 0], dtype=torch.bool)
+    b = torch.tensor([1, 1, 0, 1, 0, 1, 0, 0, 1, 0], dtype=torch.bool)  # A also right where B is: two extra wins
+    out = paired_difference(a, b)
+    d = [1 if x and not y else -1 if y and not x else 0 for x, y in zip(a.tolist(), b.tolist())]
+    mean = sum(d) / 10
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 9)
+    assert out["difference"] == pytest.approx(0.2) and out["paired_stderr"] == pytest.approx(sd / math.sqrt(10))
+    assert out["in_paired_standard_errors"] == pytest.approx(0.2 / (sd / math.sqrt(10)))
+    independent = math.hypot(standard_error(0.7, 10), standard_error(0.5, 10))
+    assert out["paired_stderr"] < independent  # agreeing examples add no variance
+    assert paired_difference(a, a) == {"difference": 0.0, "paired_stderr": 0.0, "in_paired_standard_errors": 0.0}
+    assert paired_difference(b, a)["in_paired_standard_errors"] == pytest.approx(-out["in_paired_standard_errors"])
+    with pytest.raises(ValueError, match="equal-length"):
+        paired_difference(a, b[:5])
