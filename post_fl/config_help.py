@@ -35,7 +35,8 @@ FIELD_HELP: dict[str, str] = {
     "data.max_train_examples": "at most this many training examples (seeded shuffle first); 0 = all",
     "data.max_test_examples": "at most this many test examples (the first ones); 0 = all",
     "data.max_public_examples": "at most this many public texts (seeded shuffle first); 0 = all",
-    "data.public_unit": "one public example is a 'text' (row / review cut to 600 chars) or each 'sentence' of it",
+    "data.public_unit": "one public example is a 'text' (row / review cut to 600 chars) or each 'sentence' of it; "
+                        "'auto' = sentences of the embedded IMDB reviews, texts otherwise",
     "data.embedded_task": "which built-in task 'embedded' means: movie-reviews | tweets",
     "data.validation_fraction": "share of a training file carved off (by a hash of each text) as the validation "
                                 "split, the only labelled data used for choices",

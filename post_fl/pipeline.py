@@ -41,11 +41,12 @@ def load_task(cfg: RunConfig) -> Task:
     The validation split comes with the built-in task, or is carved from the training file by a hash of
     each text (``data.validation_fraction``), so it never changes between runs."""
     d = cfg.data
+    unit = d.resolved_public_unit()
     label_words = dict(cfg.model.label_words)
     if EMBEDDED_DEFAULT in (d.train, d.test, d.public):
         from .embedded import load_embedded_task
 
-        emb = load_embedded_task(cfg.seed, d.embedded_task, whole_public_reviews=d.public_unit == "sentence")
+        emb = load_embedded_task(cfg.seed, d.embedded_task, whole_public_reviews=unit == "sentence")
     if d.train == EMBEDDED_DEFAULT:
         train, validation = emb.train, emb.validation
         label_words = {**emb.label_words, **label_words}
@@ -65,7 +66,7 @@ def load_task(cfg: RunConfig) -> Task:
         public = emb.public
     else:
         public = read_text_file(d.public, d.public_text_column or d.text_column, None)
-    if d.public_unit == "sentence":
+    if unit == "sentence":
         where = "the embedded public text" if d.public == EMBEDDED_DEFAULT else d.public
         sentences = split_sentences(public.texts)
         if not sentences:
@@ -367,6 +368,7 @@ class Pipeline:
                         "target_epsilon": self.cfg.tune.target_epsilon, "unit": "example-level (one site)",
                         **({"not_private": tune["not_private"]} if "not_private" in tune else {})},
             "data": {"train": len(self.task.train), "test": len(test), "public": len(self.task.public),
+                     "public_unit": self.cfg.data.resolved_public_unit(),
                      "validation": len(validation) if validation is not None else 0,
                      "labels": self.task.train.label_names},
             "models": {"teacher": teacher.describe(), "student": student.describe()},

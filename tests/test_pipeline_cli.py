@@ -134,10 +134,14 @@ def test_public_unit_sentence_splits_the_public_file(tmp_path, files):
     assert sorted(task.public.texts) == ["A fine film with a great cast.", "I would watch it again, gladly!",
                                          "The second review has one sentence of enough words."]
     assert len(load_task(load_config(None, {**over, "data.public_unit": "text"})).public) == 2
+    auto = load_config(None, {**over, "data.public_unit": "auto"})  # a public file: whole texts
+    assert auto.data.resolved_public_unit() == "text" and len(load_task(auto).public) == 2
+    assert load_config(None, {}).data.resolved_public_unit() == "sentence"  # the embedded IMDB reviews
+    assert load_config(None, {"data.embedded_task": "tweets"}).data.resolved_public_unit() == "text"
     public.write_text("text\nno sentence end here\nNor. Here.\n")
     with pytest.raises(DataError, match="reviews.csv.*public_unit = 'sentence' found no sentence"):
         load_task(load_config(None, over))
-    with pytest.raises(ConfigError, match="data.public_unit: expected text|sentence, got 'word'"):
+    with pytest.raises(ConfigError, match="data.public_unit: expected auto.text.sentence, got 'word'"):
         load_config(None, {**over, "data.public_unit": "word"})
 
 
