@@ -94,12 +94,6 @@ class DataConfig:
             raise ConfigError(f"data.embedded_task: expected movie-reviews|tweets, got {self.embedded_task!r}")
         if self.public_unit not in ("auto", "text", "sentence"):
             raise ConfigError(f"data.public_unit: expected auto|text|sentence, got {self.public_unit!r}")
-
-    def resolved_public_unit(self) -> str:
-        """``public_unit`` with ``"auto"`` resolved: sentences of the embedded IMDB reviews, whole texts otherwise."""
-        if self.public_unit != "auto":
-            return self.public_unit
-        return "sentence" if self.public == EMBEDDED_DEFAULT and self.embedded_task == "movie-reviews" else "text"
         if not 0 <= self.validation_fraction < 1:
             raise ConfigError(f"data.validation_fraction: expected 0 <= fraction < 1, got {self.validation_fraction}")
         for name in ("max_train_examples", "max_test_examples", "max_public_examples", "max_validation_examples"):
@@ -107,6 +101,12 @@ class DataConfig:
                 raise ConfigError(f"data.{name}: expected >= 0, got {getattr(self, name)}")
         if self.min_label_count < 1:
             raise ConfigError(f"data.min_label_count: expected >= 1, got {self.min_label_count}")
+
+    def resolved_public_unit(self) -> str:
+        """``public_unit`` with ``"auto"`` resolved: sentences of the embedded IMDB reviews, whole texts otherwise."""
+        if self.public_unit != "auto":
+            return self.public_unit
+        return "sentence" if self.public == EMBEDDED_DEFAULT and self.embedded_task == "movie-reviews" else "text"
 
 
 @dataclass
