@@ -1,0 +1,55 @@
+"""Class agreement of UNtrained students with their teacher for several layer selections (validation labels unused).
+
+Run from the repository root on a finished ``post-fl run`` folder (its teacher and task):
+
+    POST_FL_CACHE=runs/bench/cache-full .venv/bin/python benchmarks/probe_layer_selection.py 6 10 12 18
+
+For each student size k it copies k teacher layers chosen four ways -- evenly spaced (post-fl's
+``select_layers``), the first k-1 plus the last, the first k-2 plus the last two, and the k with the
+highest block influence 1 - cos(h_in, h_out) on 64 public texts (ShortGPT) -- and prints the share of
+300 validation sentences and 200 public texts on which the student's class prediction equals the
+teacher's. It trains nothing: it shows how much of the teacher a layer choice keeps before distillation.
+"""
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import post_fl.distill as D  # noqa: E402
+from post_fl.evaluate import predict  # noqa: E402
+from post_fl.models import ScoringModel  # noqa: E402
+from post_fl.pipeline import Pipeline  # noqa: E402
+
+RUN = "runs/bench/full"
+torch.set_num_threads(2)
+p = Pipeline.from_run_dir(RUN)
+teacher, task = p.teacher, p.task  # public: data.public_unit of that config ("auto" = sentences now)
+val = task.validation.texts[:300]
+pub = task.public.texts[-200:]
+t0=time.time()
+tv, tp = predict(teacher, val), predict(teacher, pub)
+print("teacher preds", time.time()-t0, flush=True)
+# block influence on public texts
+enc = teacher.encode(task.public.texts[:64])
+with torch.no_grad():
+    out = teacher.backbone.base_model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, output_hidden_states=True)
+hs = out.hidden_states; m = enc.attention_mask.bool()
+bi = [float(1 - torch.nn.functional.cosine_similarity(hs[i][m], hs[i+1][m], dim=-1).mean()) for i in range(len(hs)-1)]
+print("BI", [round(b,3) for b in bi], flush=True)
+L = len(bi)
+def run(name, keep):
+    orig = D.select_layers
+    D.select_layers = lambda n, k: keep
+    bb, kept = D.make_student(teacher.backbone, len(keep))
+    D.select_layers = orig
+    s = ScoringModel(bb, teacher.tokenizer, teacher.head, teacher.label_names, teacher.label_words, teacher.template, teacher.max_length)
+    a_v = float((predict(s, val) == tv).float().mean()); a_p = float((predict(s, pub) == tp).float().mean())
+    print(f"{name:12s} {kept} val_agree {a_v:.3f} pub_agree {a_p:.3f}", flush=True)
+for k in (int(a) for a in sys.argv[1:]):
+    run(f"even{k}", D.select_layers(L, k))
+    run(f"prefix{k}", list(range(k-1)) + [L-1])
+    run(f"prefix2_{k}", list(range(k-2)) + [L-2, L-1])
+    top = sorted(sorted(range(L), key=lambda i: -bi[i])[:k])
+    run(f"bi{k}", top)
