@@ -10,6 +10,7 @@ highest block influence 1 - cos(h_in, h_out) on 64 public texts (ShortGPT) -- an
 300 validation sentences and 200 public texts on which the student's class prediction equals the
 teacher's. It trains nothing: it shows how much of the teacher a layer choice keeps before distillation.
 """
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -17,39 +18,52 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import post_fl.distill as D  # noqa: E402
+from post_fl.distill import select_layers, student_with_layers  # noqa: E402
 from post_fl.evaluate import predict  # noqa: E402
 from post_fl.models import ScoringModel  # noqa: E402
 from post_fl.pipeline import Pipeline  # noqa: E402
 
-RUN = "runs/bench/full"
-torch.set_num_threads(2)
-p = Pipeline.from_run_dir(RUN)
-teacher, task = p.teacher, p.task  # public: data.public_unit of that config ("auto" = sentences now)
-val = task.validation.texts[:300]
-pub = task.public.texts[-200:]
-t0=time.time()
-tv, tp = predict(teacher, val), predict(teacher, pub)
-print("teacher preds", time.time()-t0, flush=True)
-# block influence on public texts
-enc = teacher.encode(task.public.texts[:64])
-with torch.no_grad():
-    out = teacher.backbone.base_model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, output_hidden_states=True)
-hs = out.hidden_states; m = enc.attention_mask.bool()
-bi = [float(1 - torch.nn.functional.cosine_similarity(hs[i][m], hs[i+1][m], dim=-1).mean()) for i in range(len(hs)-1)]
-print("BI", [round(b,3) for b in bi], flush=True)
-L = len(bi)
-def run(name, keep):
-    orig = D.select_layers
-    D.select_layers = lambda n, k: keep
-    bb, kept = D.make_student(teacher.backbone, len(keep))
-    D.select_layers = orig
-    s = ScoringModel(bb, teacher.tokenizer, teacher.head, teacher.label_names, teacher.label_words, teacher.template, teacher.max_length)
-    a_v = float((predict(s, val) == tv).float().mean()); a_p = float((predict(s, pub) == tp).float().mean())
-    print(f"{name:12s} {kept} val_agree {a_v:.3f} pub_agree {a_p:.3f}", flush=True)
-for k in (int(a) for a in sys.argv[1:]):
-    run(f"even{k}", D.select_layers(L, k))
-    run(f"prefix{k}", list(range(k-1)) + [L-1])
-    run(f"prefix2_{k}", list(range(k-2)) + [L-2, L-1])
-    top = sorted(sorted(range(L), key=lambda i: -bi[i])[:k])
-    run(f"bi{k}", top)
+
+def block_influence(teacher: ScoringModel, texts: list[str]) -> list[float]:
+    """ShortGPT's block influence of each layer: 1 - mean cosine of its input and output hidden states."""
+    enc = teacher.encode(texts)
+    with torch.no_grad():
+        hs = teacher.backbone.base_model(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                                         output_hidden_states=True).hidden_states
+    m = enc.attention_mask.bool()
+    return [float(1 - torch.nn.functional.cosine_similarity(hs[i][m], hs[i + 1][m], dim=-1).mean())
+            for i in range(len(hs) - 1)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sizes", nargs="+", type=int, help="student sizes (layers kept)")
+    ap.add_argument("--run", default="runs/bench/full", help="run folder of a finished 'post-fl run'")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    p = Pipeline.from_run_dir(args.run)
+    teacher, task = p.teacher, p.task  # public: data.public_unit of that config ("auto" = sentences now)
+    val, pub = task.validation.texts[:300], task.public.texts[-200:]
+    t0 = time.time()
+    tv, tp = predict(teacher, val), predict(teacher, pub)
+    print("teacher preds", time.time() - t0, flush=True)
+    bi = block_influence(teacher, task.public.texts[:64])
+    print("BI", [round(b, 3) for b in bi], flush=True)
+    n = len(bi)
+
+    def run(name: str, keep: list[int]) -> None:
+        s = ScoringModel(student_with_layers(teacher.backbone, keep), teacher.tokenizer, teacher.head,
+                         teacher.label_names, teacher.label_words, teacher.template, teacher.max_length)
+        a_v = float((predict(s, val) == tv).float().mean())
+        a_p = float((predict(s, pub) == tp).float().mean())
+        print(f"{name:12s} {keep} val_agree {a_v:.3f} pub_agree {a_p:.3f}", flush=True)
+
+    for k in args.sizes:
+        run(f"even{k}", select_layers(n, k))
+        run(f"prefix{k}", list(range(k - 1)) + [n - 1])
+        run(f"prefix2_{k}", list(range(k - 2)) + [n - 2, n - 1])
+        run(f"bi{k}", sorted(sorted(range(n), key=lambda i: -bi[i])[:k]))
+
+
+if __name__ == "__main__":
+    main()

@@ -76,9 +76,16 @@ def select_layers(num_teacher_layers: int, num_student_layers: int) -> list[int]
 
 def make_student(teacher: nn.Module, num_layers: int) -> tuple[nn.Module, list[int]]:
     """Copy ``teacher`` keeping ``num_layers`` evenly spaced layers; returns (student, teacher layer ids)."""
+    keep = select_layers(len(_layer_list(teacher)[2]), num_layers)
+    return student_with_layers(teacher, keep), keep
+
+
+def student_with_layers(teacher: nn.Module, keep: list[int]) -> nn.Module:
+    """A copy of ``teacher`` that keeps only its layers ``keep`` (distinct teacher layer indices, in order)."""
     student = copy.deepcopy(teacher)
     parent, attr, layers = _layer_list(student)
-    keep = select_layers(len(layers), num_layers)
+    if not keep or list(keep) != sorted(set(keep)) or not 0 <= keep[0] <= keep[-1] < len(layers):
+        raise ValueError(f"student layers must be distinct increasing indices in 0..{len(layers) - 1}, got {keep}")
     new_layers = nn.ModuleList([layers[i] for i in keep])
     for i, layer in enumerate(new_layers):
         for m in layer.modules():
@@ -89,7 +96,7 @@ def make_student(teacher: nn.Module, num_layers: int) -> tuple[nn.Module, list[i
     layer_types = getattr(student.config, "layer_types", None)
     if isinstance(layer_types, list) and len(layer_types) == len(layers):
         student.config.layer_types = [layer_types[i] for i in keep]
-    return student, keep
+    return student
 
 
 def student_layers(teacher: ScoringModel, cfg: DistillConfig) -> int:

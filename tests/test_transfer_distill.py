@@ -3,7 +3,7 @@ import torch
 
 from post_fl.config import DistillConfig, TransferConfig, TuneConfig
 from post_fl.data import DataError
-from post_fl.distill import distill_student, make_student, save_student, select_layers
+from post_fl.distill import distill_student, make_student, save_student, select_layers, student_with_layers
 from post_fl.models import load_scoring_model
 from post_fl.prompt import init_from_vocab
 from post_fl.transfer import kl_at_temperature, post_transfer_loss, transfer_prompt
@@ -56,6 +56,12 @@ def test_student_keeps_width_and_evenly_spaced_layers(tiny_dirs):
     assert kept == [0, 3] and student.config.num_hidden_layers == 2
     assert len(student.transformer.h) == 2 and len(teacher.backbone.transformer.h) == 4
     assert torch.equal(student.transformer.h[1].mlp.c_fc.weight, teacher.backbone.transformer.h[3].mlp.c_fc.weight)
+    chosen = student_with_layers(teacher.backbone, [1, 2])  # any layer choice, e.g. by block influence
+    assert chosen.config.num_hidden_layers == 2
+    assert torch.equal(chosen.transformer.h[0].mlp.c_fc.weight, teacher.backbone.transformer.h[1].mlp.c_fc.weight)
+    for bad in ([], [2, 1], [1, 1], [0, 4]):
+        with pytest.raises(ValueError, match="distinct increasing indices in 0..3"):
+            student_with_layers(teacher.backbone, bad)
 
 
 @pytest.mark.parametrize("kind", ["causal", "masked", "embedding"])
