@@ -78,9 +78,11 @@ class TextDataset:
 
 
 SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+")
+SENTENCE_WORDS = (4, 60)  # the words a public sentence may have (data.public_unit = "sentence")
 
 
-def split_sentences(texts: Sequence[str], min_words: int = 4, max_words: int = 60) -> list[str]:
+def split_sentences(texts: Sequence[str], min_words: int = SENTENCE_WORDS[0],
+                    max_words: int = SENTENCE_WORDS[1]) -> list[str]:
     """Every sentence of ``texts`` (split after . ! or ?) with ``min_words``..``max_words`` words, in order.
 
     A piece that does not end a sentence (e.g. a review cut mid-sentence) is dropped; so are very

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from .config import EMBEDDED_DEFAULT, RunConfig, config_from_dict
-from .data import (DataError, Task, TextDataset, dataset_from_scan, read_text_file, scan_text_file, split_sentences,
-                   training_label_names)
+from .data import (SENTENCE_WORDS, DataError, Task, TextDataset, dataset_from_scan, read_text_file, scan_text_file,
+                   split_sentences, training_label_names)
 from .evaluate import accuracy, majority_class_accuracy
 from .jsonio import read_json, write_json
 from .models import ScoringModel, load_scoring_model
@@ -70,8 +70,9 @@ def load_task(cfg: RunConfig) -> Task:
         where = "the embedded public text" if d.public == EMBEDDED_DEFAULT else d.public
         sentences = split_sentences(public.texts)
         if not sentences:
-            raise DataError(f"{where}: data.public_unit = 'sentence' found no sentence of 4-60 words ending in "
-                            f". ! or ? in its {len(public)} texts; use data.public_unit = 'text'")
+            raise DataError(f"{where}: data.public_unit = 'sentence' found no sentence of {SENTENCE_WORDS[0]}-"
+                            f"{SENTENCE_WORDS[1]} words ending in . ! or ? in its {len(public)} texts; "
+                            "use data.public_unit = 'text'")
         public = TextDataset(sentences, [], list(public.label_names))
     train = train.shuffled(cfg.seed).head(d.max_train_examples)
     test = test.head(d.max_test_examples)
@@ -345,10 +346,9 @@ class Pipeline:
                          "teacher_direct_prompt"):
                 if base in acc:  # in standard errors: independent-samples bound, and paired (same test examples)
                     se = math.hypot(intervals[base]["stderr"], intervals["teacher_transferred_prompt"]["stderr"])
+                    paired = paired_difference(correct["teacher_transferred_prompt"], correct[base])
                     comparison[f"transferred_minus_{base}"] = {
-                        "difference": tr - acc[base], "in_standard_errors": (tr - acc[base]) / se if se > 0 else math.inf,
-                        **{k: v for k, v in paired_difference(correct["teacher_transferred_prompt"],
-                                                              correct[base]).items() if k != "difference"}}
+                        **paired, "in_standard_errors": paired["difference"] / se if se > 0 else math.inf}
             own = acc.get("teacher_tuned_prompt_nonprivate")
             if own is not None and own != acc["teacher_zero_shot"]:
                 comparison["recovery_ratio"] = (tr - acc["teacher_zero_shot"]) / (own - acc["teacher_zero_shot"])
