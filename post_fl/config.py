@@ -182,12 +182,18 @@ class DistillConfig:
     corpus and these settings, so a rerun skips distillation. Training stops when the class agreement
     with the teacher on held-out public text reaches ``target_agreement`` (checked every
     ``eval_every`` steps), after ``time_budget_s`` seconds of training, or after ``steps`` steps.
+    With ``lr_schedule = "linear"`` the learning rate warms up over ``warmup_steps`` and then falls
+    linearly to 0 as training nears whichever of the time budget and the step limit comes first; with
+    ``keep_best`` the student ends with the weights of its best held-out agreement check.
     """
 
     num_layers: int = 0  # 0 = a fifth of the teacher's layers, at least 1 (6 of SmolLM2's 30)
     steps: int = 3000  # at most this many steps (the target or the time budget usually stops it first)
     batch_size: int = 16
     lr: float = 5e-4
+    lr_schedule: str = "linear"  # "linear": warm up, then decay to 0 at the time budget or step limit; "constant"
+    warmup_steps: int = 20
+    keep_best: bool = True  # end with the weights of the best held-out class agreement check, not the last step
     temperature: float = 2.0
     alpha_kd: float = 1.0
     alpha_lm: float = 0.5
@@ -210,6 +216,12 @@ class DistillConfig:
             raise ConfigError(f"distill.steps: expected >= 0, got {self.steps}")
         if self.batch_size < 1:
             raise ConfigError(f"distill.batch_size: expected >= 1, got {self.batch_size}")
+        if self.lr <= 0:
+            raise ConfigError(f"distill.lr: expected > 0, got {self.lr}")
+        if self.lr_schedule not in ("linear", "constant"):
+            raise ConfigError(f"distill.lr_schedule: expected \"linear\" or \"constant\", got {self.lr_schedule!r}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"distill.warmup_steps: expected >= 0, got {self.warmup_steps}")
         if self.temperature <= 0:
             raise ConfigError(f"distill.temperature: expected > 0, got {self.temperature}")
         for name in ("alpha_kd", "alpha_lm", "alpha_cos", "alpha_class"):

@@ -128,6 +128,7 @@ class DistillReport:
     teacher_output_seconds: float = 0.0  # running the teacher once over the public text (0 on a cache hit)
     teacher_output_cache: str = ""  # "hit" | "miss" | "off"
     curve: list[dict] = field(default_factory=list)  # {"step", "seconds", "agreement"} at each check
+    best_step: int = 0  # the step whose weights the student ends with (keep_best: its best held-out check)
     lm_loss_applied: bool = True
 
     @property
@@ -432,9 +433,10 @@ def distill_student(teacher: ScoringModel, public: TextDataset, cfg: DistillConf
             for p in emb.parameters():
                 p.requires_grad_(False)
     trainable = [p for p in backbone.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr)
+    optimizer = torch.optim.AdamW(trainable, lr=distill_learning_rate(cfg, 0, 0.0))
     train_start = time.perf_counter()
     agree = agree0
+    best = (agree0, 0, _trainable_state(backbone) if cfg.keep_best else None)
     stopped = ""  # the first check comes after eval_every steps: a distillation always trains
     bar = None
     if progress:
@@ -452,6 +454,8 @@ def distill_student(teacher: ScoringModel, public: TextDataset, cfg: DistillConf
         loss = _distill_loss(student, teacher, train_out, idx, cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        for group in optimizer.param_groups:
+            group["lr"] = distill_learning_rate(cfg, step, time.perf_counter() - train_start)
         optimizer.step()
         step += 1
         report.losses.append(float(loss.detach()))
@@ -466,12 +470,20 @@ def distill_student(teacher: ScoringModel, public: TextDataset, cfg: DistillConf
             report.curve.append({"step": step, "seconds": round(elapsed, 2), "agreement": agree,
                                  "next_token_agreement": tok})
             log.info("distill step %d: held-out class agreement %.3f, next-token %.3f", step, agree, tok)
+            if cfg.keep_best and agree > best[0]:
+                best = (agree, step, _trainable_state(backbone))
             if agree >= cfg.target_agreement:
                 stopped = "target"
             elif elapsed >= cfg.time_budget_s:
                 stopped = "time_budget"
     if bar is not None:
         bar.close()
+    report.best_step = step
+    if cfg.keep_best and best[1] != step and best[0] > agree:
+        log.info("distill: keeping the weights of step %d (held-out class agreement %.3f; last check %.3f)",
+                 best[1], best[0], agree)
+        backbone.load_state_dict(best[2], strict=False)
+        report.best_step = best[1]
     for p in backbone.parameters():
         p.requires_grad_(False)
     backbone.eval()
@@ -484,6 +496,26 @@ def distill_student(teacher: ScoringModel, public: TextDataset, cfg: DistillConf
         report.validation_agreement_after = float((predict(student, validation.texts) == val_teacher).float().mean())
     report.seconds = time.perf_counter() - start
     return student, report
+
+
+def distill_learning_rate(cfg: DistillConfig, step: int, elapsed_s: float) -> float:
+    """The student's learning rate before optimiser step ``step`` (0-based), ``elapsed_s`` seconds into training.
+
+    ``constant``: ``cfg.lr``. ``linear``: ``cfg.lr`` times a linear warm-up over ``cfg.warmup_steps``
+    steps, times (1 - progress), where progress is the larger of the step fraction ``step / cfg.steps``
+    and the time fraction ``elapsed_s / cfg.time_budget_s`` (whichever limit ends training first); a
+    floor of 1% of ``cfg.lr`` keeps the last steps from being no-ops.
+    """
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+    progress = max(step / cfg.steps if cfg.steps else 1.0, elapsed_s / cfg.time_budget_s)
+    return cfg.lr * warm * max(0.01, 1.0 - progress)
+
+
+def _trainable_state(backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the backbone's trained (non-embedding) weights, to restore the best checkpoint."""
+    return {name: p.detach().clone() for name, p in backbone.named_parameters() if p.requires_grad}
 
 
 def _distill_loss(student: ScoringModel, teacher: ScoringModel, out: TeacherOutputs, idx: torch.Tensor,

@@ -100,6 +100,50 @@ def test_training_stops_at_the_time_budget_or_the_step_limit(teacher, monkeypatc
     assert report.stopped_by == "target" and report.steps == 2  # the first check follows eval_every steps
 
 
+def _scripted_agreements(values, snapshots):
+    """An agreement_with_outputs stand-in returning ``values`` in turn and keeping a copy of the weights it saw."""
+    it = iter(values)
+
+    def fake(student, held, batch_size=32):
+        snapshots.append({k: v.detach().clone() for k, v in student.backbone.state_dict().items()})
+        return next(it)
+    return fake
+
+
+@pytest.mark.parametrize("keep_best", [True, False])
+def test_keep_best_ends_with_the_weights_of_the_best_check(teacher, monkeypatch, keep_best):
+    """Checks at steps 0, 2, 4, 6 score 0.5, 0.8, 0.6, 0.6: keep_best ends with step 2's weights, else step 6's."""
+    snaps: list[dict] = []
+    monkeypatch.setattr(distill, "agreement_with_outputs",
+                        _scripted_agreements([(0.5, 0.1), (0.8, 0.2), (0.6, 0.2), (0.6, 0.2), (0.7, 0.2)], snaps))
+    cfg = DistillConfig(num_layers=2, steps=6, batch_size=4, eval_every=2, target_agreement=0.95, lr=1e-2,
+                        keep_best=keep_best)
+    student, report = distill_student(teacher, make_sentiment(16, seed=8), cfg)
+    final = student.backbone.state_dict()
+    same_as = [all(torch.equal(final[k], snap[k]) for k in final) for snap in snaps[:4]]
+    assert report.steps == 6
+    if keep_best:
+        assert same_as == [False, True, False, False] and report.best_step == 2
+    else:
+        assert same_as == [False, False, False, True] and report.best_step == 6
+
+
+def test_linear_schedule_warms_up_and_decays_to_the_first_limit():
+    cfg = DistillConfig(lr=1e-3, warmup_steps=10, steps=1000, time_budget_s=100.0)
+    lr = distill.distill_learning_rate
+    assert lr(cfg, 0, 0.0) == pytest.approx(1e-4)  # step 1 of 10 of the warm-up
+    assert lr(cfg, 9, 0.0) == pytest.approx(1e-3 * (1 - 9 / 1000))
+    assert lr(cfg, 100, 50.0) == pytest.approx(0.5e-3)  # half the time budget spent: half the peak
+    assert lr(cfg, 500, 10.0) == pytest.approx(0.5e-3)  # half the steps done: the step limit leads
+    assert lr(cfg, 999, 100.0) == pytest.approx(1e-5)  # the 1% floor at the end
+    constant = DistillConfig(lr=1e-3, lr_schedule="constant")
+    assert lr(constant, 0, 0.0) == lr(constant, 500, 99.0) == 1e-3
+    for bad, msg in (({"lr_schedule": "cosine"}, "distill.lr_schedule"), ({"warmup_steps": -1}, "distill.warmup_steps"),
+                     ({"lr": 0.0}, "distill.lr")):
+        with pytest.raises(Exception, match=msg):
+            DistillConfig(**bad).validate()
+
+
 def test_report_gives_both_agreements_and_validation(teacher):
     val = make_sentiment(10, seed=10)
     _, report = distill_student(teacher, make_sentiment(16, seed=11), DistillConfig(num_layers=2, steps=2,
