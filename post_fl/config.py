@@ -318,6 +318,30 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+# Settings added after results were first recorded, with the value that reproduces the behaviour from
+# before each existed. Fingerprints of recorded work (the student cache key, a sweep's saved settings)
+# leave a setting out while it has this value, so work recorded before it existed still matches.
+LEGACY_VALUES: dict[str, Any] = {
+    "data.public_unit": "text",
+    "distill.lr_schedule": "constant",
+    "distill.warmup_steps": 0,
+    "distill.keep_best": False,
+}
+
+
+def without_legacy_values(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A copy of the nested settings dict without the :data:`LEGACY_VALUES` entries that hold their legacy
+    value (``prefix`` is the dotted path of ``settings`` inside a RunConfig, e.g. ``"distill"``)."""
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            out[key] = without_legacy_values(value, path)
+        elif not (path in LEGACY_VALUES and value == LEGACY_VALUES[path]):
+            out[key] = value
+    return out
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Convert a TOML/run-config value to the field's declared type, or raise."""
     origin = typing.get_origin(annotation)

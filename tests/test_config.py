@@ -103,3 +103,18 @@ def test_a_saved_config_json_is_a_config_file(tmp_path):
     p.write_text(json.dumps({"tune": {"lrr": 1}}))
     with pytest.raises(ConfigError, match="tune.lrr"):
         load_config(p)
+
+
+def test_legacy_valued_settings_are_left_out_of_fingerprints():
+    from post_fl.config import LEGACY_VALUES, RunConfig, without_legacy_values
+
+    d = RunConfig().to_dict()
+    d["distill"]["lr_schedule"], d["distill"]["keep_best"] = "constant", False
+    d["data"]["public_unit"] = "auto"
+    out = without_legacy_values(d)
+    assert "lr_schedule" not in out["distill"] and "keep_best" not in out["distill"]
+    assert out["data"]["public_unit"] == "auto" and out["distill"]["lr"] == d["distill"]["lr"]
+    assert d["distill"]["lr_schedule"] == "constant"  # the input is not changed
+    for path in LEGACY_VALUES:  # every legacy entry names a real setting
+        section, name = path.split(".")
+        assert name in d[section], path

@@ -209,5 +209,9 @@ def test_cached_or_distilled_student_distils_once_and_is_shared(teacher, tmp_pat
     d3, _, _, state3 = cached_or_distilled_student(teacher, public, DistillConfig(num_layers=2, steps=3, batch_size=8,
                                                                                   positions_per_text=2), 0, root)
     assert state3 == "miss" and d3 != d1
+    # the schedule is part of the student's identity, legacy values included
+    keys = {distill.student_cache_key(teacher, public, None, DistillConfig(lr_schedule=sch, warmup_steps=w), 0)
+            for sch, w in (("linear", 20), ("constant", 20), ("constant", 0), ("linear", 0))}
+    assert len(keys) == 4
     _, s4, _, state4 = cached_or_distilled_student(teacher, public, cfg, 0, None)
     assert state4 == "off" and s4 is not None

@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import math
 
+import json
+
 import pytest
 import torch
 from conftest import build_tiny_model, make_sentiment, write_tiny_task
@@ -236,6 +238,18 @@ def test_tiny_sweep_end_to_end_then_resume(assets, tmp_path, monkeypatch, capsys
     changed = _write(tmp_path, sweep_toml(assets, out).replace("rounds = 1", "rounds = 2"))
     with pytest.raises(ConfigError, match="other settings"):
         S.run_sweep(S.load_sweep_config(changed))
+    # a sweep recorded before a setting existed resumes when the setting keeps its legacy value ...
+    saved_path = out / S.SETTINGS_JSON
+    saved = json.loads(saved_path.read_text())
+    del saved["base"]["distill"]["lr_schedule"], saved["base"]["distill"]["keep_best"]
+    saved_path.write_text(json.dumps(saved))
+    legacy = tmp_path / "legacy.toml"
+    legacy.write_text(sweep_toml(assets, out).replace("[base.distill]\n",
+                                                      '[base.distill]\nlr_schedule = "constant"\nkeep_best = false\n'))
+    S._check_settings(S.load_sweep_config(legacy))
+    # ... and is refused when it takes the new behaviour
+    with pytest.raises(ConfigError, match="base"):
+        S._check_settings(S.load_sweep_config(_write(tmp_path, sweep_toml(assets, out))))
 
 
 # ---------------------------------------------------------------- audit
