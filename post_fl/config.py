@@ -277,6 +277,7 @@ class EvalConfig:
 
     batch_size: int = 32
     teacher_prompt_tuning: bool = True  # the costly non-private upper bound
+    cache_zero_shot: bool = True  # keep unprompted test/validation scores in the post-fl cache for reruns
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -319,25 +320,31 @@ class RunConfig:
 
 
 # Settings added after results were first recorded, with the value that reproduces the behaviour from
-# before each existed. Fingerprints of recorded work (the student cache key, a sweep's saved settings)
-# leave a setting out while it has this value, so work recorded before it existed still matches.
+# before each existed. Fingerprints of recorded work (a run folder's config, the student cache key, a
+# sweep's saved settings) leave a setting out while it has this value, so work recorded before it
+# existed still matches.
 LEGACY_VALUES: dict[str, Any] = {
     "data.public_unit": "text",
     "distill.lr_schedule": "constant",
     "distill.warmup_steps": 0,
     "distill.keep_best": False,
 }
+# Settings that never change a result (caches of bit-identical values): fingerprints leave them out.
+RESULT_NEUTRAL_SETTINGS: tuple[str, ...] = ("eval.cache_zero_shot",)
 
 
-def without_legacy_values(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A copy of the nested settings dict without the :data:`LEGACY_VALUES` entries that hold their legacy
+def identifying_settings(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A copy of the nested settings dict with only what identifies recorded work: without the
+    :data:`RESULT_NEUTRAL_SETTINGS` and without the :data:`LEGACY_VALUES` entries that hold their legacy
     value (``prefix`` is the dotted path of ``settings`` inside a RunConfig, e.g. ``"distill"``)."""
     out: dict[str, Any] = {}
     for key, value in settings.items():
         path = f"{prefix}.{key}" if prefix else key
         if isinstance(value, dict):
-            out[key] = without_legacy_values(value, path)
-        elif not (path in LEGACY_VALUES and value == LEGACY_VALUES[path]):
+            out[key] = identifying_settings(value, path)
+        elif path in RESULT_NEUTRAL_SETTINGS or (path in LEGACY_VALUES and value == LEGACY_VALUES[path]):
+            continue
+        else:
             out[key] = value
     return out
 

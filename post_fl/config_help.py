@@ -89,6 +89,7 @@ FIELD_HELP: dict[str, str] = {
     # eval
     "eval.batch_size": "texts per batch when scoring test examples",
     "eval.teacher_prompt_tuning": "true = also tune a non-private prompt on the teacher (the costly upper bound)",
+    "eval.cache_zero_shot": "true = keep the unprompted (zero-shot) class scores of teacher and student on the test and validation texts in the post-fl cache, so reruns skip those passes",
 }
 
 

@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import DistillConfig, without_legacy_values
+from .config import DistillConfig, identifying_settings
 from .data import DataError, TextDataset
 from .models import EncodedBatch, ScoringModel
 from .transfer import kl_at_temperature
@@ -554,7 +554,7 @@ def _distill_loss(student: ScoringModel, teacher: ScoringModel, out: TeacherOutp
 def student_cache_key(teacher: ScoringModel, public: TextDataset, held_out: TextDataset | None,
                       cfg: DistillConfig, seed: int) -> str:
     """Name of a cached student: sha256 of (teacher weights hash, distillation settings, corpus hash, task settings)."""
-    settings = without_legacy_values({k: v for k, v in asdict(cfg).items() if k not in ("cache",)}, "distill")
+    settings = identifying_settings({k: v for k, v in asdict(cfg).items() if k not in ("cache",)}, "distill")
     blob = json.dumps({"format": CACHE_FORMAT, "teacher": teacher_hash(teacher), "distill": settings, "seed": seed,
                        "task": _task_settings(teacher), "corpus": corpus_hash(public.texts),
                        "held_out": corpus_hash(held_out.texts) if held_out is not None else ""}, sort_keys=True)

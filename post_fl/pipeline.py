@@ -310,10 +310,20 @@ class Pipeline:
         student_prompt = self.prompt(PROMPT_STUDENT, student)
         y = test.labels
 
+        from .embedded import cache_dir
+        from .score_cache import SCORE_CACHE_DIR, cached_zero_shot_scores
+
+        score_cache = cache_dir() / SCORE_CACHE_DIR if self.cfg.eval.cache_zero_shot else None
+        cache_states: dict[str, str] = {}
+
         def scored(name: str, model: ScoringModel, prompt=None, data=test) -> torch.Tensor:
             t0 = time.perf_counter()
-            out = class_scores(model, data.texts, prompt, bs)
-            log.info("evaluate %s on %d texts: %.1fs", name, len(data), time.perf_counter() - t0)
+            if prompt is None:  # unprompted scores depend on no private data: reruns read them from the cache
+                out, cache_states[name] = cached_zero_shot_scores(model, data.texts, bs, score_cache)
+            else:
+                out = class_scores(model, data.texts, prompt, bs)
+            log.info("evaluate %s on %d texts: %.1fs%s", name, len(data), time.perf_counter() - t0,
+                     f" (score cache {cache_states[name]})" if prompt is None else "")
             return out
 
         zero = scored("teacher zero-shot", teacher)
@@ -375,6 +385,7 @@ class Pipeline:
             "distill": self.stage_result("distill"),
             "transfer": {k: v for k, v in self.stage_result("transfer").items() if k != "losses"},
             "cost": cost,
+            "zero_shot_score_cache": cache_states,  # per unprompted pass: "hit" | "miss" | "off"
             "seed": self.cfg.seed,
         }
         write_json(results, self.run / "results.json")

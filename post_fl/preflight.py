@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import EMBEDDED_DEFAULT, RunConfig
+from .config import EMBEDDED_DEFAULT, RunConfig, identifying_settings
 
 STAGES = ("distill", "tune", "transfer", "tune_teacher", "evaluate")
 # stage -> the run-folder artifacts it reads, and the stage that writes them
@@ -212,7 +212,9 @@ def run_folder_problems(cfg: RunConfig, run_dir: Path) -> list[str]:
         saved = read_json(cfg_path)
     except (OSError, ValueError) as exc:
         return [f"{cfg_path}: {exc}"]
-    diff = config_differences(saved, cfg.to_dict())
+    if not isinstance(saved, dict):
+        return [f"{cfg_path}: expected a JSON object of settings, got {type(saved).__name__}"]
+    diff = config_differences(identifying_settings(saved), identifying_settings(cfg.to_dict()))
     if not diff:
         return []
     return [f"{cfg_path} holds a different config ({'; '.join(diff)}); stages of one run share one config: "

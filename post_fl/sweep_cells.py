@@ -46,7 +46,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .config import RunConfig, config_from_dict, without_legacy_values
+from .config import RunConfig, config_from_dict, identifying_settings
 from .jsonio import jsonable
 from .sweep_grid import REFERENCE_METHODS, STUDENT_METHODS, SweepConfig, Cell
 from .sweep_rapt import rapt_eta, privatize_batch, rapt_label_epsilon, rapt_row_privacy, _rapt_client_fn
@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------- the sweep's shared state
 def settings_fingerprint(cfg: SweepConfig) -> dict:
     """Every setting other than the grid axes: cells run under different ones cannot share a CSV."""
-    d = {"base": without_legacy_values({k: v for k, v in cfg.base.to_dict().items() if k not in ("output_dir", "seed")}),
+    d = {"base": identifying_settings({k: v for k, v in cfg.base.to_dict().items() if k not in ("output_dir", "seed")}),
          "rounds": cfg.rounds, "clients_per_round": cfg.clients_per_round,
          "federated": cfg.federated, "rapt": dataclasses.asdict(cfg.rapt),
          "audit": dataclasses.asdict(cfg.audit)}

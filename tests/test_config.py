@@ -106,15 +106,17 @@ def test_a_saved_config_json_is_a_config_file(tmp_path):
 
 
 def test_legacy_valued_settings_are_left_out_of_fingerprints():
-    from post_fl.config import LEGACY_VALUES, RunConfig, without_legacy_values
+    from post_fl.config import LEGACY_VALUES, RESULT_NEUTRAL_SETTINGS, RunConfig, identifying_settings
 
     d = RunConfig().to_dict()
     d["distill"]["lr_schedule"], d["distill"]["keep_best"] = "constant", False
     d["data"]["public_unit"] = "auto"
-    out = without_legacy_values(d)
+    out = identifying_settings(d)
     assert "lr_schedule" not in out["distill"] and "keep_best" not in out["distill"]
     assert out["data"]["public_unit"] == "auto" and out["distill"]["lr"] == d["distill"]["lr"]
     assert d["distill"]["lr_schedule"] == "constant"  # the input is not changed
-    for path in LEGACY_VALUES:  # every legacy entry names a real setting
+    d["eval"]["cache_zero_shot"] = False
+    assert "cache_zero_shot" not in identifying_settings(d)["eval"]  # result-neutral: never identifies work
+    for path in (*LEGACY_VALUES, *RESULT_NEUTRAL_SETTINGS):  # every entry names a real setting
         section, name = path.split(".")
         assert name in d[section], path

@@ -61,6 +61,14 @@ def test_a_run_folder_refuses_a_different_config(tmp_path, tiny_dirs, files, cap
     assert main(["distill"] + args) == 0
     assert main(["tune"] + args + ["--set", "tune.lr=0.5"]) == 2
     assert "different config" in capsys.readouterr().err
+    # a folder written before a setting existed: a result-neutral setting never matters, a legacy-valued one
+    # continues only at its legacy value
+    saved = json.loads((run / "config.json").read_text())
+    del saved["eval"]["cache_zero_shot"], saved["distill"]["keep_best"]
+    (run / "config.json").write_text(json.dumps(saved))
+    assert main(["tune"] + args + ["--set", "eval.cache_zero_shot=false"]) == 2
+    assert "distill.keep_best" in capsys.readouterr().err
+    assert main(["tune"] + args + ["--set", "eval.cache_zero_shot=false", "--set", "distill.keep_best=false"]) == 0
 
 
 def test_bad_input_gives_a_clear_error(tmp_path, tiny_dirs, files, capsys):

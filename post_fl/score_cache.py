@@ -1,0 +1,79 @@
+"""Unprompted (zero-shot) class scores of a frozen model on a fixed text set, kept on disk for reruns.
+
+A model's zero-shot verbalizer scores depend only on its weights, its task settings (template,
+label words, head, maximum length) and the texts, never on private training data or on a prompt.
+A rerun of the main job on the same test and validation texts (another epsilon, another seed)
+therefore reads them from ``<post-fl cache>/zero-shot-scores/<sha256>.safetensors`` instead of
+running the teacher over the texts again. A damaged file, or one written for another key, is an
+error naming the file; it is never half-used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from .data import DataError
+from .distill import corpus_hash, teacher_hash
+from .evaluate import class_scores
+from .models import ScoringModel
+
+SCORE_CACHE_FORMAT = 1  # bump when the stored scores change meaning
+SCORE_CACHE_DIR = "zero-shot-scores"
+
+
+def zero_shot_cache_key(model: ScoringModel, texts: list[str], batch_size: int) -> str:
+    """sha256 of (model weights hash, task settings, texts, batch size): what the unprompted scores depend on."""
+    settings = {"format": SCORE_CACHE_FORMAT, "head": model.head, "template": model.template,
+                "max_length": model.max_length, "label_names": model.label_names,
+                "label_words": model.label_words, "batch_size": batch_size}
+    blob = json.dumps({"model": teacher_hash(model), "texts": corpus_hash(texts), "settings": settings},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def cached_zero_shot_scores(model: ScoringModel, texts: list[str], batch_size: int,
+                            cache_dir: str | Path | None) -> tuple[torch.Tensor, str]:
+    """The model's unprompted class scores (N x C) on ``texts``; returns (scores, "hit" | "miss" | "off").
+
+    With ``cache_dir`` None they are computed and not kept. Otherwise a file under ``cache_dir`` named
+    by :func:`zero_shot_cache_key` is read when it exists and written (atomically) when it does not.
+    """
+    if cache_dir is None:
+        return class_scores(model, texts, None, batch_size), "off"
+    key = zero_shot_cache_key(model, texts, batch_size)
+    path = Path(cache_dir) / f"{key}.safetensors"
+    if path.exists():
+        return _read_scores(path, key, len(texts), model.num_classes), "hit"
+    scores = class_scores(model, texts, None, batch_size)
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    save_file({"scores": scores.contiguous()}, str(tmp), metadata={"key": key, "format": str(SCORE_CACHE_FORMAT)})
+    tmp.replace(path)
+    return scores, "miss"
+
+
+def _read_scores(path: Path, key: str, n_texts: int, n_classes: int) -> torch.Tensor:
+    from safetensors import safe_open
+
+    fix = "delete it to score the texts again"
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            scores = fh.get_tensor("scores") if "scores" in fh.keys() else None
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a damaged file
+        raise DataError(f"{path}: the zero-shot score cache file is unreadable ({type(exc).__name__}: {exc}); "
+                        f"{fix}") from None
+    if meta.get("key") != key or meta.get("format") != str(SCORE_CACHE_FORMAT):
+        raise DataError(f"{path}: the zero-shot score cache file was written for another key or format "
+                        f"(key {meta.get('key')!r}, format {meta.get('format')!r}); {fix}")
+    if scores is None or tuple(scores.shape) != (n_texts, n_classes):
+        shape = None if scores is None else tuple(scores.shape)
+        raise DataError(f"{path}: the zero-shot score cache file holds scores of shape {shape}; expected "
+                        f"({n_texts}, {n_classes}); {fix}")
+    return scores
