@@ -46,6 +46,7 @@ from torch import nn
 
 from .config import DistillConfig, identifying_settings
 from .data import DataError, TextDataset
+from .keyed_cache import read_keyed_tensors, write_keyed_tensors
 from .models import EncodedBatch, ScoringModel
 from .transfer import kl_at_temperature
 
@@ -251,29 +252,13 @@ def teacher_outputs(teacher: ScoringModel, texts: list[str], cfg: DistillConfig,
     out = _compute_teacher_outputs(teacher, texts, cfg, seed, progress)
     if path is None:
         return out, "off"
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    save_file(out.tensors(), str(tmp), metadata={"key": key, "format": str(CACHE_FORMAT), "texts": str(len(texts))})
-    tmp.replace(path)
+    write_keyed_tensors(path, out.tensors(), key, CACHE_FORMAT, texts=str(len(texts)))
     return out, "miss"
 
 
 def _read_cache(path: Path, key: str, n_texts: int) -> TeacherOutputs:
-    from safetensors import safe_open
-
     fix = "delete it to recompute the teacher's outputs"
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a damaged file
-        raise DataError(f"{path}: the teacher-output cache file is unreadable ({type(exc).__name__}: {exc}); "
-                        f"{fix}") from None
-    if meta.get("key") != key or meta.get("format") != str(CACHE_FORMAT):
-        raise DataError(f"{path}: the teacher-output cache file was written for another key or format "
-                        f"(key {meta.get('key')!r}, format {meta.get('format')!r}); {fix}")
+    tensors = read_keyed_tensors(path, key, CACHE_FORMAT, "teacher-output cache file", fix)
     names = {f.name for f in TeacherOutputs.__dataclass_fields__.values()}
     missing = sorted(names - set(tensors))
     if missing:

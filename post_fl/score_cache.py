@@ -19,6 +19,7 @@ import torch
 from .data import DataError
 from .distill import corpus_hash, teacher_hash
 from .evaluate import class_scores
+from .keyed_cache import read_keyed_tensors, write_keyed_tensors
 from .models import ScoringModel
 
 SCORE_CACHE_FORMAT = 1  # bump when the stored scores change meaning
@@ -49,29 +50,13 @@ def cached_zero_shot_scores(model: ScoringModel, texts: list[str], batch_size: i
     if path.exists():
         return _read_scores(path, key, len(texts), model.num_classes), "hit"
     scores = class_scores(model, texts, None, batch_size)
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    save_file({"scores": scores.contiguous()}, str(tmp), metadata={"key": key, "format": str(SCORE_CACHE_FORMAT)})
-    tmp.replace(path)
+    write_keyed_tensors(path, {"scores": scores.contiguous()}, key, SCORE_CACHE_FORMAT)
     return scores, "miss"
 
 
 def _read_scores(path: Path, key: str, n_texts: int, n_classes: int) -> torch.Tensor:
-    from safetensors import safe_open
-
     fix = "delete it to score the texts again"
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            scores = fh.get_tensor("scores") if "scores" in fh.keys() else None
-    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a damaged file
-        raise DataError(f"{path}: the zero-shot score cache file is unreadable ({type(exc).__name__}: {exc}); "
-                        f"{fix}") from None
-    if meta.get("key") != key or meta.get("format") != str(SCORE_CACHE_FORMAT):
-        raise DataError(f"{path}: the zero-shot score cache file was written for another key or format "
-                        f"(key {meta.get('key')!r}, format {meta.get('format')!r}); {fix}")
+    scores = read_keyed_tensors(path, key, SCORE_CACHE_FORMAT, "zero-shot score cache file", fix).get("scores")
     if scores is None or tuple(scores.shape) != (n_texts, n_classes):
         shape = None if scores is None else tuple(scores.shape)
         raise DataError(f"{path}: the zero-shot score cache file holds scores of shape {shape}; expected "
