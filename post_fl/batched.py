@@ -390,10 +390,10 @@ class BatchedTransport:
 
     Mirrors :class:`post_fl.federated.LocalTransport` (and so Flower's ClientApp): each sampled
     client takes its partition (``client_partition``), opens its privacy ledger (``open_ledger``),
-    is refused before training when the round would exceed its budget, trains from the global prompt
-    with the noise multiplier calibrated for ``rounds x epochs``, records the round in its ledger
-    before its update is released (write-ahead), clips its update to the instruction's bound (or
-    ``user_dp_clip``), adds its distributed-DP noise share when that mode is on, and replies with
+    is refused before training when the round would exceed its budget (else the round is recorded in
+    its ledger in the same locked step, before any noise is drawn: write-ahead), trains from the global
+    prompt with the noise multiplier calibrated for ``rounds x epochs``, clips its update to the
+    instruction's bound (or ``user_dp_clip``), adds its distributed-DP noise share when that mode is on, and replies with
     the same update and metrics as ``train_client``. The difference: all sampled clients' DP-SGD runs
     in shared forward/backward passes (:func:`train_clients_batched`), which gives each client the
     update ``train_client`` would give it (same insecure seeds in ``insecure_reproducible`` mode).
@@ -449,8 +449,9 @@ class BatchedTransport:
                 if tune.private:
                     steps, q = planned_steps(tune, n), sample_rate(tune, n)
                     sigmas[cid] = float(calibrate_noise_multiplier(tune, n, self.fed.rounds * steps))
-                    ledger.check(sigmas[cid], q, steps, resolve_delta(tune, n))
                     histories[cid] = ledger.history()
+                    # write-ahead and atomic (as train_client): checked and recorded before any noise is drawn
+                    ledger.spend(sigmas[cid], q, steps, resolve_delta(tune, n), "batched", server_round)
                 elif ledger is not None and math.isfinite(ledger.budget):
                     raise BudgetExhausted(ledger.epsilon(resolve_delta(tune, n)), math.inf, ledger.budget,
                                           resolve_delta(tune, n))
@@ -458,7 +459,7 @@ class BatchedTransport:
                 out.refusals[cid] = fl.budget_status(exc)
                 continue
             except fl.ClientRefusal as exc:
-                out.refusals[cid] = {"status": fl.REFUSED, "reason": str(exc)}
+                out.refusals[cid] = {"status": exc.code}
                 continue
             except ValueError as exc:  # bad or empty private data (DataError is a ValueError)
                 out.failures[cid] = f"{type(exc).__name__}: {exc}"
@@ -476,9 +477,8 @@ class BatchedTransport:
         self.last_round = result
         for cid in sorted(datasets):
             res, ins = result.clients[cid], instructions[cid]
-            if tune.private:  # write-ahead: the record exists before the update is released
-                ledgers[cid].record(res.noise_multiplier, res.sample_rate, res.steps, res.delta, "batched",
-                                    server_round)
+            if tune.private and res.steps > planned_steps(tune, res.examples):  # the ledger holds the planned steps
+                raise RuntimeError(f"client {cid}: DP-SGD took {res.steps} steps, more than were recorded")
             update = res.update
             clip = self.fed.user_dp_clip if self.fed.user_dp else float(ins["clip"])
             if clip > 0 and math.isfinite(clip):

@@ -1,5 +1,12 @@
 """One federated client: its private partition or site file, its privacy ledger and budget, and its
-round of DP-SGD prompt tuning (:func:`train_client`); refusals and their reply status.
+round of DP-SGD prompt tuning (:func:`train_client`); refusals and the fixed codes its replies carry.
+
+A deployed site (node config ``data-path``) decides itself what it reads and spends
+(:class:`SiteSettings`, from its node config): the text and label columns, the label set, the dataset
+name its ledger is kept under, its budget and its delta. The run config (the server's choice) cannot
+move any of them; a run that names other columns or labels is refused (:func:`check_run_matches_site`).
+Whatever goes wrong on a site, its reply says one fixed code (:func:`reply_code`); the detailed message
+stays in the site's own log.
 
 DP-SGD noise and Poisson batches come from fresh OS entropy (:mod:`post_fl.randomness`) unless the
 run is ``insecure_reproducible``, where the client derives the seed itself (:func:`insecure_seed_for`).
@@ -21,7 +28,8 @@ from .config import ConfigError, RunConfig
 from .data import TextDataset, partition
 from .models import ScoringModel
 from .prompt import SoftPrompt
-from .fed_protocol import BUDGET_EXHAUSTED, LEDGER_DIR_NAME
+from .fed_protocol import (BUDGET_EXHAUSTED, LEDGER_DIR_NAME, REFUSED_DATA_SETTINGS, REFUSED_INSECURE, REPLY_CODES,
+                           SITE_ERROR, SITE_INPUT_INVALID)
 from .fed_config import FederatedConfig, derive_seed, user_noise_multiplier
 
 
@@ -56,27 +64,152 @@ def client_partition(run_cfg: RunConfig, fed_cfg: FederatedConfig, partition_id:
     return _PARTITIONS[key][partition_id]
 
 
+class ClientRefusal(RuntimeError):
+    """A client declines a round (the run goes on). The message stays in the site's log; the reply
+    carries only ``code``, one of :data:`post_fl.fed_protocol.REFUSAL_CODES`."""
+
+    def __init__(self, message: str, code: str = REFUSED_INSECURE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class SiteInputInvalid(ValueError):
+    """A site's own node config or data file is unusable; the message (key or file, field, expected value)
+    stays in the site's log, the reply says ``site input invalid``."""
+
+
+def reply_code(exc: BaseException) -> str:
+    """The fixed code a site's reply carries for ``exc``: never its message (which may quote the site's data)."""
+    from .config import ConfigError
+    from .data import DataError
+    from .ledger import BudgetExhausted
+    from .preflight import PreflightError
+
+    if isinstance(exc, BudgetExhausted):
+        return BUDGET_EXHAUSTED
+    if isinstance(exc, ClientRefusal):
+        return exc.code if exc.code in REPLY_CODES else SITE_ERROR
+    if isinstance(exc, (SiteInputInvalid, DataError, PreflightError, ConfigError)):
+        return SITE_INPUT_INVALID
+    return SITE_ERROR
+
+
+# ---------------------------------------------------------------- what a deployed site reads: its own choice
+@dataclass(frozen=True)
+class SiteSettings:
+    """What a deployed site reads and how its spending is keyed, from its node config (never the run config).
+
+    ``data_path`` (``data-path``), ``dataset_name`` (``dataset-name``: the ledger's key, so a re-exported
+    file keeps its budget), ``labels`` (``labels``: the site's label set), ``text_column`` /
+    ``label_column`` (``text-column`` / ``label-column``, default ``text`` / ``label``).
+    """
+
+    data_path: str
+    dataset_name: str
+    labels: tuple[str, ...]
+    text_column: str = "text"
+    label_column: str = "label"
+
+
+def site_settings(node_config: dict | None) -> SiteSettings | None:
+    """A deployed site's :class:`SiteSettings`, or None in simulation (no ``data-path``).
+
+    Every missing or bad key is reported at once in one :class:`SiteInputInvalid` (logged on the site only).
+    """
+    from .ledger import DATASET_NAME
+
+    node_config = node_config or {}
+    path = node_config.get("data-path")
+    if not path:
+        return None
+    problems = []
+    name = str(node_config.get("dataset-name", "")).strip()
+    if not name:
+        problems.append("node config dataset-name: missing; expected the name this site's privacy ledger is kept "
+                        "under (e.g. dataset-name='cohort-2024'), the same whenever this data is re-exported")
+    elif not DATASET_NAME.fullmatch(name):
+        problems.append(f"node config dataset-name = {name!r}: expected 1-128 letters, digits, '.', '_' or '-' "
+                        "(not starting with '.', '_' or '-')")
+    raw = str(node_config.get("labels", "")).strip()
+    labels = tuple(dict.fromkeys(x.strip() for x in raw.split(",") if x.strip()))
+    if len(labels) < 2:
+        problems.append(f"node config labels = {raw!r}: expected this site's label set, at least two labels "
+                        "separated by commas (e.g. labels='negative,positive')")
+    columns = {}
+    for key, default in (("text-column", "text"), ("label-column", "label")):
+        value = str(node_config.get(key, default)).strip()
+        if not value:
+            problems.append(f"node config {key}: expected a column name of this site's data file, got ''")
+        columns[key] = value
+    if problems:
+        raise SiteInputInvalid("; ".join(problems))
+    return SiteSettings(str(path), name, labels, columns["text-column"], columns["label-column"])
+
+
+def check_run_matches_site(run_cfg: RunConfig, site: SiteSettings, label_names=None) -> None:
+    """Refuse (``refused: data settings``) a run whose config names other text/label columns or another label
+    set than the site reads: the server cannot make a site read a different column or label its data
+    differently. ``label_names``: the student's labels (train); else the run's ``model.label_words`` keys."""
+    d = run_cfg.data
+    problems = []
+    if d.text_column != site.text_column:
+        problems.append(f"the run config asks for text column data.text_column = {d.text_column!r}; this site "
+                        f"reads {site.text_column!r} (node config text-column)")
+    if d.label_column != site.label_column:
+        problems.append(f"the run config asks for label column data.label_column = {d.label_column!r}; this "
+                        f"site reads {site.label_column!r} (node config label-column)")
+    asked = list(label_names) if label_names is not None else list(run_cfg.model.label_words)
+    if asked and set(asked) != set(site.labels):
+        problems.append(f"the run's label set {sorted(asked)} is not this site's {sorted(site.labels)} "
+                        "(node config labels)")
+    if problems:
+        raise ClientRefusal("; ".join(problems), REFUSED_DATA_SETTINGS)
+
+
 _SITE_DATA: dict[tuple, TextDataset] = {}
 
 
-def site_dataset(path: str, run_cfg: RunConfig, label_names: list[str]) -> TextDataset:
-    """A deployed site's own private training file (node config ``data-path``), read once per process.
+def site_dataset(site: SiteSettings, run_cfg: RunConfig, label_names: list[str]) -> TextDataset:
+    """A deployed site's own private training file, read with the site's own columns, once per process.
 
-    Labels must be among the student's verbalizer labels (``label_names``); a bad file raises
-    :class:`post_fl.data.DataError` naming the file, row and field.
+    ``label_names`` (the student's labels, in its order) must be the site's label set
+    (:func:`check_run_matches_site`); a bad file raises :class:`post_fl.data.DataError` naming the file,
+    row and field (logged on the site only).
     """
     from .data import read_text_file
 
+    if set(label_names) != set(site.labels):
+        raise ClientRefusal(f"student labels {sorted(label_names)} are not this site's {sorted(site.labels)}",
+                            REFUSED_DATA_SETTINGS)
     d = run_cfg.data
-    key = (str(path), d.text_column, d.label_column, tuple(label_names), run_cfg.seed, d.max_train_examples)
+    key = (site, tuple(label_names), run_cfg.seed, d.max_train_examples)
     if key not in _SITE_DATA:
-        data = read_text_file(path, d.text_column, d.label_column, label_names=label_names)
+        data = read_text_file(site.data_path, site.text_column, site.label_column, label_names=label_names)
         _SITE_DATA[key] = data.shuffled(run_cfg.seed).head(d.max_train_examples)
     return _SITE_DATA[key]
 
 
-class ClientRefusal(RuntimeError):
-    """A client declines a round for a stated reason (reply status ``refused``); the run goes on."""
+def site_delta(run_cfg: RunConfig, node_config: dict | None, n: int) -> float | None:
+    """The delta a client's budget is judged (and its noise calibrated) at, for ``n`` private examples.
+
+    Node config ``privacy-delta`` when set (0 < delta < 1/N); else on a deployed site min(1e-5, 1/(10 N)),
+    fixed at the site whatever the run config says; else (simulation) None: the run's ``tune.delta``.
+    """
+    from .delta import default_delta
+
+    node_config = node_config or {}
+    raw = node_config.get("privacy-delta")
+    if raw is None or str(raw).strip() == "":
+        return default_delta(n) if node_config.get("data-path") else None
+    try:
+        delta = float(raw)
+    except ValueError:
+        raise SiteInputInvalid(f"node config privacy-delta: expected a number, got {raw!r}") from None
+    if not 0 < delta < 1.0 / max(int(n), 1):
+        raise SiteInputInvalid(f"node config privacy-delta = {delta:g}: expected 0 < delta < 1/N = {1.0 / n:g} "
+                               f"(N = {n} examples of this site's data); the default is "
+                               f"min(1e-5, 1/(10 N)) = {default_delta(n):g}")
+    return delta
 
 
 def one_line_reason(text: Any, limit: int = 300) -> str:
@@ -112,7 +245,7 @@ def check_site_allows(run_cfg: RunConfig, node_config: dict) -> None:
     if not allowed:
         raise ClientRefusal("this site refuses insecure_reproducible runs (their DP noise is seeded from the run "
                             "config, so the update is not private); set node config "
-                            "allow-insecure-reproducible=true to allow them")
+                            "allow-insecure-reproducible=true to allow them", REFUSED_INSECURE)
 
 
 def ledger_dir_for(run_cfg: RunConfig, node_config: dict | None = None) -> Path:
@@ -139,24 +272,25 @@ def site_budget(run_cfg: RunConfig, node_config: dict | None = None) -> float:
         try:
             budget = float(raw)
         except ValueError:
-            raise ClientRefusal(f"node config privacy-budget-epsilon: expected a number, got {raw!r}") from None
+            raise SiteInputInvalid(f"node config privacy-budget-epsilon: expected a number, got {raw!r}") from None
         if not budget > 0:
-            raise ClientRefusal(f"node config privacy-budget-epsilon: expected > 0, got {raw!r}")
+            raise SiteInputInvalid(f"node config privacy-budget-epsilon: expected > 0, got {raw!r}")
         return budget
     if node_config.get("data-path"):
-        raise ClientRefusal("this site has no privacy budget: set node config privacy-budget-epsilon=<epsilon> "
-                            "(the most this site's data may ever spend, over all runs)")
+        raise SiteInputInvalid("this site has no privacy budget: set node config privacy-budget-epsilon=<epsilon> "
+                               "(the most this site's data may ever spend, over all runs)")
     return float(run_cfg.tune.target_epsilon) if run_cfg.tune.private else math.inf
 
 
 def open_ledger(run_cfg: RunConfig, data: TextDataset, client_id: int, node_config: dict | None = None):
-    """This client's :class:`post_fl.ledger.PrivacyLedger` (keyed by its data's sha256, see the helpers above)."""
-    from .ledger import PrivacyLedger, dataset_sha256, file_sha256
+    """This client's :class:`post_fl.ledger.PrivacyLedger`: keyed by a deployed site's ``dataset-name`` (so
+    re-exporting the same data keeps its budget), in simulation by the sha256 of the partition."""
+    from .ledger import PrivacyLedger, dataset_sha256
 
     node_config = node_config or {}
-    path = node_config.get("data-path")
-    data_hash = file_sha256(str(path)) if path else dataset_sha256(data)
-    return PrivacyLedger.open(ledger_dir_for(run_cfg, node_config), data_hash, site_budget(run_cfg, node_config),
+    site = site_settings(node_config)
+    key = site.dataset_name if site else str(node_config.get("dataset-name") or dataset_sha256(data))
+    return PrivacyLedger.open(ledger_dir_for(run_cfg, node_config), key, site_budget(run_cfg, node_config),
                               run_cfg.tune.accountant, client_id)
 
 
@@ -172,15 +306,17 @@ class ClientResult:
 
 def train_client(student: ScoringModel, global_prompt: np.ndarray, data: TextDataset, run_cfg: RunConfig,
                  fed_cfg: FederatedConfig, server_round: int, client_id: int, clip: float = 0.0,
-                 ledger=None, run_id: str = "") -> ClientResult:
+                 ledger=None, run_id: str = "", delta: float | None = None) -> ClientResult:
     """One client's round: DP-SGD prompt tuning from the global prompt on its private data.
 
     Under DP (``tune.private``): the noise multiplier is calibrated for ``rounds`` rounds of
     ``tune.epochs`` epochs (the most a client takes part in a run); ``ledger`` (required, a
     :class:`post_fl.ledger.PrivacyLedger`) must allow this round within the site's budget, else
-    :class:`post_fl.ledger.BudgetExhausted` is raised before any training; the round's steps are
-    recorded in the ledger after training and *before* the update is returned (write-ahead: a
-    round whose noise was drawn counts even if its update is lost). The DP noise and batches are
+    :class:`post_fl.ledger.BudgetExhausted` is raised before any training; the round's planned steps
+    are checked and recorded in one locked step *before* any noise is drawn (write-ahead: a round
+    whose noise was drawn always counts, even if its update is lost; concurrent runs cannot both
+    pass the check). ``delta`` (the site's, :func:`site_delta`) replaces ``tune.delta`` for the
+    calibration and the budget check when given. The DP noise and batches are
     fresh OS entropy unless ``run_cfg.insecure_reproducible``. The update (tuned minus global
     prompt) is clipped to L2 norm ``clip`` (> 0; under user-level DP ``user_dp_clip``), and with
     distributed user-level DP a Gaussian share of std ``sigma C / sqrt(min_clients)`` is added.
@@ -190,7 +326,7 @@ def train_client(student: ScoringModel, global_prompt: np.ndarray, data: TextDat
     from .randomness import dp_numpy_rng
     from .tuning import calibrate_noise_multiplier, planned_steps, resolve_delta, sample_rate, tune_prompt
 
-    tune = run_cfg.tune
+    tune = run_cfg.tune if delta is None else dataclasses.replace(run_cfg.tune, delta=float(delta))
     n = len(data)
     if n == 0:
         raise ValueError(f"round {server_round}: this client's partition is empty")
@@ -199,12 +335,15 @@ def train_client(student: ScoringModel, global_prompt: np.ndarray, data: TextDat
     delta = resolve_delta(tune, n)
     sigma = 0.0
     history: list = []
+    epsilon = math.inf
     if tune.private:
         if ledger is None:
             raise ValueError("train_client: a DP client needs its privacy ledger")
         sigma = calibrate_noise_multiplier(tune, n, fed_cfg.rounds * steps)  # memoised in tuning
-        ledger.check(sigma, q, steps, delta)  # raises BudgetExhausted before anything is trained
         history = ledger.history()
+        # write-ahead and atomic: checked against the budget and recorded under the ledger's lock before any
+        # noise is drawn; raises BudgetExhausted (nothing recorded) when the round does not fit
+        epsilon = ledger.spend(sigma, q, steps, delta, run_id, server_round)
     elif ledger is not None and math.isfinite(ledger.budget):
         from .ledger import BudgetExhausted
 
@@ -215,9 +354,8 @@ def train_client(student: ScoringModel, global_prompt: np.ndarray, data: TextDat
     res = tune_prompt(student, prompt, data, tune, seed=derive_seed(run_cfg.seed, server_round, 4, client_id),
                       accountant_history=history, noise_multiplier=sigma if tune.private else None,
                       insecure_seed=insecure)
-    epsilon = math.inf
-    if tune.private:  # write-ahead: the record exists before the update leaves this function
-        epsilon = ledger.record(sigma, q, res.steps, delta, run_id, server_round)
+    if tune.private and res.steps > steps:  # never release more steps than the ledger holds
+        raise RuntimeError(f"round {server_round}: DP-SGD took {res.steps} steps, {steps} were recorded")
     delta_prompt = res.prompt.weight.detach().cpu().numpy().astype(np.float32) - np.asarray(global_prompt, np.float32)
     clip = fed_cfg.user_dp_clip if fed_cfg.user_dp else clip
     if clip > 0 and math.isfinite(clip):
@@ -242,6 +380,6 @@ def train_client(student: ScoringModel, global_prompt: np.ndarray, data: TextDat
 
 
 def budget_status(exc) -> dict:
-    """The ``budget-exhausted`` status fields of a :class:`post_fl.ledger.BudgetExhausted` refusal."""
-    return {"status": BUDGET_EXHAUSTED, "spent": float(exc.spent), "after": float(exc.after),
-            "budget": float(exc.budget), "delta": float(exc.delta), "reason": str(exc)}
+    """The status of a :class:`post_fl.ledger.BudgetExhausted` refusal: the fixed code and nothing else
+    (spent, after, budget and delta together reveal the site's example count; they stay in its log)."""
+    return {"status": BUDGET_EXHAUSTED}

@@ -20,10 +20,16 @@ Message schema (names shared by ``server_app`` and ``client_app``; only these cr
   {``round``} under DP (:data:`DP_REPLY_METRIC_KEYS`: nothing data-dependent besides the noised
   update), or {``round``, ``num-examples``, ``loss``, ``steps``, ``sample-rate``} in a non-DP run
   (labelled non-private) -- or ConfigRecord ``status`` {``status`` = ``need-model``, ``cache-key``}
-  | {``status`` = ``budget-exhausted``, ``spent``, ``after``, ``budget``, ``delta``}
-  | {``status`` = ``refused``, ``reason``}
+  | {``status`` = one fixed code of :data:`REPLY_CODES`} and nothing else
 * query ``hello``: ConfigRecord ``config`` {``model-hash``} -> ConfigRecord ``hello``
-  {``client-id``, ``has-model``, ``cache-key``}
+  {``client-id``, ``has-model``, ``cache-key``} -- or ConfigRecord ``status`` {``status`` = a fixed code}
+* ``cache-key`` is a random id of the client process (one student copy serves its clients), never a
+  host name or process id.
+
+What a site says when it does not train (issue 22): only a fixed code (:data:`REPLY_CODES`), in a
+status reply or, for SecAgg+ stages, as the reason of an error reply. No cell value, row number, file
+path, count, epsilon, delta or budget of the site ever travels in a reply; the site logs the detailed
+message locally (``client_app.app.SiteClientApp``).
 * query ``model``: ArrayRecord ``student-weights``; ConfigRecord ``student`` {``model-hash``,
   ``spec`` (JSON: labels, verbalizer, head, template), ``file:<name>`` (config/tokenizer bytes)}
 
@@ -37,7 +43,8 @@ seeded from (seed, round[, client]) -- the client derives its own seed from its 
 server sends none -- so runs repeat bit for bit, and every output says :data:`NOT_PRIVATE_LABEL`.
 
 Privacy accounting lives with the data: each client keeps a :class:`post_fl.ledger.PrivacyLedger`
-(keyed by the sha256 of its data) and refuses a round that would exceed its site's budget.
+(keyed by a deployed site's own dataset name, or in simulation the sha256 of the partition) and
+refuses a round that would exceed its site's budget.
 """
 
 from __future__ import annotations
@@ -49,7 +56,15 @@ HELLO_RECORD, STUDENT_WEIGHTS_RECORD, STUDENT_FILES_RECORD = "hello", "student-w
 NEED_MODEL = "need-model"
 DP_REPLY_METRIC_KEYS = ("round",)  # all a DP client reports besides its noised update: data-independent
 NON_DP_REPLY_METRIC_KEYS = ("round", "num-examples", "loss", "steps", "sample-rate")  # non-private runs only
-BUDGET_EXHAUSTED, REFUSED = "budget-exhausted", "refused"
+# the only words a site's reply may say about why it did not train: fixed codes, never a message
+BUDGET_EXHAUSTED = "refused: budget"  # the round would take the site past its epsilon budget (or is not DP)
+REFUSED = REFUSED_INSECURE = "refused: insecure run"  # insecure_reproducible, not allowed by the site
+REFUSED_DATA_SETTINGS = "refused: data settings"  # the run names other columns or labels than the site reads
+SITE_INPUT_INVALID = "site input invalid"  # the site's file or node config (or the run config) is unusable
+SITE_ERROR = "site error"  # anything else that went wrong on the site
+REFUSAL_CODES = (BUDGET_EXHAUSTED, REFUSED_INSECURE, REFUSED_DATA_SETTINGS)
+FAILURE_CODES = (SITE_INPUT_INVALID, SITE_ERROR)
+REPLY_CODES = REFUSAL_CODES + FAILURE_CODES
 LEDGER_DIR_NAME = "client-ledgers"  # simulation: <output_dir>/client-ledgers (the harness reads them)
 CHECKPOINT_FILE = "checkpoint.safetensors"
 STUDENT_WEIGHTS_FILE = "model.safetensors"

@@ -2,36 +2,47 @@
 
 A federated client must not trust the operator's run config to bound what it spends, nor a
 per-run accountant that a new run starts from zero. The ledger is a JSON file kept by the
-client, named by the sha256 of its private data (a site's data file bytes, or in simulation
-the partition's texts and labels), holding one entry per released round: run fingerprint,
-round, noise multiplier, sample rate, DP-SGD steps and time. The epsilon it reports is the
-RDP/PRV composition of *all* entries at the given delta, so a second run on the same data
+client, named by its dataset *key*: on a deployed site the site-chosen dataset name (node config
+``dataset-name``), so re-exporting the same data to a new file does not start a fresh budget; in
+simulation the sha256 of the partition's texts and labels. It holds one entry per released round:
+run, round, noise multiplier, sample rate, DP-SGD steps, delta and time. The epsilon it reports
+is the RDP/PRV composition of *all* entries at the given delta, so a second run on the same data
 continues where the first stopped.
 
-Writes are write-ahead and atomic: :meth:`PrivacyLedger.record` writes a temp file, fsyncs
-it and renames it over the ledger *before* the client releases the update it covers, so a
-crash can lose an update but never the record of its noise (a round whose noise was drawn
-always counts). :meth:`PrivacyLedger.check` refuses a round whose planned steps would lift
-epsilon above the site's budget (:class:`BudgetExhausted`).
+Concurrency: every read-check-write happens under an exclusive ``fcntl.flock`` on a sidecar lock
+file (``.<ledger>.lock``), so concurrent runs on one site (threads or processes) never lose a record
+and never both pass a budget check that only one of them fits: :meth:`PrivacyLedger.spend` checks
+the budget and appends the round in one locked step. Writes are atomic (a temp file, fsynced,
+renamed over the ledger) and write-ahead: :meth:`spend` records a round *before* its noise is drawn
+and before the update it covers is released, so a crash can lose an update, or charge a round that
+never trained, but never loses the record of released noise.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
 import os
+import re
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .data import TextDataset
 
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2
+DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a site-chosen dataset name: a safe file stem
 
 
 class BudgetExhausted(RuntimeError):
-    """A client refuses a round: its ledger plus this round would exceed the site's epsilon budget."""
+    """A client refuses a round: its ledger plus this round would exceed the site's epsilon budget.
+
+    The message (spent, after, budget, delta) stays in the site's own log; a reply to the server
+    carries only the fixed code ``refused: budget`` (:data:`post_fl.fed_protocol.BUDGET_EXHAUSTED`)."""
 
     def __init__(self, spent: float, after: float, budget: float, delta: float) -> None:
         self.spent, self.after, self.budget, self.delta = spent, after, budget, delta
@@ -40,7 +51,7 @@ class BudgetExhausted(RuntimeError):
 
 
 def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes (a deployed site's data file)."""
+    """sha256 of a file's bytes."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -65,26 +76,49 @@ def default_site_ledger_dir() -> Path:
 class PrivacyLedger:
     """The persistent DP-SGD history of one dataset (see the module docstring).
 
+    ``key`` names the dataset (a site's ``dataset-name``, or a simulated partition's sha256);
     ``budget`` is the site's epsilon limit (inf = none); ``accountant`` the Opacus accountant
     (``rdp`` or ``prv``) used to compose the entries.
     """
 
     path: Path
-    data_hash: str
+    key: str
     budget: float
     accountant: str = "rdp"
     client_id: int | None = None
 
     @classmethod
-    def open(cls, directory: str | Path, data_hash: str, budget: float, accountant: str = "rdp",
+    def open(cls, directory: str | Path, key: str, budget: float, accountant: str = "rdp",
              client_id: int | None = None) -> "PrivacyLedger":
-        """The ledger of the data with ``data_hash`` under ``directory`` (created on first record)."""
+        """The ledger of the dataset ``key`` under ``directory`` (created on first record)."""
         if not (budget > 0):
             raise ValueError(f"privacy budget epsilon must be > 0, got {budget}")
-        return cls(Path(directory) / f"{data_hash}.json", data_hash, float(budget), accountant, client_id)
+        if not DATASET_NAME.fullmatch(str(key)):
+            raise ValueError(f"privacy ledger key {key!r}: expected 1-128 letters, digits, '.', '_' or '-' "
+                             "(not starting with '.', '_' or '-')")
+        return cls(Path(directory) / f"{key}.json", str(key), float(budget), accountant, client_id)
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path.with_name(f".{self.path.name}.lock")
+
+    @contextlib.contextmanager
+    def locked(self):
+        """Hold the ledger's exclusive lock (``fcntl.flock`` on the sidecar lock file) for a read-check-write."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
     def entries(self) -> list[dict]:
-        """Every recorded round, oldest first; a damaged file is an error, never an empty history."""
+        """Every recorded round, oldest first; a damaged file is an error, never an empty history.
+
+        Reading needs no lock: writers replace the file atomically, so a reader sees a whole old
+        or a whole new ledger. Decisions that depend on the content (:meth:`spend`) hold the lock."""
         if not self.path.is_file():
             return []
         try:
@@ -92,47 +126,81 @@ class PrivacyLedger:
         except (OSError, json.JSONDecodeError) as exc:
             raise ValueError(f"{self.path}: privacy ledger unreadable ({exc}); refusing to train "
                              "without knowing what this data already spent") from None
-        if doc.get("data_sha256") != self.data_hash or not isinstance(doc.get("entries"), list):
-            raise ValueError(f"{self.path}: not the privacy ledger of data {self.data_hash[:12]}")
+        key = doc.get("dataset", doc.get("data_sha256"))  # data_sha256: ledgers of version 1
+        if key != self.key or not isinstance(doc.get("entries"), list):
+            raise ValueError(f"{self.path}: not the privacy ledger of dataset {self.key[:40]}")
         return doc["entries"]
 
     def history(self) -> list[tuple[float, float, int]]:
         """The accountant history (noise multiplier, sample rate, steps) of every entry."""
         return [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in self.entries()]
 
-    def epsilon(self, delta: float, extra: list[tuple[float, float, int]] | None = None) -> float:
-        """Epsilon at ``delta`` of all entries (plus ``extra`` planned ones)."""
+    def _epsilon_of(self, hist: list[tuple[float, float, int]], delta: float) -> float:
         from .tuning import epsilon_from_history
 
-        hist = self.history() + list(extra or [])
         if any(h[0] <= 0 and h[2] > 0 for h in hist):
             return math.inf
         return epsilon_from_history(hist, delta, self.accountant) if hist else 0.0
 
+    def epsilon(self, delta: float, extra: list[tuple[float, float, int]] | None = None) -> float:
+        """Epsilon at ``delta`` of all entries (plus ``extra`` planned ones)."""
+        return self._epsilon_of(self.history() + list(extra or []), delta)
+
     def check(self, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
-        """Epsilon after ``steps`` more steps; raises :class:`BudgetExhausted` if it exceeds the budget."""
-        spent = self.epsilon(delta)
-        after = self.epsilon(delta, [(noise_multiplier, sample_rate, steps)])
+        """Epsilon after ``steps`` more steps; raises :class:`BudgetExhausted` if it exceeds the budget.
+
+        A look only: nothing is recorded, and another process may spend in between. A round that
+        will release anything goes through :meth:`spend`."""
+        hist = self.history()
+        return self._judge(hist, (noise_multiplier, sample_rate, steps), delta)
+
+    def _judge(self, hist: list, planned: tuple[float, float, int], delta: float) -> float:
+        after = self._epsilon_of(hist + [planned], delta)
         if after > self.budget * (1 + 1e-9):
-            raise BudgetExhausted(spent, after, self.budget, delta)
+            raise BudgetExhausted(self._epsilon_of(hist, delta), after, self.budget, delta)
         return after
 
-    def record(self, noise_multiplier: float, sample_rate: float, steps: int, delta: float, run: str,
-               server_round: int) -> float:
-        """Append one released round (atomically, fsynced) and return the epsilon spent after it."""
-        entries = self.entries()
-        entries.append({"run": run, "round": int(server_round), "noise_multiplier": float(noise_multiplier),
-                        "sample_rate": float(sample_rate), "steps": int(steps), "delta": float(delta),
-                        "time": time.time()})
-        doc = {"version": LEDGER_VERSION, "data_sha256": self.data_hash, "client_id": self.client_id,
+    def _entry(self, noise_multiplier, sample_rate, steps, delta, run, server_round) -> dict:
+        return {"run": run, "round": int(server_round), "noise_multiplier": float(noise_multiplier),
+                "sample_rate": float(sample_rate), "steps": int(steps), "delta": float(delta), "time": time.time()}
+
+    def _write(self, entries: list[dict]) -> None:
+        """Replace the ledger with ``entries`` atomically (temp file, fsync, rename); caller holds the lock."""
+        doc = {"version": LEDGER_VERSION, "dataset": self.key, "client_id": self.client_id,
                "accountant": self.accountant, "budget_epsilon": self.budget, "entries": entries}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         with open(tmp, "w") as fh:
             json.dump(doc, fh, indent=1)
             fh.flush()
             os.fsync(fh.fileno())
         tmp.replace(self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself survives a crash
+        finally:
+            os.close(dir_fd)
+
+    def spend(self, noise_multiplier: float, sample_rate: float, steps: int, delta: float, run: str,
+              server_round: int) -> float:
+        """Check the budget and record one round in one locked step; return the epsilon after it.
+
+        Raises :class:`BudgetExhausted` (recording nothing) when the round would lift epsilon above the
+        budget. Called *before* the round's noise is drawn (write-ahead), so no two concurrent runs can
+        both pass the check with room for one."""
+        with self.locked():
+            entries = self.entries()
+            hist = [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in entries]
+            after = self._judge(hist, (noise_multiplier, sample_rate, steps), delta)
+            self._write(entries + [self._entry(noise_multiplier, sample_rate, steps, delta, run, server_round)])
+        return after
+
+    def record(self, noise_multiplier: float, sample_rate: float, steps: int, delta: float, run: str,
+               server_round: int) -> float:
+        """Append one round without a budget check (locked, atomic, fsynced); return the epsilon after it."""
+        with self.locked():
+            entries = self.entries()
+            entries.append(self._entry(noise_multiplier, sample_rate, steps, delta, run, server_round))
+            self._write(entries)
         return self.epsilon(delta)
 
 
@@ -156,6 +224,7 @@ def read_ledgers(directory: str | Path, accountant: str = "rdp") -> dict[int, di
         hist = [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in entries]
         eps = math.inf if any(h[0] <= 0 for h in hist) else epsilon_from_history(hist, delta, accountant)
         out[int(doc["client_id"])] = {"epsilon": eps, "delta": delta, "rounds": len(entries),
-                                      "steps": sum(h[2] for h in hist), "data_sha256": doc["data_sha256"],
+                                      "steps": sum(h[2] for h in hist),
+                                      "dataset": doc.get("dataset", doc.get("data_sha256")),
                                       "budget_epsilon": doc.get("budget_epsilon")}
     return out

@@ -9,7 +9,6 @@ import numpy as np
 
 from .aggregate import ClientUpdate
 from .config import RunConfig
-from .fed_protocol import REFUSED
 from .fed_config import FederatedConfig
 from .student_cache import cache_root, cached_student, install_student
 from .fed_client import client_partition, ClientRefusal, open_ledger, train_client, budget_status
@@ -49,8 +48,8 @@ class LocalTransport:
             except BudgetExhausted as exc:
                 out.refusals[cid] = budget_status(exc)
                 continue
-            except ClientRefusal as exc:
-                out.refusals[cid] = {"status": REFUSED, "reason": str(exc)}
+            except ClientRefusal as exc:  # its fixed code only, as a site's reply would say
+                out.refusals[cid] = {"status": exc.code}
                 continue
             except ValueError as exc:  # bad or empty private data (DataError is a ValueError)
                 out.failures[cid] = f"{type(exc).__name__}: {exc}"

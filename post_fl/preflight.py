@@ -259,24 +259,25 @@ def check_federated(run_cfg: RunConfig, fed_cfg, partitions: bool = False) -> No
 _SITES_CHECKED: set[tuple] = set()
 
 
-def check_site_file(path: str | Path, run_cfg: RunConfig, label_names: Sequence[str] | None = None) -> None:
-    """Check a deployed site's own training file (node config ``data-path``) once per process: readable,
-    the run's text and label columns present, no empty rows, labels among ``label_names`` (or the
-    declared ``model.label_words``). Raises :class:`PreflightError` listing every problem."""
-    from .data import label_problems, scan_text_file
+def check_site_file(path: str | Path, label_names: Sequence[str], text_column: str = "text",
+                    label_column: str = "label") -> None:
+    """Check a deployed site's own training file (node config ``data-path``) once per process, with the
+    site's own settings (node config ``text-column``, ``label-column``, ``labels``; never the run config's):
+    readable, both columns present, no empty rows, every label among ``label_names``. Raises
+    :class:`PreflightError` listing every problem. The message quotes the file (rows, values): a site
+    logs it locally and replies only ``site input invalid``."""
+    from .data import label_problems, natural_label_order, scan_text_file
 
     p = Path(path)
-    d = run_cfg.data
-    known = list(label_names or run_cfg.model.label_words)
-    key = (str(p), p.stat().st_mtime_ns if p.exists() else 0, d.text_column, d.label_column, tuple(known))
+    known = list(label_names)
+    key = (str(p), p.stat().st_mtime_ns if p.exists() else 0, text_column, label_column, tuple(known))
     if key in _SITES_CHECKED:
         return
-    scanned = scan_text_file(p, d.text_column, d.label_column)
+    scanned = scan_text_file(p, text_column, label_column)
     problems = list(scanned.problems)
     if not problems and known:
-        from .data import natural_label_order
-
-        problems += label_problems(scanned, d.label_column, natural_label_order(known), "a label of the task")
+        problems += label_problems(scanned, label_column, natural_label_order(known),
+                                   "a label of this site (node config labels)")
     if problems:
         raise PreflightError([f"node config data-path: {q}" for q in problems], "site")
     _SITES_CHECKED.add(key)

@@ -8,7 +8,7 @@ import hashlib
 import json
 import logging
 import os
-import socket
+import secrets
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,9 +75,13 @@ def cache_root(fed_cfg: FederatedConfig) -> Path:
     return Path(fed_cfg.client_cache_dir or Path(tempfile.gettempdir()) / "post_fl_students")
 
 
+_CACHE_KEY = secrets.token_hex(16)  # drawn once per process
+
+
 def cache_key() -> str:
-    """Identifies this process's student cache (host and process id), so one copy serves its clients."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """Identifies this process's student cache, so one copy serves its clients: a random id drawn once per
+    process (never the host name or process id, which would tell the server about the site's machine)."""
+    return _CACHE_KEY
 
 
 def _load_cached_dir(d: Path, model_hash: str) -> ScoringModel:

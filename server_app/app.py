@@ -5,7 +5,10 @@
 that node's Flower node id (a second node claiming the same id is refused, logged, and the
 run goes on without it), sends the student once per client process that lacks it
 (``query.model``), and runs train rounds, re-sending the weights only to clients that answer
-``need-model``. Failure reasons are kept as one line (:func:`post_fl.federated.one_line_reason`).
+``need-model``. A site that does not take part says only a fixed code
+(:data:`post_fl.fed_protocol.REPLY_CODES`); the server records that code and nothing else (a reply
+with any other status is a failure). Other failure reasons (Flower's own errors, timeouts) are kept as
+one line (:func:`post_fl.federated.one_line_reason`).
 """
 
 from __future__ import annotations
@@ -48,7 +51,10 @@ class GridTransport:
             if r.has_error():
                 log(WARNING, "node %s did not answer hello: %s", node, fl.one_line_reason(r.error.reason))
                 continue
-            h = r.content.config_records[fl.HELLO_RECORD]
+            h = r.content.config_records.get(fl.HELLO_RECORD)
+            if h is None:  # the site declined: a fixed code (its reason stays in the site's own log)
+                log(WARNING, "node %s did not answer hello: %s", node, _status_code(r.content))
+                continue
             cid = int(h["client-id"])
             if cid in self.node_of:  # first (lowest) node id keeps the client id; the other is left out
                 why = f"claims client id {cid}, already bound to node {self.node_of[cid]}"
@@ -76,7 +82,12 @@ class GridTransport:
         content = self._model_content()
         for r in self._send([Message(content, n, "query.model", group_id="model") for n in nodes]):
             if r.has_error():
-                raise RuntimeError(f"node {r.metadata.src_node_id} could not install the student: {r.error.reason}")
+                raise RuntimeError(f"node {r.metadata.src_node_id} could not install the student: "
+                                   f"{fl.one_line_reason(r.error.reason)}")
+            status = r.content.config_records.get(fl.REPLY_STATUS_RECORD)
+            if status is None or status.get("status") != "ok":
+                raise RuntimeError(f"node {r.metadata.src_node_id} could not install the student: "
+                                   f"{_status_code(r.content)}")
         self.model_sends += len(nodes)
 
     def _train_messages(self, rnd: int, prompt: np.ndarray, instructions: dict[int, dict]) -> list[Message]:
@@ -111,8 +122,12 @@ class GridTransport:
                     need.setdefault(str(status.get("cache-key")), r.metadata.src_node_id)
                     retry[cid] = pending[cid]
                     continue
-                if status is not None and status.get("status") in (fl.BUDGET_EXHAUSTED, fl.REFUSED):
-                    out.refusals[cid] = {k: status[k] for k in status}
+                if status is not None:  # refused or failed: a fixed code, recorded as that code only
+                    code = _status_code(r.content)
+                    if code in fl.REFUSAL_CODES:
+                        out.refusals[cid] = {"status": code}
+                    else:
+                        out.failures[cid] = code
                     continue
                 try:
                     upd = parse_train_reply(cid, r.content)
@@ -202,9 +217,8 @@ class GridTransport:
             if cid is None or cid not in instructions:
                 continue
             line = fl.one_line_reason(reason)
-            if fl.BUDGET_EXHAUSTED in line or "ClientRefusal" in line:
-                status = fl.BUDGET_EXHAUSTED if fl.BUDGET_EXHAUSTED in line else fl.REFUSED
-                out.refusals[cid] = {"status": status, "reason": line}
+            if line in fl.REFUSAL_CODES:  # a site's refusal: the error reason is the fixed code alone
+                out.refusals[cid] = {"status": line}
             else:
                 out.failures[cid] = line
         if captured.get("mean") is None:
@@ -234,6 +248,13 @@ class _ErrorRecordingGrid:
 
     def __getattr__(self, name):
         return getattr(self._grid, name)
+
+
+def _status_code(content: RecordDict) -> str:
+    """The fixed code of a status reply, or ``site error`` for anything that is not one (never echoed)."""
+    status = content.config_records.get(fl.REPLY_STATUS_RECORD)
+    code = status.get("status") if status is not None else None
+    return code if code in fl.REPLY_CODES else fl.SITE_ERROR
 
 
 def parse_train_reply(cid: int, content: RecordDict) -> ClientUpdate:

@@ -10,8 +10,9 @@ submit a run (no token, then a guessed token), one SuperNode whose key was never
 and one speaking plain text to the TLS SuperLink. The operator's ``flwr run`` (over TLS, with a
 Flower config in a temporary FLWR_HOME) then runs 2 rounds of post-fl with a tiny model. The
 slow tests check that one federation: the run completes with the three good sites; every
-outsider is refused and left no node and no run behind; the malformed site fails with a message
-naming its file and the problem. Every process is started in its own process group on
+outsider is refused and left no node and no run behind; the malformed site is left out: the
+operator sees only the fixed code ``site input invalid``, the site's own log names its file and
+the problem. Every process is started in its own process group on
 127.0.0.1 with free ports, logs go to files under the test's temporary folder (printed when an
 assertion fails), and teardown stops only those processes and their descendants.
 
@@ -297,7 +298,8 @@ def _bring_up_and_run(fed: Federation) -> None:
         fed.start(f"supernode-site{i}", [
             "bash", str(DEPLOY / "start_supernode.sh"), "--superlink", address, "--ca", str(certs / "ca.crt"),
             "--key", str(certs / "nodes" / f"site{i}"), "--partition-id", str(i),
-            "--num-partitions", str(len(sites)), "--data", str(fed.site_files[i]),
+            "--num-partitions", str(len(sites)), "--data", str(fed.site_files[i]), "--dataset-name", f"site{i}",
+            "--labels", "negative,positive",
             "--budget", str(SITE_BUDGET), "--ledger", str(root / f"site{i}" / "ledger"),
             "--port", str(_free_port()), "--state", str(root / f"site{i}" / "state"), "--max-wait", "60"],
             TMPDIR=str(root / f"site{i}" / "tmp"))
@@ -305,7 +307,8 @@ def _bring_up_and_run(fed: Federation) -> None:
     fed.start("intruder-unregistered", [
         "bash", str(DEPLOY / "start_supernode.sh"), "--superlink", address, "--ca", str(certs / "ca.crt"),
         "--key", str(certs / "nodes" / "intruder"), "--partition-id", "0", "--num-partitions", str(len(sites)),
-        "--data", str(fed.site_files[0]), "--budget", str(SITE_BUDGET), "--ledger", str(root / "intruder1" / "ledger"),
+        "--data", str(fed.site_files[0]), "--dataset-name", "site0", "--labels", "negative,positive",
+        "--budget", str(SITE_BUDGET), "--ledger", str(root / "intruder1" / "ledger"),
         "--port", str(_free_port()), "--state", str(root / "intruder1"),
         "--max-wait", "30", "--", "--max-retries", "2"])
     # intruder 2: no TLS, no key (plain flower-supernode --insecure against the TLS SuperLink)
@@ -415,7 +418,7 @@ def _claim_serverapp_task(address: str, ca: Path) -> tuple[int, str]:
 
 @pytest.mark.slow
 def test_tls_federation_of_three_sites_runs_two_rounds(federation):
-    from post_fl.ledger import file_sha256, read_ledgers
+    from post_fl.ledger import read_ledgers
 
     fed = federation
     assert fed.run_rc == 0, fed.logs()
@@ -432,13 +435,13 @@ def test_tls_federation_of_three_sites_runs_two_rounds(federation):
     sample = r["privacy"]["sample_level"]
     assert sample["epsilon_per_client"] == {}  # a deployed site's epsilon stays with the site
     assert sample["rounds_per_client"] == {str(i): list(range(1, ROUNDS + 1)) for i in range(good)}, sample
-    # each site accounted its rounds in its own ledger, keyed by the sha256 of its own file (so it
-    # trained on that file, not on a share of data.train), within the run's target and its budget
+    # each site accounted its rounds in its own ledger, keyed by its own dataset name (so it trained
+    # on its file, not on a share of data.train), within the run's target and its budget
     for i in range(good):
         ledgers = read_ledgers(fed.root / f"site{i}" / "ledger")
         assert list(ledgers) == [i], (i, ledgers)
         led = ledgers[i]
-        assert led["data_sha256"] == file_sha256(fed.site_files[i]), led
+        assert led["dataset"] == f"site{i}", led
         assert led["rounds"] == ROUNDS and led["budget_epsilon"] == SITE_BUDGET, led
         assert 0 < led["epsilon"] <= 8.0 + 1e-6, led
     # the student crossed the TLS link only to a site that lacked it
@@ -473,15 +476,16 @@ def test_malformed_site_data_fails_that_site_with_a_clear_message(federation):
     fed = federation
     bad = fed.site_files[3]
     assert fed.run_rc == 0 and fed.results is not None, fed.logs()
-    # the site checks its file before any round; the operator sees why it is left out
+    # the site checks its file before any round; the operator learns only the fixed code (issue 22)
     run_log = fed.run_log.read_text(errors="replace")
     why = [line for line in run_log.splitlines() if "did not answer hello" in line]
-    assert len(why) == 1 and str(bad) in why[0] and "missing column 'label'" in why[0], (why, fed.logs())
+    assert len(why) == 1 and why[0].rstrip().endswith("site input invalid"), (why, fed.logs())
+    assert str(bad) not in run_log and "missing column" not in run_log and "comment" not in run_log, fed.logs()
     for row in fed.results["rounds"]:
         assert "3" not in row["failed"] and row["valid"] == len(SITE_SIZES), row
     assert "3" not in fed.results["privacy"]["sample_level"]["rounds_per_client"]
     assert not list((fed.root / "site3" / "ledger").glob("*.json"))  # it never trained
-    node_log = fed.proc("supernode-site3").text()
+    node_log = fed.proc("supernode-site3").text()  # the whole reason, on the site only
     assert str(bad) in node_log and "missing column 'label'" in node_log, fed.logs()
 
 
@@ -671,10 +675,16 @@ def test_scripts_refuse_flags_that_undo_the_lock(tmp_path):
         assert res.returncode == 2 and "start_superlink.sh:" in res.stderr, (extra, res.stderr)
     node = ["bash", str(DEPLOY / "start_supernode.sh"), "--superlink", "127.0.0.1:1", "--ca", str(certs / "ca.crt"),
             "--key", str(certs / "server.key"), "--partition-id", "0", "--num-partitions", "2", "--data", "d.csv",
-            "--budget", "4"]
+            "--dataset-name", "d", "--labels", "a,b", "--budget", "4"]
     for extra in ("--insecure", "--allow-runtime-dependency-installation", "--host"):
         res = subprocess.run([*node, "--", extra], capture_output=True, text=True, env=env, timeout=30)
         assert res.returncode == 2 and f"'{extra}' is not allowed" in res.stderr, (extra, res.stderr)
+    for bad, why in ((["--dataset-name", "../other"], "--dataset-name must be"), (["--labels", "a',b"], "quotes")):
+        res = subprocess.run([*node, *bad], capture_output=True, text=True, env=env, timeout=30)
+        assert res.returncode == 2 and why in res.stderr, (bad, res.stderr)
+    res = subprocess.run([a for a in node if a not in ("--labels", "a,b")], capture_output=True, text=True, env=env,
+                         timeout=30)
+    assert res.returncode == 2 and "missing" in res.stderr and "LABELS" in res.stderr, res.stderr
 
 
 @pytest.mark.slow

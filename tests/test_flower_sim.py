@@ -132,8 +132,8 @@ def test_secagg_plus_inprocess(fed_root, tmp_path):  # noqa: F811
 
 
 def test_site_data_path_is_used_and_bad_site_fails_alone(fed_root, tmp_path):  # noqa: F811
-    """Deployment: node config data-path gives each site its own file (and its own ledger, keyed by the
-    file's sha256); a malformed file leaves only that site out."""
+    """Deployment: node config data-path gives each site its own file (and its own ledger, keyed by its
+    dataset-name); a malformed file leaves only that site out."""
     from simulation.inprocess import InProcessGrid
 
     from flwr.app import Context, RecordDict
@@ -147,19 +147,19 @@ def test_site_data_path_is_used_and_bad_site_fails_alone(fed_root, tmp_path):  #
     for i, ctx in enumerate(grid.contexts.values()):
         path = tmp_path / f"site{i}.csv"
         write_text_file(make_sentiment(10 + 4 * i, seed=20 + i), path)
-        ctx.node_config.update({"data-path": str(path), "privacy-budget-epsilon": 8.0,
-                                "privacy-ledger": str(tmp_path / f"ledger{i}")})
+        ctx.node_config.update({"data-path": str(path), "privacy-budget-epsilon": 8.0, "dataset-name": f"site-{i}",
+                                "labels": "negative,positive", "privacy-ledger": str(tmp_path / f"ledger{i}")})
     (tmp_path / "site2.csv").write_text("text,stars\nhello,5\n")
     server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
     row = json.loads((tmp_path / "run" / "results.json").read_text())["rounds"][0]
     # the malformed site fails its data check at hello (post_fl.preflight) and is left out of the run
     assert row["sampled"] == 2 and row["valid"] == 2 and "examples" not in row  # DP sites hide their sizes
     # each good site accounted its own file (sizes 10 and 14) in its own ledger
-    from post_fl.ledger import file_sha256, read_ledgers
+    from post_fl.ledger import read_ledgers
 
     for i in (0, 1):
         (led,) = read_ledgers(tmp_path / f"ledger{i}").values()
-        assert led["data_sha256"] == file_sha256(tmp_path / f"site{i}.csv") and led["rounds"] == 1
+        assert led["dataset"] == f"site-{i}" and led["rounds"] == 1
     assert not (tmp_path / "ledger2").exists()
 
 
@@ -169,8 +169,9 @@ def test_missing_site_data_file_is_named(tmp_path):
     from post_fl.data import DataError
 
     missing = tmp_path / "absent" / "site.csv"
+    site = F.SiteSettings(str(missing), "site", ("negative", "positive"))
     with pytest.raises(DataError, match=f"{missing}: data file does not exist"):
-        F.site_dataset(str(missing), RunConfig(), ["negative", "positive"])
+        F.site_dataset(site, RunConfig(), ["negative", "positive"])
 
 
 @pytest.mark.slow

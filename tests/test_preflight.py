@@ -168,14 +168,17 @@ def test_site_file_is_checked_with_every_problem(tmp_path, tiny_dirs, files):
     site.write_text("text,label\ngood film,positive\n,negative\nbad plot,negtive\n")
     cfg = _cfg(tiny_dirs, files, tmp_path / "run", **{"model.label_words": {"negative": ["bad"],
                                                                             "positive": ["good"]}})
+    labels = list(cfg.model.label_words)  # the site's own label set (node config labels)
     with pytest.raises(PreflightError) as exc:
-        check_site_file(site, cfg)
+        check_site_file(site, labels)
     assert "row 2: empty 'text'" in str(exc.value)
     good = write_text_file(make_sentiment(10, seed=5), tmp_path / "good.csv")
-    check_site_file(good, cfg)
+    check_site_file(good, labels)
     site.write_text("text,label\ngood film,positive\nbad plot,negtive\n")
     with pytest.raises(PreflightError, match="row 2: unknown label 'negtive'.*did you mean 'negative'"):
-        check_site_file(site, cfg)
+        check_site_file(site, labels)
+    site.write_text("review,stars\ngood film,positive\nbad plot,negative\n")  # the site's own column names
+    check_site_file(site, labels, "review", "stars")
 
 
 def test_federated_preflight_refuses_partitions_that_leave_a_client_empty(tmp_path, tiny_dirs, files):
@@ -275,11 +278,16 @@ def test_flwr_run_script_runs_without_a_venv_and_stops_what_it_started(tmp_path,
     assert left == [], f"processes the script started are still there: {left}"
 
 
-def test_client_app_checks_a_sites_file_at_hello(tmp_path, tiny_dirs, files):
-    """A deployed site's own file is validated at the first message, before any model or round."""
-    from flwr.app import Context, RecordDict
+def test_client_app_checks_a_sites_file_at_hello(tmp_path, tiny_dirs, files, caplog):
+    """A deployed site's own file is validated at the first message, before any model or round; the
+    problem list goes to the site's log, the reply says only ``site input invalid``."""
+    import logging
+
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
 
     from client_app.app import make_client_app
+    from post_fl import federated as F
+    from simulation.inprocess import ensure_task_identity
 
     site = tmp_path / "site.csv"
     site.write_text("text,label\ngood film,positive\nbad plot,negtive\n")
@@ -288,13 +296,22 @@ def test_client_app_checks_a_sites_file_at_hello(tmp_path, tiny_dirs, files):
             "data.public": str(public), "model.label_words": "positive:good;negative:bad",
             "federated.client_cache_dir": str(tmp_path / "cache")}
     app = make_client_app(flat)
-    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "data-path": str(site)},
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "data-path": str(site),
+                                                    "dataset-name": "site", "labels": "negative,positive",
+                                                    "privacy-budget-epsilon": 8.0},
                   state=RecordDict(), run_config={})
     from types import SimpleNamespace
 
     msg = SimpleNamespace(metadata=SimpleNamespace(message_type="query.hello"))  # never read: refused before
     with pytest.raises(PreflightError, match="row 2: unknown label 'negtive'.*did you mean 'negative'"):
         app._registered_funcs["query.hello"](msg, ctx)
+    ensure_task_identity()
+    hello = Message(RecordDict({F.TRAIN_CONFIG_RECORD: ConfigRecord({"model-hash": "0" * 64})}), 1, "query.hello")
+    with caplog.at_level(logging.WARNING):
+        reply = app(hello, ctx)
+    assert {k: dict(v) for k, v in reply.content.config_records.items()} == \
+        {F.REPLY_STATUS_RECORD: {"status": F.SITE_INPUT_INVALID}}
+    assert "unknown label 'negtive'" in caplog.text and str(site) in caplog.text  # the site's own log
 
 
 def test_sweep_checks_its_base_run_before_any_cell(tmp_path, tiny_dirs, files, capsys):
