@@ -40,6 +40,14 @@ class FederatedConfig:
     sees the un-noised sum or the individual updates, so the guarantee trusts the server; the
     only option without ``secagg``). ``secagg`` aggregates with Flower's SecAgg+: the server then
     sees only the sum of the clients that completed the protocol.
+
+    Two user-level epsilons are reported: against the world (amplified by the server's Poisson
+    sampling at ``fraction_train``) and against the server (which knows whom it sampled and sees who
+    replied, so no amplification; only the noise it cannot remove: the surviving distributed shares;
+    none in ``server`` noise mode). ``user_dp_epsilon_against`` says which one
+    ``user_dp_target_epsilon`` is met for when sigma is calibrated: ``server`` (calibrated at
+    sampling rate 1) or ``world``; "" = ``server`` under distributed noise, ``world`` under server
+    noise (where nothing holds against the server).
     """
 
     rounds: int = 3
@@ -61,6 +69,7 @@ class FederatedConfig:
     user_dp_target_epsilon: float = 8.0
     user_dp_delta: float = 0.0
     user_dp_noise: str = ""  # "" = distributed under secagg, else server
+    user_dp_epsilon_against: str = ""  # "" = server under distributed noise, else world
     secagg: bool = False
     secagg_num_shares: int = 3
     secagg_reconstruction_threshold: int = 2
@@ -113,6 +122,13 @@ class FederatedConfig:
         if self.user_dp_noise not in ("", "distributed", "server"):
             raise ConfigError(f"federated.user_dp_noise: expected distributed, server or empty (= distributed "
                               f"under secagg, else server), got {self.user_dp_noise!r}")
+        if self.user_dp_epsilon_against not in ("", "server", "world"):
+            raise ConfigError(f"federated.user_dp_epsilon_against: expected server, world or empty (= server "
+                              f"under distributed noise, else world), got {self.user_dp_epsilon_against!r}")
+        if self.user_dp and self.user_dp_epsilon_against == "server" and self.user_noise_mode == "server":
+            raise ConfigError("federated.user_dp_epsilon_against = server: with user_dp_noise = server the server "
+                              "adds the noise itself, so no user-level epsilon holds against it; use distributed "
+                              "noise (federated.secagg = true) or user_dp_epsilon_against = world")
         if self.user_dp_noise == "distributed" and not self.secagg:
             raise ConfigError("federated.user_dp_noise = distributed needs federated.secagg = true (without "
                               "secure aggregation the server sees every update; use server)")
@@ -141,6 +157,14 @@ class FederatedConfig:
         if not self.user_dp:
             return ""
         return self.user_dp_noise or ("distributed" if self.secagg else "server")
+
+    @property
+    def user_epsilon_against(self) -> str:
+        """Whom ``user_dp_target_epsilon`` is met against: ``server`` (default under distributed noise) or
+        ``world`` (default under server noise); "" without user DP."""
+        if not self.user_dp:
+            return ""
+        return self.user_dp_epsilon_against or ("server" if self.user_noise_mode == "distributed" else "world")
 
     @property
     def resolved_user_delta(self) -> float:
@@ -226,11 +250,14 @@ _USER_SIGMAS: dict[tuple, float] = {}
 
 
 def user_noise_multiplier(fed_cfg: FederatedConfig) -> float:
-    """DP-FedAvg's noise multiplier: ``user_dp_noise_multiplier`` or calibrated to the user-level target
-    over ``rounds`` at rate ``fraction_train`` (memoised). Server and clients compute it the same way."""
+    """DP-FedAvg's noise multiplier: ``user_dp_noise_multiplier`` or calibrated to the user-level target over
+    ``rounds``, against the server (sampling rate 1: the server knows whom it sampled) or against the world
+    (rate ``fraction_train``), as ``user_epsilon_against`` says (memoised). Server and clients compute it
+    the same way."""
     if fed_cfg.user_dp_noise_multiplier > 0:
         return float(fed_cfg.user_dp_noise_multiplier)
-    key = (fed_cfg.user_dp_target_epsilon, fed_cfg.resolved_user_delta, fed_cfg.fraction_train, fed_cfg.rounds)
+    rate = 1.0 if fed_cfg.user_epsilon_against == "server" else fed_cfg.fraction_train
+    key = (fed_cfg.user_dp_target_epsilon, fed_cfg.resolved_user_delta, rate, fed_cfg.rounds)
     if key not in _USER_SIGMAS:
         from .user_dp import calibrate_user_noise
 

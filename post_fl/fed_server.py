@@ -85,6 +85,7 @@ class FederatedServer:
         self.user_dp_rounds = 0
         self.user_dp_sigma = 0.0
         self.user_dp_short_rounds = 0  # distributed DP: rounds with fewer than min_clients noise shares
+        self.user_dp_contributors: list[int] = []  # per user-DP round: how many clients' updates are in the sum
         self.refusals: dict[int, dict] = {}  # client id -> its last refusal (budget exhausted, ...)
         self.max_norm = math.inf  # the resolved federated.max_update_norm
         self.aggregation = resolve_aggregation(fed_cfg, run_cfg)
@@ -153,14 +154,18 @@ class FederatedServer:
         fed = dataclasses.asdict(self.fed)
         for k in ("checkpoint_dir", "resume", "client_cache_dir", "timeout"):
             fed.pop(k)
+        if fed.get("user_dp_epsilon_against") == "":  # added later: its default keeps older checkpoints' fingerprints
+            fed.pop("user_dp_epsilon_against")
         return hashlib.sha256(json.dumps(jsonable([run, fed]), sort_keys=True).encode()).hexdigest()
 
     # ------------------------------------------------------------ rounds
     def sample(self, server_round: int, client_ids: list[int]) -> list[int]:
         """The clients of this round: Poisson at ``fraction_train`` with user DP, else a fixed-size sample.
 
-        Poisson sampling is part of the user-level guarantee (privacy amplification), so it draws
-        fresh OS entropy (:func:`post_fl.randomness.dp_numpy_rng`). The fixed-size sample of a run
+        Poisson sampling is part of the user-level guarantee against the world (privacy amplification),
+        so it draws fresh OS entropy (:func:`post_fl.randomness.dp_numpy_rng`). The server itself knows
+        the sample, so the amplification does not hold against it (:meth:`user_epsilon_against_server`
+        charges every round at rate 1). The fixed-size sample of a run
         without user-level DP is not a privacy mechanism (no guarantee relies on it being secret),
         so it stays seeded by (seed, round) and repeats.
         """
@@ -193,6 +198,7 @@ class FederatedServer:
         from .user_dp import noised_mean
 
         m, sigma = self.fed.min_clients, self.user_dp_sigma
+        self.user_dp_contributors.append(int(contributors))
         if self.fed.user_noise_mode == "distributed":
             missing = max(0, m - contributors)
             if missing:
@@ -275,7 +281,8 @@ class FederatedServer:
             row["examples"] = n_ex
             row["train_loss"] = (sum(l * w for l, w in losses) / sum(w for _, w in losses)) if losses else math.nan
         if self.fed.user_dp:
-            row["user_epsilon"] = self.user_epsilon()
+            row["user_epsilon_against_world"] = self.user_epsilon_against_world()
+            row["user_epsilon_against_server"] = self.user_epsilon_against_server()
         if server_round % self.fed.eval_every == 0 or server_round == self.fed.rounds:
             row["test_accuracy"] = self.evaluate_student()
         row["seconds"] = time.perf_counter() - t0
@@ -296,14 +303,41 @@ class FederatedServer:
         return accuracy(self.student, self.test, SoftPrompt(torch.from_numpy(self.prompt.copy())),
                         self.cfg.eval.batch_size)
 
-    def user_epsilon(self) -> float:
-        """User-level epsilon of the rounds so far (DP-FedAvg), or inf when user-level DP is off."""
+    def user_epsilon_against_world(self) -> float:
+        """User-level epsilon of the rounds so far against everyone who sees the released prompts but not the
+        server's client sample: the sampled Gaussian at rate ``fraction_train`` (RDP accountant); inf when
+        user-level DP is off."""
         if not self.fed.user_dp:
             return math.inf
         from .user_dp import user_level_epsilon
 
         return user_level_epsilon(self.user_dp_sigma, self.fed.fraction_train, self.user_dp_rounds,
                                   self.fed.resolved_user_delta)
+
+    def user_epsilon_against_server(self) -> float:
+        """User-level epsilon of the rounds so far against the server, which drew the client sample and sees
+        who replied: no amplification (every round with anyone's update in the sum counts as if the user took
+        part, rate 1), charged with only the noise the server cannot remove, i.e. the surviving distributed
+        shares (sigma for rounds with >= min_clients of them, sigma sqrt(k/m) for k < m). inf in server-noise
+        mode (the server adds the noise itself) and when user-level DP is off."""
+        if not self.fed.user_dp or self.fed.user_noise_mode != "distributed":
+            return math.inf
+        from .user_dp import effective_noise_multiplier, user_level_epsilon_of_history
+
+        per_sigma: dict[float, int] = {}
+        for k in self.user_dp_contributors:
+            if k >= 1:  # a round with nobody's update in it costs nobody anything
+                s = effective_noise_multiplier(self.user_dp_sigma, k, self.fed.min_clients)
+                per_sigma[s] = per_sigma.get(s, 0) + 1
+        return user_level_epsilon_of_history([(s, 1.0, n) for s, n in sorted(per_sigma.items())],
+                                             self.fed.resolved_user_delta)
+
+    def user_epsilon(self) -> float:
+        """The user-level epsilon a run's user-level target is judged on (``federated.user_dp_epsilon_against``):
+        against the server by default under distributed noise, against the world under server noise."""
+        if self.fed.user_epsilon_against == "server":
+            return self.user_epsilon_against_server()
+        return self.user_epsilon_against_world()
 
     @property
     def ledger_dir(self) -> Path:
@@ -342,7 +376,7 @@ class FederatedServer:
                  "clients": {str(k): v for k, v in self.clients.items()},
                  "refusals": {str(k): v for k, v in self.refusals.items()},
                  "user_dp": {"rounds": self.user_dp_rounds, "noise_multiplier": self.user_dp_sigma,
-                             "short_rounds": self.user_dp_short_rounds}}
+                             "short_rounds": self.user_dp_short_rounds, "contributors": self.user_dp_contributors}}
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.checkpoint_path.with_suffix(".tmp")
         save_file({"prompt": torch.from_numpy(self.prompt.copy())}, str(tmp),
@@ -373,6 +407,11 @@ class FederatedServer:
         self.refusals = {int(k): _floats(v) for k, v in state.get("refusals", {}).items()}
         self.user_dp_rounds = int(state["user_dp"]["rounds"])
         self.user_dp_short_rounds = int(state["user_dp"].get("short_rounds", 0))
+        if "contributors" in state["user_dp"]:
+            self.user_dp_contributors = [int(k) for k in state["user_dp"]["contributors"]]
+        else:  # an older checkpoint: short rounds counted as one share each (the most a round with anyone costs)
+            full = self.user_dp_rounds - self.user_dp_short_rounds
+            self.user_dp_contributors = [self.fed.min_clients] * full + [1] * self.user_dp_short_rounds
         self.report(f"resuming from {p} after round {self.round}")
         return True
 
@@ -400,13 +439,19 @@ class FederatedServer:
         user = None
         if self.fed.user_dp:
             mode = self.fed.user_noise_mode
-            user = {"epsilon": self.user_epsilon(), "delta": self.fed.resolved_user_delta,
+            user = {"epsilon_against_world": self.user_epsilon_against_world(),
+                    "epsilon_against_server": self.user_epsilon_against_server(),
+                    "against_world": USER_AGAINST_WORLD,
+                    "against_server": USER_AGAINST_SERVER[mode],
+                    "target_epsilon": (self.fed.user_dp_target_epsilon if self.fed.user_dp_noise_multiplier <= 0
+                                       else None),
+                    "target_judged_against": self.fed.user_epsilon_against,
+                    "delta": self.fed.resolved_user_delta,
                     "noise_multiplier": self.user_dp_sigma, "clip": self.fed.user_dp_clip,
                     "sample_rate": self.fed.fraction_train, "rounds": self.user_dp_rounds,
                     "noise": mode, "trusts_server": mode == "server",
-                    "holds_against_server": mode == "distributed" and self.user_dp_short_rounds == 0,
                     "rounds_with_fewer_than_min_clients_shares": self.user_dp_short_rounds,
-                    "unit": "user-level (DP-FedAvg, RDP accountant)" + (
+                    "unit": "user-level (DP-FedAvg, Opacus RDP accountant)" + (
                         "; the server sees the exact sum (or each update) before noising: trusts the server"
                         if mode == "server" else "; noise added by the clients before SecAgg+ masking")}
         out = {"sample_level": sample, "user_level": user, "secure_aggregation": self.fed.secagg,
@@ -439,7 +484,9 @@ class FederatedServer:
         privacy = self.privacy_report()
         max_eps = privacy["sample_level"]["max_epsilon"]
         meta = {"stage": "federated-dp-tune", "rounds": self.round, "max_client_epsilon": max_eps,
-                "user_epsilon": self.user_epsilon(), "label_words": self.student.label_words,
+                "user_epsilon_against_world": self.user_epsilon_against_world(),
+                "user_epsilon_against_server": self.user_epsilon_against_server(),
+                "label_words": self.student.label_words,
                 "template": self.student.template}
         if self.insecure:
             meta["not_private"] = NOT_PRIVATE_LABEL
@@ -477,8 +524,43 @@ class FederatedServer:
             "seconds": time.perf_counter() - self.started,
         }
         write_json(results, self.run / "results.json")
+        for line in privacy_lines(privacy):
+            self.report(line)
         self.report(f"done: results in {self.run / 'results.json'}; accuracy {json.dumps(jsonable(acc))}")
         return results
+
+
+USER_AGAINST_WORLD = ("everyone who sees the released prompts or results but not whom the server sampled: "
+                      "amplified by the server's Poisson sampling of clients at rate fraction_train")
+USER_AGAINST_SERVER = {
+    "distributed": ("the server, which drew the client sample and sees who replied: no amplification (every round "
+                    "with anyone's update in the sum counted as if the user took part, rate 1), charged with only "
+                    "the noise the server cannot remove, the surviving clients' shares (sigma sqrt(k/m) in a round "
+                    "with k < min_clients of them); assumes at least min_clients honest shares per round"),
+    "server": ("none: the server adds the noise itself and sees the un-noised sum (or every update) first, so "
+               "user-level DP gives nothing against it (epsilon_against_server = inf)"),
+}
+
+
+def privacy_lines(privacy: dict) -> list[str]:
+    """The privacy of a federated run's results, one printed line per guarantee, each saying against whom."""
+    sample = privacy["sample_level"]
+    lines = []
+    if sample["dp"]:
+        eps = sample["epsilon_per_client"]
+        lines.append("privacy (example level, each site's own ledger; holds against the server and everyone "
+                     "else): " + (f"max epsilon {sample['max_epsilon']:.4g} over {len(eps)} clients" if eps else
+                                  "each site's epsilon stays with the site"))
+    user = privacy.get("user_level")
+    if user:
+        lines.append(f"privacy (user level, delta {user['delta']:.3g}): epsilon {user['epsilon_against_world']:.4g} "
+                     f"against the world (amplified by the server's client sampling), "
+                     f"{user['epsilon_against_server']:.4g} against the server"
+                     + (" (none: the server adds the noise)" if user["noise"] == "server" else "")
+                     + f"; the target is judged against the {user['target_judged_against']}")
+    if "not_private" in privacy:
+        lines.append(f"privacy: {privacy['not_private']}")
+    return lines
 
 
 def _floats(value: Any) -> Any:

@@ -502,6 +502,7 @@ def run_cell(ctx: SweepContext, cell: Cell) -> dict[str, Any]:
 
 
 USER_LEVEL_UNIT = ("user-level DP-FedAvg (one user = a client's whole data; server-side noise, trusts the "
+                   "server: against the world, amplified by the server's client sampling; nothing against the "
                    "server; clients run no DP-SGD)")
 
 

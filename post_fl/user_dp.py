@@ -10,6 +10,17 @@ history ``(sigma, q, rounds)``, giving the user-level (epsilon, delta).
 
 This composes with, and is separate from, the sample-level DP-SGD each client runs.
 
+Against whom (:func:`user_level_epsilon` / :func:`user_level_epsilon_of_history`)
+--------------------------------------------------------------------------------
+The Poisson sample is drawn by the server, and the server sees who replied (SecAgg+ reveals the
+participants too), so privacy amplification by sampling holds only against those who see the
+released prompts and not the sample: **epsilon against the world** is the sampled Gaussian at rate
+q. **Epsilon against the server** counts every round in which anyone's update was in the sum as if
+the user took part (rate 1), charged with the noise the server cannot remove: the surviving
+clients' shares in distributed mode (:func:`effective_noise_multiplier`); in server mode the server
+adds the noise itself and sees the sum (or each update) before it, so nothing holds against it
+(epsilon = inf). Both come from Opacus' RDP accountant.
+
 Randomness: the Gaussian noise, the noise shares and the Poisson client sample take a
 ``numpy.random.Generator`` from :func:`post_fl.randomness.dp_numpy_rng` (fresh OS entropy on the
 party that adds the noise); passing a plain seed is refused. delta: :func:`resolve_user_delta`
@@ -33,9 +44,9 @@ noise of variance ``k sigma^2 C^2 / m``:
   variance (effective multiplier ``sigma * sqrt(k / m)``). The server
   (:meth:`post_fl.federated.FederatedServer.complete_round`) then tops the noise up to
   ``sigma^2 C^2`` from its own OS entropy before releasing, so the release keeps the charged
-  ``sigma`` against everyone *but the server*, which could subtract its own top-up; results
-  then report ``holds_against_server = false``. Setting ``m`` to the SecAgg reconstruction
-  threshold makes this case rare (SecAgg cannot unmask with fewer survivors anyway).
+  ``sigma`` against everyone *but the server*, which could subtract its own top-up; the epsilon
+  against the server charges that round at ``sigma * sqrt(k / m)``. Setting ``m`` to the SecAgg
+  reconstruction threshold makes this case rare (SecAgg cannot unmask with fewer survivors anyway).
 * A dropped client's share is lost with its update (SecAgg+ removes its masks); the shares of
   the survivors alone carry the noise, which is why ``m`` counts survivors, not sampled clients.
 * A client's own share does not protect that client against itself, and ``m - 1`` colluding
@@ -143,6 +154,21 @@ def user_level_epsilon(noise_multiplier: float, sample_rate: float, rounds: int,
         return math.inf
     acc = RDPAccountant()
     acc.history = [(float(noise_multiplier), float(sample_rate), int(rounds))]
+    return float(acc.get_epsilon(delta=delta))
+
+
+def user_level_epsilon_of_history(history: list[tuple[float, float, int]], delta: float) -> float:
+    """User-level epsilon at ``delta`` of rounds with differing noise: ``history`` of (noise multiplier,
+    sample rate, rounds), composed by Opacus' RDP accountant; inf if a round with anyone in it had no noise."""
+    from opacus.accountants import RDPAccountant
+
+    hist = [(float(s), float(q), int(n)) for s, q, n in history if int(n) > 0]
+    if not hist:
+        return 0.0
+    if any(s <= 0 for s, _, _ in hist):
+        return math.inf
+    acc = RDPAccountant()
+    acc.history = hist
     return float(acc.get_epsilon(delta=delta))
 
 

@@ -155,7 +155,12 @@ def test_secagg_with_user_dp_aggregate_carries_the_clients_noise(fed_root, tmp_p
     run_inprocess(*_apps(flat), 6)
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     row, user = res["rounds"][0], res["privacy"]["user_level"]
-    assert row["valid"] == k and user["noise"] == "distributed" and user["holds_against_server"]
+    assert row["valid"] == k and user["noise"] == "distributed"
+    assert user["rounds_with_fewer_than_min_clients_shares"] == 0
+    from post_fl.user_dp import user_level_epsilon
+
+    # k >= m shares: against the server the round is charged at sigma, without amplification (rate 1)
+    assert user["epsilon_against_server"] == pytest.approx(user_level_epsilon(sigma, 1.0, 1, user["delta"]))
     d = 4 * 32  # prompt entries
     released_sum = row["update_norm"] * 1.0 * k  # q N = 6
     expected = sigma * C * math.sqrt(k * d / m)
@@ -174,7 +179,8 @@ def test_secagg_server_noise_is_opt_in_and_labelled(fed_root, tmp_path):
     run_inprocess(*_apps(flat), 6)
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     user = res["privacy"]["user_level"]
-    assert user["noise"] == "server" and user["trusts_server"] and not user["holds_against_server"]
+    assert user["noise"] == "server" and user["trusts_server"] and user["epsilon_against_server"] == "inf"
+    assert math.isfinite(user["epsilon_against_world"]) and user["against_server"].startswith("none")
     assert "trusts the server" in user["unit"]
     assert res["rounds"][0]["update_norm"] * 6 > 3 * 6 * 1.0  # k C = 6 at most without noise; ~34 with it
 
@@ -334,7 +340,8 @@ def test_budget_refusals_are_recorded_under_secagg(fed_root, tmp_path):
     assert row["valid"] == 0 and sorted(row["refused"]) == ["0", "1", "2"]
     assert all(why == F.BUDGET_EXHAUSTED for why in row["refused"].values())
     user = second["privacy"]["user_level"]
-    assert user["rounds"] == 1 and not user["holds_against_server"]  # noise-only release, topped up by the server
+    assert user["rounds"] == 1 and user["rounds_with_fewer_than_min_clients_shares"] == 1  # topped up by the server
+    assert user["epsilon_against_server"] == 0.0  # nobody's update was in that release
 
 
 def test_a_round_lost_by_the_server_still_counts_in_the_clients_ledgers(fed_root, tmp_path, monkeypatch):
@@ -377,3 +384,71 @@ def test_a_round_lost_by_the_server_still_counts_in_the_clients_ledgers(fed_root
     eps = results["privacy"]["sample_level"]["epsilon_per_client"]
     assert all(eps[str(c)] == pytest.approx(ledgers[c]["epsilon"]) for c in range(6))
     assert all(e > 8.0 for e in eps.values())  # three rounds' worth of a noise calibrated for two
+
+
+# ---------------------------------------------------------------- issue 22: user-level epsilon, and against whom
+def _rdp_epsilon_reference(history, delta):
+    """Epsilon of a history of (sigma, q, rounds) sampled Gaussians, by the RDP formula written in
+    test_dp_mechanisms (integer orders; Mironov et al. 2019 and the conversion of Balle et al. 2020)."""
+    from test_dp_mechanisms import _log_a_sampled_gaussian
+
+    best = math.inf
+    for alpha in range(2, 64):
+        rdp = sum(n * _log_a_sampled_gaussian(q, s, alpha) for s, q, n in history) / (alpha - 1)
+        best = min(best, rdp - (math.log(delta) + math.log(alpha)) / (alpha - 1) + math.log((alpha - 1) / alpha))
+    return best
+
+
+def test_user_level_epsilon_is_reported_against_the_world_and_against_the_server(fed_root, tmp_path):
+    """Distributed DP-FedAvg over 7 rounds whose SecAgg+ sums held 6, 4, 3, 2, 0, 1 and 5 clients' updates
+    (m = min_clients = 3): against the world the accountant credits the server's Poisson sampling (rate q,
+    every round at sigma); against the server it cannot (rate 1), and rounds with k < m shares count at
+    sigma sqrt(k/m), the round with nobody in it not at all. Both recomputed here from the RDP formula."""
+    sigma, q, m = 1.5, 0.5, 3
+    flat = fed_flat(fed_root, tmp_path, **{"federated.user_dp": True, "federated.secagg": True,
+                                           "federated.user_dp_noise_multiplier": sigma, "federated.min_clients": m,
+                                           "federated.fraction_train": q, "federated.rounds": 1000,
+                                           "federated.eval_every": 1000})
+    server, _, fed = _server(flat)
+    shape = server.prompt.shape
+    counts = [6, 4, 3, 2, 0, 1, 5]
+    for rnd, k in enumerate(counts, start=1):
+        replies = F.RoundReplies(metrics={c: {"round": rnd} for c in range(k)},
+                                 secure_mean=np.zeros(shape, np.float32) if k else None, secure_count=k)
+        server.complete_round(rnd, list(range(k)), replies)
+    user = server.privacy_report()["user_level"]
+    delta = fed.resolved_user_delta
+    world = _rdp_epsilon_reference([(sigma, q, len(counts))], delta)
+    against_server = _rdp_epsilon_reference([(sigma, 1.0, 4), (sigma * math.sqrt(2 / 3), 1.0, 1),
+                                             (sigma * math.sqrt(1 / 3), 1.0, 1)], delta)
+    # Opacus may use finer (fractional) orders than the reference: a little lower, never higher
+    assert 0.93 * world <= user["epsilon_against_world"] <= world * (1 + 1e-9)
+    assert 0.93 * against_server <= user["epsilon_against_server"] <= against_server * (1 + 1e-9)
+    assert user["epsilon_against_server"] > 1.5 * user["epsilon_against_world"]
+    assert user["target_judged_against"] == "server" and user["rounds_with_fewer_than_min_clients_shares"] == 3
+    assert "amplified" in user["against_world"] and "no amplification" in user["against_server"]
+    assert server.metrics[-1]["user_epsilon_against_server"] == user["epsilon_against_server"]
+
+
+def test_user_dp_target_is_met_against_the_server_by_default():
+    """With distributed noise, sigma is calibrated so that the target holds against the server (rate 1 over all
+    rounds), not only against the world; server noise can only be judged against the world."""
+    from post_fl.config import ConfigError
+    from post_fl.user_dp import user_level_epsilon
+
+    fed = F.FederatedConfig(user_dp=True, secagg=True, rounds=10, num_clients=20, fraction_train=0.2,
+                            user_dp_target_epsilon=4.0)
+    fed.validate()
+    sigma = F.user_noise_multiplier(fed)
+    delta = fed.resolved_user_delta
+    assert fed.user_epsilon_against == "server"
+    assert 3.5 < user_level_epsilon(sigma, 1.0, 10, delta) <= 4.0 + 1e-6
+    world = F.FederatedConfig(**{**fed.__dict__, "user_dp_epsilon_against": "world"})
+    sigma_world = F.user_noise_multiplier(world)
+    assert sigma_world < sigma / 2 and user_level_epsilon(sigma_world, 0.2, 10, delta) <= 4.0 + 1e-6
+    assert user_level_epsilon(sigma_world, 1.0, 10, delta) > 3 * 4.0  # what a world-calibrated sigma gives the server
+    central = F.FederatedConfig(user_dp=True, rounds=10, num_clients=20, fraction_train=0.2)
+    assert central.user_epsilon_against == "world"
+    with pytest.raises(ConfigError, match="user_dp_epsilon_against = server"):
+        F.FederatedConfig(user_dp=True, user_dp_epsilon_against="server").validate()
+

@@ -197,9 +197,10 @@ def test_user_level_dp(fed_root, tmp_path):
                                            "federated.fraction_train": 0.6, "federated.min_clients": 1})
     results, server, _ = run_local(flat)
     user = results["privacy"]["user_level"]
-    assert 0 < user["epsilon"] <= 20.0 + 1e-6 and user["rounds"] == 2
+    assert 0 < user["epsilon_against_world"] <= 20.0 + 1e-6 and user["rounds"] == 2
     assert user["noise_multiplier"] > 0 and user["delta"] == min(1e-5, 1 / 60)
-    assert user["noise"] == "server" and user["trusts_server"] and not user["holds_against_server"]
+    assert user["noise"] == "server" and user["trusts_server"] and user["epsilon_against_server"] == math.inf
+    assert user["target_judged_against"] == "world"  # server noise: nothing can be met against the server
     assert all(not math.isnan(r["update_norm"]) for r in results["rounds"])
 
 
