@@ -1,5 +1,7 @@
 """What a federated client reveals and spends (issue 10): clipping, DP-FedAvg noise, distributed DP under
-SecAgg+, the site's own budget, what crosses the wire, insecure mode, node binding, one-line failures."""
+SecAgg+, the site's own budget, what crosses the wire, insecure mode, node binding, one-line failures.
+Issue 22: user-level epsilon against the world and against the server, and fresh server noise, client
+sample and noise shares (each test fails under a mutation of ``benchmarks/privacy_mutations.py``)."""
 
 import json
 import logging
@@ -452,3 +454,65 @@ def test_user_dp_target_is_met_against_the_server_by_default():
     with pytest.raises(ConfigError, match="user_dp_epsilon_against = server"):
         F.FederatedConfig(user_dp=True, user_dp_epsilon_against="server").validate()
 
+
+# ---------------------------------------------------------------- issue 22: fresh noise on both sides
+def test_dp_fedavg_server_noise_is_fresh_outside_insecure_mode(fed_root, tmp_path):
+    """Two servers with the same config (same seed) release different noise on the same updates; only
+    insecure_reproducible repeats it. A server seeding DP-FedAvg noise from the config seed fails here."""
+    def released(name, insecure):
+        flat = fed_flat(fed_root, tmp_path / name, **{"federated.user_dp": True, "federated.fraction_train": 0.5,
+                                                      "federated.user_dp_noise_multiplier": 1.0,
+                                                      "federated.rounds": 10, "federated.eval_every": 10,
+                                                      "insecure_reproducible": insecure})
+        server, _, _ = _server(flat)
+        before = server.prompt.copy()
+        ups = [ClientUpdate(c, np.zeros_like(before), None, {"round": 1}) for c in range(3)]
+        server.complete_round(1, [0, 1, 2], F.RoundReplies(updates=ups, metrics={c: {} for c in range(3)}))
+        return server.prompt - before
+
+    a, b = released("a", False), released("b", False)
+    assert np.abs(a).max() > 0 and not np.allclose(a, b)
+    np.testing.assert_array_equal(released("c", True), released("d", True))
+
+
+def test_server_poisson_client_sample_is_fresh_outside_insecure_mode(fed_root, tmp_path):
+    """The user-DP client sample of two equal servers differs (fresh OS entropy); insecure mode repeats it."""
+    def samples(insecure):
+        run_cfg, fed = F.build_configs(fed_flat(fed_root, tmp_path, **{
+            "federated.user_dp": True, "federated.num_clients": 40, "federated.fraction_train": 0.5,
+            "federated.min_clients": 1, "insecure_reproducible": insecure}))
+        server = F.FederatedServer(run_cfg, fed)
+        return [server.sample(r, list(range(40))) for r in range(1, 6)]
+
+    assert samples(False) != samples(False)
+    assert samples(True) == samples(True)
+
+
+def test_distributed_noise_shares_are_fresh_per_client_call(fed_root, tmp_path, monkeypatch):
+    """A client's distributed-DP noise share comes from fresh OS entropy: two equal calls draw different
+    shares (a share seeded from the config seed would repeat, and the server could subtract it);
+    insecure_reproducible repeats it. The share is what the update carries on top of the clipped update."""
+    import post_fl.user_dp as U
+
+    shares = []
+    real = U.noise_share
+
+    def spy(*args, **kwargs):
+        shares.append(real(*args, **kwargs))
+        return shares[-1]
+
+    monkeypatch.setattr(U, "noise_share", spy)
+
+    def share_of(name, insecure):
+        flat = fed_flat(fed_root, tmp_path / name, **{
+            "federated.user_dp": True, "federated.secagg": True, "federated.user_dp_noise_multiplier": 1.0,
+            "tune.dp": False, "insecure_reproducible": insecure})
+        server, run_cfg, fed = _server(flat)
+        data = F.client_partition(run_cfg, fed, 0)
+        res = F.train_client(server.student, server.prompt, data, run_cfg, fed, 1, 0, 0.0, None)
+        assert float(np.linalg.norm(res.delta - shares[-1])) <= fed.user_dp_clip * (1 + 1e-4)  # clipped + share
+        return shares[-1]
+
+    a, b = share_of("a", False), share_of("b", False)
+    assert np.abs(a).max() > 0 and not np.array_equal(a, b)
+    np.testing.assert_array_equal(share_of("c", True), share_of("d", True))

@@ -304,6 +304,41 @@ def test_rapt_privatises_only_the_text_tokens(audit_model):
     assert S.rapt_eta(4.0, 2.0) == 2.0 and S.rapt_eta(math.inf, 2.0) == math.inf
 
 
+def test_a_rapt_client_privatises_its_tokens_at_the_rows_eta(audit_model, monkeypatch):
+    """The sweep's RAPT client (``_rapt_client_fn``, through ``privatize_client_data`` and ``privatize_batch``)
+    draws its d_chi noise at exactly the eta its row records, and that eta is the cell's per-token epsilon:
+    an eta scaled anywhere in that wiring (e.g. x1000, 1000x less noise than the row claims) fails here."""
+    from types import SimpleNamespace
+
+    import post_fl.federated as FED
+    import post_fl.rapt as R
+    from post_fl.config import RunConfig
+    from post_fl.federated import FederatedConfig
+    from post_fl.rapt import per_token_epsilon
+
+    drawn = []
+    real = R.sample_dchi_noise
+
+    def spy(n, dim, epsilon, *args, **kwargs):
+        drawn.append((n, epsilon))
+        return real(n, dim, epsilon, *args, **kwargs)
+
+    monkeypatch.setattr(R, "sample_dchi_noise", spy)
+    data = make_sentiment(12, seed=4)
+    monkeypatch.setattr(FED, "client_partition", lambda run_cfg, fed, cid: data)
+    m = audit_model
+    diameter = per_token_epsilon(1.0, m.word_embeddings)  # eta = 1: the embedding diameter
+    eta = S.rapt_eta(4.0, diameter)
+    fn = S._rapt_client_fn(SimpleNamespace(student=m), RunConfig(tune=TuneConfig(epochs=1, batch_size=8)),
+                           FederatedConfig(), eta, S.RaptSweepConfig(), label_epsilon=4.0)
+    fn(0, {"round": 1}, torch.zeros(2, m.embedding_dim).numpy())
+    text_tokens = int(m.text_positions(m.encode(data.texts)).sum())
+    assert drawn == [(text_tokens, eta)]  # one draw per privatised token, all at the row's eta
+    assert per_token_epsilon(drawn[0][1], m.word_embeddings) == pytest.approx(4.0, rel=1e-6)
+    fn(0, {"round": 2}, torch.zeros(2, m.embedding_dim).numpy())
+    assert len(drawn) == 1  # privatised once: later rounds are post-processing
+
+
 def test_rapt_update_is_trained_on_privatised_tokens_and_labels_only(audit_model):
     from conftest import make_sentiment
 
