@@ -155,6 +155,8 @@ def print_results(results: dict, run_dir: Path) -> None:
     priv = results["privacy"]
     console.print(f"privacy: epsilon = {_fmt(priv['epsilon'])}, delta = {_fmt(priv['delta'])} "
                   f"({priv['unit']}; noise multiplier {_fmt(priv['noise_multiplier'])})")
+    if priv.get("outside_dp"):
+        console.print(f"outside DP: {priv['outside_dp']}")
     cost = results.get("cost", {})
     if "tune_time_ratio_teacher_over_student" in cost:
         console.print(f"cost: student has {cost['student_parameters']:,} parameters vs teacher "

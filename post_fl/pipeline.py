@@ -128,6 +128,17 @@ def _save(prompt: SoftPrompt, run: Path, name: str, model: ScoringModel, **meta)
                        metadata={"label_words": model.label_words, "template": model.template, **meta})
 
 
+def outside_dp_note(validation) -> str:
+    """What of the private data a single-site run uses outside the DP guarantee (results.json ``privacy.outside_dp``)."""
+    if validation is None or not len(validation):
+        return "nothing: no validation split was used"
+    return (f"the validation split ({len(validation)} labelled examples of the private task, carved from the "
+            "training data) is used without DP: to fit the calibrated zero-shot class bias "
+            "(accuracy.teacher_zero_shot_calibrated) and to measure student/teacher class agreement "
+            "(distill.validation_agreement_*); those figures are not covered by epsilon, and neither is "
+            "anything chosen by looking at them")
+
+
 class Pipeline:
     """Runs POST stages for one config into one run folder, loading each artifact at most once."""
 
@@ -376,6 +387,7 @@ class Pipeline:
             "privacy": {"epsilon": tune.get("epsilon", math.inf), "delta": tune.get("delta"),
                         "noise_multiplier": tune.get("noise_multiplier"), "dp": self.cfg.tune.private,
                         "target_epsilon": self.cfg.tune.target_epsilon, "unit": "example-level (one site)",
+                        "outside_dp": outside_dp_note(validation),
                         **({"not_private": tune["not_private"]} if "not_private" in tune else {})},
             "data": {"train": len(self.task.train), "test": len(test), "public": len(self.task.public),
                      "public_unit": self.cfg.data.resolved_public_unit(),

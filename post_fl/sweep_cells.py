@@ -444,7 +444,8 @@ def run_cell(ctx: SweepContext, cell: Cell) -> dict[str, Any]:
                          "none (no private data used)")
         elif cell.method == "calibrated_zero_shot":
             acc, _ = calibrated_zero_shot(ctx, cell.seed)
-            unit = "none (reference: class bias fitted on the non-private validation split)"
+            unit = ("none (reference: class bias fitted on the validation split of the private task, "
+                    "outside DP)")
         else:
             acc, unit = (majority_class_accuracy(task.train.labels, task.test.labels),
                          "none (reference: the training split's most frequent label)")

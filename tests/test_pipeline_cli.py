@@ -41,7 +41,12 @@ def test_run_writes_every_artifact_and_result(tmp_path, tiny_dirs, files, capsys
     assert 0 < results["privacy"]["epsilon"] <= 4.02 and 0 < results["privacy"]["delta"] <= 1 / 48  # the derived default (tuning.resolve_delta)
     for d in ("student", "prompt_student", "prompt_teacher", "prompt_teacher_tuned"):
         assert (run / d).is_dir()
-    assert "teacher transferred prompt" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "teacher transferred prompt" in out
+    # where epsilon is reported, so is what it does not cover: the validation split, used outside DP (issue 22)
+    n_val = results["data"]["validation"]
+    assert n_val > 0 and f"validation split ({n_val} labelled examples" in results["privacy"]["outside_dp"]
+    assert "outside DP: the validation split" in out
 
 
 def test_stages_run_one_by_one_from_the_run_folder(tmp_path, tiny_dirs, files):
