@@ -13,6 +13,9 @@ Each test fails under a named mutation of the code under test:
 * Distributed-DP noise shares: variance sigma^2 C^2 / m each, sigma^2 C^2 for m summed.
 * Fresh randomness: equal calls give different noise; plain integer seeds are refused;
   ``--insecure-reproducible`` makes single-site DP tuning bit-exact and labels it not private.
+
+``benchmarks/privacy_mutations.py`` applies these mutations (and those of issue 22) to a copy of the
+repository and shows each caught; its output is in ``docs/privacy.md``.
 """
 
 from __future__ import annotations
