@@ -5,7 +5,7 @@ Each mutation is a source patch (exact text replacements) applied to a temporary
 there with this venv's Python. A mutation is *caught* when those tests fail. The unpatched copy must
 pass the same tests first, or the report says so and stops.
 
-    .venv/bin/python benchmarks/privacy_mutations.py              # every mutation (about 15 min on 2 cores)
+    .venv/bin/python benchmarks/privacy_mutations.py              # every mutation (about 8 min on 2 cores)
     .venv/bin/python benchmarks/privacy_mutations.py --list       # names only
     .venv/bin/python benchmarks/privacy_mutations.py --only issue22-1 --only ledger-lock
 
