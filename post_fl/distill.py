@@ -44,10 +44,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import DistillConfig, identifying_settings
-from .data import DataError, TextDataset
-from .keyed_cache import read_keyed_tensors, write_keyed_tensors
-from .models import EncodedBatch, ScoringModel
+from .core.config import DistillConfig, identifying_settings
+from .core.data import DataError, TextDataset
+from .core.keyed_cache import read_keyed_tensors, write_keyed_tensors
+from .core.models import EncodedBatch, ScoringModel
 from .transfer import kl_at_temperature
 
 log = logging.getLogger(__name__)
@@ -326,7 +326,7 @@ def _compute_teacher_outputs(teacher: ScoringModel, texts: list[str], cfg: Disti
     bs = max(1, cfg.teacher_batch_size)
     bar = None
     if progress:
-        from .progress import progress_bar
+        from .core.progress import progress_bar
 
         bar = progress_bar(n, desc="teacher outputs (once)")
     for s in range(0, n, bs):
@@ -425,7 +425,7 @@ def distill_student(teacher: ScoringModel, public: TextDataset, cfg: DistillConf
     stopped = ""  # the first check comes after eval_every steps: a distillation always trains
     bar = None
     if progress:
-        from .progress import progress_bar
+        from .core.progress import progress_bar
 
         bar = progress_bar(cfg.steps, desc="distill")
     backbone.train()
@@ -578,7 +578,7 @@ def store_student(student: ScoringModel, report: DistillReport, root: str | Path
 
 def save_student(student: ScoringModel, directory: str | Path, report: DistillReport | None = None) -> Path:
     """Save the student with ``save_pretrained`` (model + tokenizer) and its distillation report."""
-    from .jsonio import write_json
+    from .core.jsonio import write_json
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -609,7 +609,7 @@ def cached_or_distilled_student(teacher: ScoringModel, public: TextDataset, cfg:
     hit = cached_student_dir(cache_root, key) if cache_root is not None else None
     if hit is not None:
         log.info("distill: cached student %s (delete it to distil again)", hit)
-        from .jsonio import read_json
+        from .core.jsonio import read_json
 
         return hit, None, read_json(hit / "distill_report.json"), "hit"
     student, rep = distill_student(teacher, train, cfg, seed, held_out=held_out, progress=progress,

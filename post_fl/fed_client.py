@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import ConfigError, RunConfig
-from .data import TextDataset, partition
-from .models import ScoringModel
-from .prompt import SoftPrompt
+from .core.config import ConfigError, RunConfig
+from .core.data import TextDataset, partition
+from .core.models import ScoringModel
+from .core.prompt import SoftPrompt
 from .fed_protocol import (BUDGET_EXHAUSTED, LEDGER_DIR_NAME, REFUSED_DATA_SETTINGS, REFUSED_INSECURE, REPLY_CODES,
                            SITE_ERROR, SITE_INPUT_INVALID)
 from .fed_config import FederatedConfig, derive_seed, user_noise_multiplier
@@ -39,7 +39,7 @@ _PARTITIONS: dict[str, list[TextDataset]] = {}  # process-wide: the private spli
 
 def _load_task(run_cfg: RunConfig):
     """(train, test, public, label words) via ``post_fl.pipeline.load_task`` (files or the embedded task)."""
-    from .pipeline import load_task
+    from .core.tasks import load_task
 
     task = load_task(run_cfg)
     return task.train, task.test, task.public, dict(task.label_words)
@@ -80,10 +80,10 @@ class SiteInputInvalid(ValueError):
 
 def reply_code(exc: BaseException) -> str:
     """The fixed code a site's reply carries for ``exc``: never its message (which may quote the site's data)."""
-    from .config import ConfigError
-    from .data import DataError
-    from .ledger import BudgetExhausted
-    from .preflight import PreflightError
+    from .core.config import ConfigError
+    from .core.data import DataError
+    from .privacy.ledger import BudgetExhausted
+    from .core.tasks import PreflightError
 
     if isinstance(exc, BudgetExhausted):
         return BUDGET_EXHAUSTED
@@ -116,7 +116,7 @@ def site_settings(node_config: dict | None) -> SiteSettings | None:
 
     Every missing or bad key is reported at once in one :class:`SiteInputInvalid` (logged on the site only).
     """
-    from .ledger import DATASET_NAME
+    from .privacy.ledger import DATASET_NAME
 
     node_config = node_config or {}
     path = node_config.get("data-path")
@@ -176,7 +176,7 @@ def site_dataset(site: SiteSettings, run_cfg: RunConfig, label_names: list[str])
     (:func:`check_run_matches_site`); a bad file raises :class:`post_fl.data.DataError` naming the file,
     row and field (logged on the site only).
     """
-    from .data import read_text_file
+    from .core.data import read_text_file
 
     if set(label_names) != set(site.labels):
         raise ClientRefusal(f"student labels {sorted(label_names)} are not this site's {sorted(site.labels)}",
@@ -195,7 +195,7 @@ def site_delta(run_cfg: RunConfig, node_config: dict | None, n: int) -> float | 
     Node config ``privacy-delta`` when set (0 < delta < 1/N); else on a deployed site min(1e-5, 1/(10 N)),
     fixed at the site whatever the run config says; else (simulation) None: the run's ``tune.delta``.
     """
-    from .delta import default_delta
+    from .privacy.delta import default_delta
 
     node_config = node_config or {}
     raw = node_config.get("privacy-delta")
@@ -252,7 +252,7 @@ def ledger_dir_for(run_cfg: RunConfig, node_config: dict | None = None) -> Path:
     """Where a client keeps its privacy ledgers: node config ``privacy-ledger``; else, on a deployed
     site, :func:`post_fl.ledger.default_site_ledger_dir`; else (simulation) ``<output_dir>/client-ledgers``,
     one set of virtual sites per experiment, continued by a resumed run."""
-    from .ledger import default_site_ledger_dir
+    from .privacy.ledger import default_site_ledger_dir
 
     node_config = node_config or {}
     if node_config.get("privacy-ledger"):
@@ -285,7 +285,7 @@ def site_budget(run_cfg: RunConfig, node_config: dict | None = None) -> float:
 def open_ledger(run_cfg: RunConfig, data: TextDataset, client_id: int, node_config: dict | None = None):
     """This client's :class:`post_fl.ledger.PrivacyLedger`: keyed by a deployed site's ``dataset-name`` (so
     re-exporting the same data keeps its budget), in simulation by the sha256 of the partition."""
-    from .ledger import PrivacyLedger, dataset_sha256
+    from .privacy.ledger import PrivacyLedger, dataset_sha256
 
     node_config = node_config or {}
     site = site_settings(node_config)
@@ -323,8 +323,9 @@ def train_client(student: ScoringModel, global_prompt: np.ndarray, data: TextDat
     ``metrics`` holds what the reply may carry (:data:`DP_REPLY_METRIC_KEYS` under DP), ``private``
     what the client keeps (epsilon, delta, loss, examples).
     """
-    from .randomness import dp_numpy_rng
-    from .tuning import calibrate_noise_multiplier, planned_steps, resolve_delta, sample_rate, tune_prompt
+    from .privacy.randomness import dp_numpy_rng
+    from .privacy.accounting import calibrate_noise_multiplier, planned_steps, resolve_delta, sample_rate
+    from .tuning import tune_prompt
 
     tune = run_cfg.tune if delta is None else dataclasses.replace(run_cfg.tune, delta=float(delta))
     n = len(data)
@@ -345,7 +346,7 @@ def train_client(student: ScoringModel, global_prompt: np.ndarray, data: TextDat
         # noise is drawn; raises BudgetExhausted (nothing recorded) when the round does not fit
         epsilon = ledger.spend(sigma, q, steps, delta, run_id, server_round)
     elif ledger is not None and math.isfinite(ledger.budget):
-        from .ledger import BudgetExhausted
+        from .privacy.ledger import BudgetExhausted
 
         raise BudgetExhausted(ledger.epsilon(delta), math.inf, ledger.budget, delta)
     insecure = insecure_seed_for(run_cfg, server_round, client_id)
@@ -359,11 +360,11 @@ def train_client(student: ScoringModel, global_prompt: np.ndarray, data: TextDat
     delta_prompt = res.prompt.weight.detach().cpu().numpy().astype(np.float32) - np.asarray(global_prompt, np.float32)
     clip = fed_cfg.user_dp_clip if fed_cfg.user_dp else clip
     if clip > 0 and math.isfinite(clip):
-        from .user_dp import clip_update
+        from .privacy.user_dp import clip_update
 
         delta_prompt, _ = clip_update(delta_prompt, clip)
     if fed_cfg.user_noise_mode == "distributed":
-        from .user_dp import noise_share
+        from .privacy.user_dp import noise_share
 
         share = noise_share(delta_prompt.shape, fed_cfg.user_dp_clip, user_noise_multiplier(fed_cfg),
                             fed_cfg.min_clients, dp_numpy_rng(insecure, 5))

@@ -20,12 +20,13 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
-from .aggregate import (ClientUpdate, RoundFailedError, aggregate_updates, filter_updates, require_min_clients, sum_updates, update_norm)
-from .config import ConfigError, RunConfig
-from .jsonio import jsonable, write_json
-from .models import load_scoring_model
-from .prompt import SoftPrompt, init_from_text, init_from_vocab, save_prompt
-from .randomness import NOT_PRIVATE_LABEL
+from .aggregate import (ClientUpdate, RoundFailedError, aggregate_updates, filter_updates, require_min_clients,
+                        sum_updates, update_norm)
+from .core.config import ConfigError, RunConfig
+from .core.jsonio import jsonable, write_json
+from .core.models import load_scoring_model
+from .core.prompt import SoftPrompt, init_from_text, init_from_vocab, save_prompt
+from .privacy.randomness import NOT_PRIVATE_LABEL
 from .fed_protocol import LEDGER_DIR_NAME, CHECKPOINT_FILE, STUDENT_WEIGHTS_FILE
 from .fed_config import FederatedConfig, resolve_aggregation, derive_seed, user_noise_multiplier
 from .student_cache import pack_student
@@ -171,8 +172,8 @@ class FederatedServer:
         """
         ids = sorted(client_ids)
         if self.fed.user_dp:
-            from .randomness import dp_numpy_rng
-            from .user_dp import poisson_sample
+            from .privacy.randomness import dp_numpy_rng
+            from .privacy.user_dp import poisson_sample
 
             rng = dp_numpy_rng(self.cfg.seed if self.insecure else None, server_round, 1)
             return poisson_sample(ids, self.fed.fraction_train, rng)
@@ -194,8 +195,8 @@ class FederatedServer:
         as private as always against everyone else, while against the server that round relies on
         the shares only (counted in ``user_dp_short_rounds`` and reported).
         """
-        from .randomness import dp_numpy_rng
-        from .user_dp import noised_mean
+        from .privacy.randomness import dp_numpy_rng
+        from .privacy.user_dp import noised_mean
 
         m, sigma = self.fed.min_clients, self.user_dp_sigma
         self.user_dp_contributors.append(int(contributors))
@@ -251,7 +252,7 @@ class FederatedServer:
             valid, rejected = filter_updates(replies.updates, shape, bound, server_round)
             valid_ids = [u.client_id for u in valid]
             if self.fed.user_dp:
-                from .user_dp import clip_update
+                from .privacy.user_dp import clip_update
 
                 clipped = [dataclasses.replace(u, delta=clip_update(u.delta, self.fed.user_dp_clip)[0])
                            for u in valid]
@@ -309,7 +310,7 @@ class FederatedServer:
         user-level DP is off."""
         if not self.fed.user_dp:
             return math.inf
-        from .user_dp import user_level_epsilon
+        from .privacy.user_dp import user_level_epsilon
 
         return user_level_epsilon(self.user_dp_sigma, self.fed.fraction_train, self.user_dp_rounds,
                                   self.fed.resolved_user_delta)
@@ -322,7 +323,7 @@ class FederatedServer:
         mode (the server adds the noise itself) and when user-level DP is off."""
         if not self.fed.user_dp or self.fed.user_noise_mode != "distributed":
             return math.inf
-        from .user_dp import effective_noise_multiplier, user_level_epsilon_of_history
+        from .privacy.user_dp import effective_noise_multiplier, user_level_epsilon_of_history
 
         per_sigma: dict[float, int] = {}
         for k in self.user_dp_contributors:
@@ -347,7 +348,7 @@ class FederatedServer:
     def client_privacy(self) -> dict[int, dict]:
         """Per client that trained: epsilon/delta from its ledger where this machine can read it (simulation);
         otherwise only the rounds it replied in (a deployed site's epsilon stays in its own ledger)."""
-        from .ledger import read_ledgers
+        from .privacy.ledger import read_ledgers
 
         ledgers = read_ledgers(self.ledger_dir, self.cfg.tune.accountant) if self.cfg.tune.private else {}
         out: dict[int, dict] = {}

@@ -23,8 +23,8 @@ from .fed_client import (ClientRefusal, ClientResult, SiteInputInvalid, SiteSett
                          _SITE_DATA, budget_status, check_run_matches_site, check_site_allows, client_partition,
                          insecure_seed_for, ledger_dir_for, one_line_reason, open_ledger, reply_code, site_budget,
                          site_dataset, site_delta, site_settings, train_client)
-from .fed_config import (FederatedConfig, _USER_SIGMAS, build_configs, derive_seed, flatten_configs,
-                         parse_label_words, resolve_aggregation, user_noise_multiplier)
+from .fed_config import (FederatedConfig, _USER_SIGMAS, build_configs, derive_seed, flatten_configs, parse_label_words,
+                         resolve_aggregation, user_noise_multiplier)
 from .fed_protocol import (BUDGET_EXHAUSTED, CHECKPOINT_FILE, DP_REPLY_METRIC_KEYS, FAILURE_CODES, HELLO_RECORD,
                            LEDGER_DIR_NAME, NEED_MODEL, NON_DP_REPLY_METRIC_KEYS, REFUSAL_CODES, REFUSED,
                            REFUSED_DATA_SETTINGS, REFUSED_INSECURE, REPLY_CODES, REPLY_METRICS_RECORD,
@@ -33,7 +33,7 @@ from .fed_protocol import (BUDGET_EXHAUSTED, CHECKPOINT_FILE, DP_REPLY_METRIC_KE
                            TRAIN_CONFIG_RECORD, TRAIN_PROMPT_RECORD)
 from .fed_server import FederatedServer, RoundReplies, Transport, _floats, run_federated
 from .local_transport import LocalTransport
-from .randomness import NOT_PRIVATE_LABEL
+from .privacy.randomness import NOT_PRIVATE_LABEL
 from .student_cache import (_STUDENTS, StudentPackage, _load_cached_dir, cache_key, cache_root, cached_student,
                             install_student, pack_student, read_student_weights, state_hash)
 

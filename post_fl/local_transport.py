@@ -8,7 +8,7 @@ from typing import Callable
 import numpy as np
 
 from .aggregate import ClientUpdate
-from .config import RunConfig
+from .core.config import RunConfig
 from .fed_config import FederatedConfig
 from .student_cache import cache_root, cached_student, install_student
 from .fed_client import client_partition, ClientRefusal, open_ledger, train_client, budget_status
@@ -31,7 +31,7 @@ class LocalTransport:
         return list(range(self.fed.num_clients))
 
     def train_round(self, server_round: int, prompt: np.ndarray, instructions: dict[int, dict]) -> RoundReplies:
-        from .ledger import BudgetExhausted
+        from .privacy.ledger import BudgetExhausted
 
         out = RoundReplies()
         root = cache_root(self.fed)

@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import EMBEDDED_DEFAULT, RunConfig, identifying_settings
+from .core.config import EMBEDDED_DEFAULT, RunConfig, identifying_settings
+from .core.tasks import PreflightError
 
 STAGES = ("distill", "tune", "transfer", "tune_teacher", "evaluate")
 # stage -> the run-folder artifacts it reads, and the stage that writes them
@@ -31,20 +32,10 @@ NEEDS = {"tune": (("student", "distill"),),
          "evaluate": (("student", "distill"), ("prompt_student", "tune"))}
 
 
-class PreflightError(ValueError):
-    """Inputs of a run are unusable; ``problems`` lists each one (file, row, field, expected)."""
-
-    def __init__(self, problems: Sequence[str], what: str = "run") -> None:
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{len(self.problems)} problem(s) found before any work started "
-                         f"(nothing was written for this {what}):\n{lines}")
-
-
 # ---------------------------------------------------------------- pieces
 def data_problems(cfg: RunConfig) -> tuple[list[str] | None, dict[str, list[str]], list[str]]:
     """Check the train, test and public files; return (label names or None, label words, problems)."""
-    from .data import label_problems, scan_text_file, training_label_names
+    from .core.data import label_problems, scan_text_file, training_label_names
 
     d = cfg.data
     problems: list[str] = []
@@ -56,7 +47,7 @@ def data_problems(cfg: RunConfig) -> tuple[list[str] | None, dict[str, list[str]
         if known is not None:  # the built-in task's labels, without reading its files
             names, words = list(known[0]), {**known[1], **words}
         else:
-            from .pipeline import load_task
+            from .core.tasks import load_task
 
             try:
                 emb = load_task(dataclasses.replace(cfg, data=dataclasses.replace(d, test=EMBEDDED_DEFAULT,
@@ -92,7 +83,7 @@ def data_problems(cfg: RunConfig) -> tuple[list[str] | None, dict[str, list[str]
 
 def _embedded_labels(task: str):
     """(label names, label words) of a built-in task, or None when unknown here."""
-    from . import embedded as E
+    from .core import embedded as E
 
     table = {"movie-reviews": ("MOVIE_LABELS", "MOVIE_LABEL_WORDS"), "tweets": ("EMBEDDED_LABELS", "EMBEDDED_LABEL_WORDS")}
     if task not in table or not all(hasattr(E, n) for n in table[task]):
@@ -102,7 +93,7 @@ def _embedded_labels(task: str):
 
 def model_problems(cfg: RunConfig, names: Sequence[str] | None, words: dict) -> list[str]:
     """Check the teacher (and a given student): directory, config, tokenizer and verbalizer, no weights read."""
-    from .models import check_scoring_setup, resolve_model_path
+    from .core.models import check_scoring_setup, resolve_model_path
 
     m = cfg.model
     problems: list[str] = []
@@ -143,7 +134,7 @@ def stage_problems(cfg: RunConfig, run_dir: Path, stages: Sequence[str]) -> list
 
 def flat_config(d: dict, prefix: str = "") -> dict[str, Any]:
     """``{"tune": {"lr": 0.1}}`` -> ``{"tune.lr": 0.1}`` (JSON-normalised values, infinities as strings)."""
-    from .jsonio import jsonable
+    from .core.jsonio import jsonable
 
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -175,7 +166,7 @@ def config_problems(path: str | Path | None, overrides: dict[str, Any] | None = 
     Each setting is tried on its own over the defaults (unknown key, wrong type, bad value), then,
     if each is fine alone, all together (settings that depend on each other).
     """
-    from .config import ConfigError, config_from_dict, read_config_file, unflatten
+    from .core.config import ConfigError, config_from_dict, read_config_file, unflatten
 
     try:
         data = read_config_file(path) if path is not None else {}
@@ -203,7 +194,7 @@ MADE = ("stages", "student", "prompt_student", "prompt_teacher", "prompt_teacher
 
 def run_folder_problems(cfg: RunConfig, run_dir: Path) -> list[str]:
     """A run folder that already holds artifacts made with a different config (names the differing keys)."""
-    from .jsonio import read_json
+    from .core.jsonio import read_json
 
     cfg_path = run_dir / "config.json"
     if not cfg_path.exists() or not any((run_dir / n).exists() for n in MADE):
@@ -243,8 +234,8 @@ def check_federated(run_cfg: RunConfig, fed_cfg, partitions: bool = False) -> No
     names, words, problems = data_problems(run_cfg)
     problems += model_problems(run_cfg, names, words)
     if partitions and names is not None and not problems:
-        from .data import partition
-        from .pipeline import load_task
+        from .core.data import partition
+        from .core.tasks import load_task
 
         try:
             train = load_task(run_cfg).train
@@ -266,7 +257,7 @@ def check_site_file(path: str | Path, label_names: Sequence[str], text_column: s
     readable, both columns present, no empty rows, every label among ``label_names``. Raises
     :class:`PreflightError` listing every problem. The message quotes the file (rows, values): a site
     logs it locally and replies only ``site input invalid``."""
-    from .data import label_problems, natural_label_order, scan_text_file
+    from .core.data import label_problems, natural_label_order, scan_text_file
 
     p = Path(path)
     known = list(label_names)
@@ -288,7 +279,7 @@ def flower_run_config(pyproject: str | Path, overrides: str = "") -> dict[str, A
     ``-c`` string (``key=value`` pairs separated by spaces, TOML values)."""
     from flwr.common.config import parse_config_args
 
-    from .config import read_toml
+    from .core.config import read_toml
 
     flat = dict(read_toml(pyproject, "app file")["tool"]["flwr"]["app"]["config"])
     flat.update(parse_config_args([overrides]) if overrides.strip() else {})
@@ -300,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     partitions before the Flower runtime starts (used by ``simulation/flwr_run.sh``); exit 2 on problems."""
     import argparse
 
-    from .federated import build_configs
+    from .fed_config import build_configs
 
     ap = argparse.ArgumentParser(prog="python -m post_fl.preflight", description=main.__doc__)
     ap.add_argument("--pyproject", default="pyproject.toml", help="app file with [tool.flwr.app.config]")

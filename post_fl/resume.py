@@ -12,8 +12,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from .config import EMBEDDED_DEFAULT, RunConfig
-from .jsonio import jsonable, read_json, write_json
+from .core.config import EMBEDDED_DEFAULT, RunConfig
+from .core.jsonio import jsonable, read_json, write_json
 
 UPSTREAM = {"distill": (), "tune": ("distill",), "transfer": ("distill", "tune"), "tune_teacher": (),
             "evaluate": ("distill", "tune", "transfer", "tune_teacher")}

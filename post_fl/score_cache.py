@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from .data import DataError
+from .core.data import DataError
 from .distill import corpus_hash, teacher_hash
 from .evaluate import class_scores
-from .keyed_cache import read_keyed_tensors, write_keyed_tensors
-from .models import ScoringModel
+from .core.keyed_cache import read_keyed_tensors, write_keyed_tensors
+from .core.models import ScoringModel
 
 SCORE_CACHE_FORMAT = 1  # bump when the stored scores change meaning
 SCORE_CACHE_DIR = "zero-shot-scores"

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .models import ScoringModel, load_scoring_model
+from .core.models import ScoringModel, load_scoring_model
 from .fed_protocol import STUDENT_WEIGHTS_FILE, STUDENT_SPEC_FILE
 from .fed_config import FederatedConfig
 

@@ -30,12 +30,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .config import ConfigError
-from .sweep_grid import (AuditSweepConfig, Cell, DEFAULT_METHODS, DP_LEVELS, ENGINES, expand_cells, _fmt_eps,
-                         _list, _LIST_AXES, load_sweep_config,
-                         METHODS, PARTITIONINGS, RaptSweepConfig, REFERENCE_METHODS, RESULTS_CSV, RESULTS_MD,
-                         _scalar, _SCALARS, _section, SETTINGS_JSON, STUDENT_METHODS, sweep_config_from_dict,
-                         SweepConfig)
+from .core.config import ConfigError
+from .sweep_grid import (AuditSweepConfig, Cell, DEFAULT_METHODS, DP_LEVELS, ENGINES, expand_cells, _fmt_eps, _list,
+                         _LIST_AXES, load_sweep_config, METHODS, PARTITIONINGS, RaptSweepConfig, REFERENCE_METHODS,
+                         RESULTS_CSV, RESULTS_MD, _scalar, _SCALARS, _section, SETTINGS_JSON, STUDENT_METHODS,
+                         sweep_config_from_dict, SweepConfig)
 from .sweep_report import (append_row, _audit_cell, _cellfmt, CSV_COLUMNS, _delta_cell, EPSILON_AXIS_NOTE,
                            finished_keys, markdown_table, _num, read_results, write_report, clients_tables,
                            migrate_columns, report_context, with_row_interval)
@@ -45,7 +44,7 @@ from .sweep_cells import (calibrated_zero_shot, check_examples_per_client, Timed
                           _warm_noise_calibration)
 from .sweep_rapt import (privatize_batch, privatize_client_data, _rapt_client_fn, rapt_eta, rapt_label_epsilon,
                          rapt_local_round, rapt_row_privacy, RAPT_STREAM, RaptPrivateData, scores_and_hidden)
-from .sweep_audit import (audit_prompt_tuning, _canary_losses, make_canaries)
+from .sweep_audit import audit_prompt_tuning, _canary_losses, make_canaries
 
 log = logging.getLogger(__name__)
 

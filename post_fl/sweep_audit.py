@@ -18,7 +18,7 @@ def make_canaries(model, label_names: list[str], count: int, words: int, seed: i
     """Canary texts of random whole vocabulary words with random labels (a TextDataset)."""
     import random
 
-    from .data import TextDataset
+    from .core.data import TextDataset
 
     rng = random.Random(seed)
     vocab = [w for w in model.tokenizer.get_vocab() if w.isalpha() and w.isascii() and w.islower() and len(w) > 2]
@@ -52,9 +52,9 @@ def audit_prompt_tuning(model, base_data, target_epsilon: float, audit: AuditSwe
     when 0). Returns :class:`post_fl.audit.AuditResult`, whose ``max_epsilon_lower_bound`` is the
     most these observation counts could show.
     """
-    from .audit import audit_by_canaries
-    from .data import TextDataset
-    from .prompt import init_from_vocab
+    from .privacy.audit import audit_by_canaries
+    from .core.data import TextDataset
+    from .core.prompt import init_from_vocab
     from .tuning import tune_prompt
 
     canaries = make_canaries(model, base_data.label_names, audit.canaries, audit.canary_words, seed + 101)
@@ -64,7 +64,7 @@ def audit_prompt_tuning(model, base_data, target_epsilon: float, audit: AuditSwe
     if cfg.private:  # one noise multiplier for every trial, calibrated for the worst case of q and steps
         from opacus.accountants.utils import get_noise_multiplier
 
-        from .tuning import planned_steps, sample_rate
+        from .privacy.accounting import planned_steps, sample_rate
 
         n_min, n_max = max(len(base_data), 1), len(base_data) + len(canaries)
         sigma = float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=audit.delta,

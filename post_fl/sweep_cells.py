@@ -46,8 +46,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .config import RunConfig, config_from_dict, identifying_settings
-from .jsonio import jsonable
+from .core.config import RunConfig, config_from_dict, identifying_settings
+from .core.jsonio import jsonable
 from .sweep_grid import REFERENCE_METHODS, STUDENT_METHODS, SweepConfig, Cell
 from .sweep_rapt import rapt_eta, privatize_batch, rapt_label_epsilon, rapt_row_privacy, _rapt_client_fn
 from .sweep_audit import audit_prompt_tuning
@@ -81,7 +81,7 @@ class SweepContext:
         self._zero_shot_scores: dict[tuple[int, str], torch.Tensor] = {}
 
     def task(self, seed: int):
-        from .pipeline import load_task
+        from .core.tasks import load_task
 
         if seed not in self._tasks:
             self._tasks[seed] = load_task(dataclasses.replace(self.cfg.base, seed=seed))
@@ -89,7 +89,7 @@ class SweepContext:
 
     @property
     def teacher(self):
-        from .pipeline import load_teacher
+        from .core.tasks import load_teacher
 
         if self._teacher is None:
             self._teacher = load_teacher(self.cfg.base, self.task(self.cfg.base.seed))
@@ -98,7 +98,7 @@ class SweepContext:
     @property
     def teacher_dir(self) -> Path:
         """The teacher as a model directory (teacher_dp and rapt cells run it as the 'student')."""
-        from .models import resolve_model_path
+        from .core.models import resolve_model_path
 
         d = Path(resolve_model_path(self.cfg.base.model.teacher))
         if not (d / "model.safetensors").is_file():
@@ -118,7 +118,7 @@ class SweepContext:
                 d = self.out / "student"
                 if not (d / "model.safetensors").is_file():
                     from .distill import cached_or_distilled_student, save_student
-                    from .embedded import cache_dir
+                    from .core.embedded import cache_dir
 
                     dcfg = self.cfg.base.distill
                     task = self.task(self.cfg.base.seed)
@@ -147,7 +147,7 @@ class SweepContext:
     def embedding_diameter(self) -> float:
         """diam(φ(V)) of the teacher's input embeddings (exact for small vocabularies, else an upper bound)."""
         if self._diameter is None:
-            from .rapt import per_token_epsilon
+            from .privacy.rapt import per_token_epsilon
 
             self._diameter = float(per_token_epsilon(1.0, self.teacher.word_embeddings))
         return self._diameter
@@ -176,7 +176,7 @@ class SweepTransport:
         return list(range(self.num_clients))
 
     def train_round(self, server_round: int, prompt: np.ndarray, instructions: dict[int, dict]):
-        from .federated import RoundReplies
+        from .fed_server import RoundReplies
 
         out = RoundReplies()
         for cid, ins in sorted(instructions.items()):
@@ -233,7 +233,7 @@ class TimedBatchedTransport:
 def _dp_client_fn(server, run_cfg: RunConfig, fed) -> Callable:
     """A client doing ``post_fl.federated.train_client`` (DP-SGD on its partition), with its state."""
     from .aggregate import ClientUpdate
-    from .federated import client_partition, open_ledger, train_client
+    from .fed_client import client_partition, open_ledger, train_client
 
     seen: set[int] = set()
 
@@ -254,7 +254,7 @@ def _dp_client_fn(server, run_cfg: RunConfig, fed) -> Callable:
 
 def _warm_noise_calibration(run_cfg: RunConfig, fed, n: int) -> None:
     """Calibrate a client's DP-SGD noise multiplier before its round is timed (one-off, memoised in tuning)."""
-    from .tuning import calibrate_noise_multiplier, planned_steps
+    from .privacy.accounting import calibrate_noise_multiplier, planned_steps
 
     if run_cfg.tune.private:
         calibrate_noise_multiplier(run_cfg.tune, n, fed.rounds * planned_steps(run_cfg.tune, n))
@@ -268,7 +268,7 @@ def seconds_per_step(model, data, tune, steps: int, seed: int) -> float:
     client's data, Opacus set-up) cancels; the noise multiplier is fixed (its calibration is a
     one-off, and sigma does not change a step's cost).
     """
-    from .prompt import init_from_vocab
+    from .core.prompt import init_from_vocab
     from .tuning import tune_prompt
 
     n = max(len(data), 1)
@@ -289,7 +289,7 @@ def seconds_per_step(model, data, tune, steps: int, seed: int) -> float:
 
 # ---------------------------------------------------------------- one cell
 def _cell_configs(ctx: SweepContext, cell: Cell, model_dir: Path, run_dir: Path):
-    from .federated import FederatedConfig
+    from .fed_config import FederatedConfig
 
     cfg = ctx.cfg
     base = cfg.base
@@ -318,7 +318,7 @@ def _cell_configs(ctx: SweepContext, cell: Cell, model_dir: Path, run_dir: Path)
 def check_examples_per_client(ctx: SweepContext, cells: list[Cell]) -> None:
     """Refuse (ConfigError naming both numbers) any cell whose ``examples_per_client x num_clients``
     exceeds the base training set (after ``base.data.max_train_examples``) of its seed."""
-    from .config import ConfigError
+    from .core.config import ConfigError
 
     for cell in cells:
         if cell.examples_per_client:
@@ -332,8 +332,9 @@ def check_examples_per_client(ctx: SweepContext, cells: list[Cell]) -> None:
 
 def _federated_run(ctx: SweepContext, cell: Cell) -> dict:
     """Run (or reuse) the federated run behind a cell; returns its summary (accuracies, privacy, cost)."""
-    from .jsonio import read_json, write_json
-    from .federated import FederatedServer, client_partition, run_federated
+    from .core.jsonio import read_json, write_json
+    from .fed_server import FederatedServer, run_federated
+    from .fed_client import client_partition
 
     run_dir = ctx.out / "runs" / cell.run_slug
     summary_path = run_dir / "sweep_summary.json"
@@ -372,7 +373,7 @@ def _federated_run(ctx: SweepContext, cell: Cell) -> dict:
         server_prompt_rounds(server, transport)
         summary["accuracy"] = server.metrics[-1]["test_accuracy"]
         if cell.method == "rapt":
-            from .prompt import SoftPrompt
+            from .core.prompt import SoftPrompt
 
             prompt = SoftPrompt(torch.from_numpy(server.prompt.copy()))
             test = server.test
@@ -410,7 +411,7 @@ def _federated_run(ctx: SweepContext, cell: Cell) -> dict:
             summary["teacher_s_per_client_round"] = sps * summary["steps_per_client_round"]
             summary["student_s_per_client_round"] = summary["client_s_per_round"]
         else:
-            from .pipeline import load_student
+            from .core.tasks import load_student
 
             student = load_student(ctx.student_dir, run_cfg, ctx.task(ctx.cfg.base.seed), ctx.teacher)
             sps = seconds_per_step(student, probe_data, run_cfg.tune, ctx.cfg.cost_probe_steps, cell.seed)
@@ -489,7 +490,7 @@ def run_cell(ctx: SweepContext, cell: Cell) -> dict[str, Any]:
     a = cfg.audit
     if a.enabled and cell.method in a.methods and cell.num_clients in a.clients and \
             float(cell.target_epsilon) in [float(e) for e in a.epsilons]:
-        from .pipeline import load_student
+        from .core.tasks import load_student
 
         task = ctx.task(cell.seed)
         student = load_student(ctx.student_dir, cfg.base, task, ctx.teacher)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig, config_from_dict, read_toml
+from .core.config import ConfigError, RunConfig, config_from_dict, read_toml
 
 
 
@@ -213,7 +213,7 @@ class SweepConfig:
             raise ConfigError(f"clients_per_round: expected >= 1, got {self.clients_per_round}")
         if self.cost_probe_steps < 0:
             raise ConfigError(f"cost_probe_steps: expected >= 0 (0 = no probe), got {self.cost_probe_steps}")
-        from .federated import FederatedConfig
+        from .fed_config import FederatedConfig
 
         known = {f.name for f in dataclasses.fields(FederatedConfig)}
         owned = {"rounds", "num_clients", "fraction_train", "min_clients", "partitioning", "dirichlet_alpha",

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .config import RunConfig
+from .core.config import RunConfig
 from .sweep_grid import RaptSweepConfig
 
 
@@ -36,8 +36,8 @@ def privatize_batch(model, batch, eta: float, generator: torch.Generator | None 
 
     Returns ``(privatised EncodedBatch, body mask)``; η = inf returns the tokens unchanged.
     """
-    from .models import EncodedBatch
-    from .rapt import privatize_token_ids
+    from .core.models import EncodedBatch
+    from .privacy.rapt import privatize_token_ids
 
     mask = model.text_positions(batch)
     tok = model.tokenizer
@@ -79,7 +79,7 @@ def privatize_client_data(model, data, eta: float, label_epsilon: float, generat
     Returns :class:`RaptPrivateData`. The reconstruction targets are the privatised tokens, not the
     plain ones, so nothing downstream touches raw data (see :mod:`post_fl.rapt`).
     """
-    from .rapt import randomized_response
+    from .privacy.rapt import randomized_response
 
     batch = model.encode(data.texts)
     priv, mask = privatize_batch(model, batch, eta, generator)
@@ -94,9 +94,9 @@ def rapt_local_round(model, private: "RaptPrivateData", head, prompt_np: np.ndar
     Returns ``(prompt update, steps, mean loss, seconds)``. The batch order follows ``seed``;
     it needs no privacy, the update being post-processing of the privatised data.
     """
-    from .prompt import SoftPrompt
-    from .rapt import reconstruction_loss
-    from .tuning import planned_steps
+    from .core.prompt import SoftPrompt
+    from .privacy.rapt import reconstruction_loss
+    from .privacy.accounting import planned_steps
 
     priv, targets, labels = private.batch, private.targets, private.labels
     prompt = SoftPrompt(torch.from_numpy(np.array(prompt_np, dtype=np.float32)))
@@ -158,9 +158,10 @@ def _rapt_client_fn(server, run_cfg: RunConfig, fed, eta: float, rapt_cfg: RaptS
     the most privatised tokens in one example (for the per-example guarantee).
     """
     from .aggregate import ClientUpdate
-    from .federated import client_partition, derive_seed
-    from .randomness import dp_torch_generator
-    from .rapt import ReconstructionHead
+    from .fed_client import client_partition
+    from .fed_config import derive_seed
+    from .privacy.randomness import dp_torch_generator
+    from .privacy.rapt import ReconstructionHead
 
     private: dict[int, RaptPrivateData] = {}
     heads: dict[int, ReconstructionHead] = {}

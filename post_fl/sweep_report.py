@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import ConfigError
+from .core.config import ConfigError
 from .sweep_grid import METHODS, REFERENCE_METHODS, RESULTS_MD
 
 

@@ -17,13 +17,12 @@ predictable generator) is replaced by one accurate log line; the optimiser still
 the floating-point-attack-resistant way Opacus uses in secure mode (the mean of 4 Gaussians,
 Holohan & Braghin 2021), from the OS-entropy generator.
 
-delta: :func:`resolve_delta` defaults to ``min(1e-5, 1/(10 N))`` and refuses ``delta >= 1/N``
-(N = the examples of the dataset being protected).
+Accounting (steps, sampling rate, noise calibration, epsilon of a history, delta) lives in
+:mod:`post_fl.privacy.accounting`.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
@@ -34,12 +33,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .config import ConfigError, TuneConfig
-from .data import DataError, TextDataset
-from .models import ScoringModel
-from .prompt import SoftPrompt
-from .delta import check_delta, default_delta, resolve  # noqa: F401  (check_delta, default_delta: re-exported)
-from .randomness import dp_torch_generator
+from .core.config import TuneConfig
+from .core.data import DataError, TextDataset
+from .core.models import ScoringModel
+from .core.prompt import SoftPrompt
+from .privacy.accounting import calibrate_noise_multiplier, planned_steps, resolve_delta, sample_rate
+from .privacy.randomness import dp_torch_generator
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ class PromptedClassifier(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 answer_index: torch.Tensor) -> torch.Tensor:
-        from .models import EncodedBatch
+        from .core.models import EncodedBatch
 
         return self.model(EncodedBatch(input_ids, attention_mask, answer_index), self.prompt)
 
@@ -81,67 +80,6 @@ class TuneResult:
     mean_loss: float
     seconds: float  # the training loop alone (no tokenization, no noise calibration)
     accountant_history: list = field(default_factory=list)
-
-
-def resolve_delta(cfg: TuneConfig, n_examples: int) -> float:
-    """The example-level delta for ``n_examples`` private examples.
-
-    ``cfg.delta`` when set (it must be < 1/N: :class:`ConfigError` naming ``tune.delta``
-    otherwise), else ``min(1e-5, 1/(10 N))``, so a client with 1-3 examples never reports
-    delta = 1/N.
-    """
-    return resolve(cfg.delta, n_examples, "tune.delta", "private examples")
-
-
-def planned_steps(cfg: TuneConfig, n_examples: int) -> int:
-    """Number of optimiser steps that ``cfg.epochs`` epochs take (expected batches per epoch = N / batch)."""
-    return max(1, math.ceil(cfg.epochs * n_examples / cfg.batch_size))
-
-
-def sample_rate(cfg: TuneConfig, n_examples: int) -> float:
-    """Poisson sampling rate q = 1 / (batches per epoch), about batch_size / N, as Opacus sets it."""
-    return 1.0 / math.ceil(n_examples / min(cfg.batch_size, n_examples))
-
-
-def calibrate_noise_multiplier(cfg: TuneConfig, n_examples: int, total_steps: int) -> float:
-    """Smallest noise multiplier such that ``total_steps`` DP-SGD steps at rate q spend <= target epsilon."""
-    return _noise_multiplier(cfg.target_epsilon, resolve_delta(cfg, n_examples), sample_rate(cfg, n_examples),
-                             total_steps, cfg.accountant)
-
-
-@functools.lru_cache(maxsize=256)
-def _noise_multiplier(target_epsilon: float, delta: float, q: float, steps: int, accountant: str) -> float:
-    """Opacus' binary search for sigma (seconds per call), memoised: many clients share the same inputs."""
-    from opacus.accountants.utils import get_noise_multiplier
-
-    return get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=q, steps=steps,
-                                accountant=accountant)
-
-
-def epsilon_from_history(history: list, delta: float, accountant: str = "rdp") -> float:
-    """Epsilon spent by a DP-SGD history of (noise multiplier, sample rate, steps) at ``delta``.
-
-    Composition does not depend on the order of the mechanisms, so entries with the same
-    (noise multiplier, sample rate) are merged by adding their steps (exact for the RDP and PRV
-    accountants) and the result is memoised: a federation's clients of equal size share
-    histories, and a client's ledger asks for its epsilon several times a round.
-    """
-    if not history:
-        return 0.0
-    merged: dict[tuple[float, float], int] = {}
-    for sigma, q, steps in history:
-        key = (float(sigma), float(q))
-        merged[key] = merged.get(key, 0) + int(steps)
-    return _epsilon_of(tuple(sorted((s, q, n) for (s, q), n in merged.items())), float(delta), accountant)
-
-
-@functools.lru_cache(maxsize=4096)
-def _epsilon_of(history: tuple, delta: float, accountant: str) -> float:
-    from opacus.accountants import create_accountant
-
-    acc = create_accountant(accountant)
-    acc.history = list(history)
-    return float(acc.get_epsilon(delta=delta))
 
 
 def encode_dataset(model: ScoringModel, data: TextDataset) -> TensorDataset:
@@ -237,7 +175,7 @@ def tune_prompt(model: ScoringModel, prompt: SoftPrompt, data: TextDataset, cfg:
     loss_fn = nn.CrossEntropyLoss()
     bar = None
     if progress:
-        from .progress import progress_bar
+        from .core.progress import progress_bar
 
         bar = progress_bar(steps, desc="tune" + (" (DP)" if cfg.private else ""))
     done = 0

@@ -13,7 +13,7 @@ import argparse
 import os
 from typing import Any
 
-from post_fl.config import ConfigError
+from post_fl.core.config import ConfigError
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -69,8 +69,9 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(str(exc))
     if args.insecure_reproducible:
         flat["insecure_reproducible"] = True
-    from post_fl.federated import build_configs
-    from post_fl.preflight import PreflightError, check_federated
+    from post_fl.fed_config import build_configs
+    from post_fl.core.tasks import PreflightError
+    from post_fl.preflight import check_federated
 
     try:  # every input and the client partitions checked before Ray starts
         check_federated(*build_configs({"federated.num_clients": args.num_supernodes, **flat}), partitions=True)
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
 def read_run_config(path: str | None, overrides: list[str] = ()) -> dict[str, Any]:
     """The flat run-config (Flower style, ``section.key``) of a TOML file plus ``KEY=VALUE`` overrides."""
     from post_fl.cli import parse_overrides
-    from post_fl.config import read_toml
+    from post_fl.core.config import read_toml
 
     flat = _flatten(read_toml(path, "config file")) if path else {}
     flat.update(parse_overrides(list(overrides)))

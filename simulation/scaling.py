@@ -67,10 +67,10 @@ def prepare_tiny(root: Path, n_train: int) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from conftest import build_tiny_model, make_sentiment
 
-    from post_fl.config import DistillConfig
-    from post_fl.data import TextDataset, write_text_file
+    from post_fl.core.config import DistillConfig
+    from post_fl.core.data import TextDataset, write_text_file
     from post_fl.distill import distill_student, save_student
-    from post_fl.models import load_scoring_model
+    from post_fl.core.models import load_scoring_model
 
     words = {"positive": ["good"], "negative": ["bad"]}
     if not (root / "student" / "model.safetensors").is_file():

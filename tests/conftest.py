@@ -14,7 +14,7 @@ os.environ.setdefault("POST_FL_CACHE", __import__("tempfile").mkdtemp(prefix="po
 import pytest
 import torch
 
-from post_fl.data import TextDataset
+from post_fl.core.data import TextDataset
 
 POSITIVE = ["good", "great", "fine", "nice", "happy", "love"]
 NEGATIVE = ["bad", "awful", "poor", "sad", "hate", "worst"]
@@ -106,10 +106,10 @@ def write_tiny_task(root, n_train: int, seed: int, with_student: bool = True):
     """A federated task under ``root``: a tiny masked-LM ``teacher``, ``train.csv`` (``n_train`` rows),
     ``test.csv`` and unlabelled ``public.jsonl`` (32 rows each; seeds ``seed``, ``seed+1``, ``seed+2``)
     and, with ``with_student``, a 2-layer ``student`` distilled on the public text. Returns ``root``."""
-    from post_fl.config import DistillConfig
-    from post_fl.data import write_text_file
+    from post_fl.core.config import DistillConfig
+    from post_fl.core.data import write_text_file
     from post_fl.distill import distill_student, save_student
-    from post_fl.models import load_scoring_model
+    from post_fl.core.models import load_scoring_model
 
     build_tiny_model("masked", root / "teacher")
     write_text_file(make_sentiment(n_train, seed=seed), root / "train.csv")

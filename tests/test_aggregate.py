@@ -6,12 +6,10 @@ import math
 import numpy as np
 import pytest
 
-from post_fl.aggregate import (ClientUpdate, RoundFailedError, aggregate_updates, capped_weights,
-                               coordinate_median, filter_updates, require_min_clients, trimmed_mean,
-                               validate_update, weighted_mean)
-from post_fl.randomness import dp_numpy_rng
-from post_fl.user_dp import (calibrate_user_noise, clip_update, noised_mean, poisson_sample,
-                             user_level_epsilon)
+from post_fl.aggregate import (ClientUpdate, RoundFailedError, aggregate_updates, capped_weights, coordinate_median,
+                               filter_updates, require_min_clients, trimmed_mean, validate_update, weighted_mean)
+from post_fl.privacy.randomness import dp_numpy_rng
+from post_fl.privacy.user_dp import calibrate_user_noise, clip_update, noised_mean, poisson_sample, user_level_epsilon
 
 SHAPE = (4, 8)
 

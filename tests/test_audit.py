@@ -9,12 +9,7 @@ import pytest
 from scipy.optimize import brentq
 from scipy.stats import norm
 
-from post_fl.audit import (
-    AuditResult,
-    audit_by_canaries,
-    clopper_pearson_upper,
-    epsilon_lower_bound_from_scores,
-)
+from post_fl.privacy.audit import AuditResult, audit_by_canaries, clopper_pearson_upper, epsilon_lower_bound_from_scores
 
 DELTA = 1e-5
 
@@ -144,7 +139,7 @@ def test_bad_inputs_raise_value_error():
 
 # ---------------------------------------------------------------- power: the most an audit can show
 def test_max_epsilon_lower_bound_closed_form_and_is_reached_by_a_perfect_attack():
-    from post_fl.audit import max_epsilon_lower_bound
+    from post_fl.privacy.audit import max_epsilon_lower_bound
 
     n, alpha = 500, 0.05
     p = 1 - (alpha / 2) ** (1 / n)  # Clopper-Pearson upper bound for 0 of n, one threshold
@@ -171,7 +166,7 @@ def test_every_result_reports_its_maximum_and_never_exceeds_it():
 
 
 def test_observations_needed_to_detect_epsilon_8():
-    from post_fl.audit import max_epsilon_lower_bound, observations_needed
+    from post_fl.privacy.audit import max_epsilon_lower_bound, observations_needed
 
     n = observations_needed(8.0, DELTA)
     assert max_epsilon_lower_bound(n, n, DELTA) >= 8.0 > max_epsilon_lower_bound(n - 1, n - 1, DELTA)

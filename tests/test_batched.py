@@ -9,11 +9,12 @@ import torch
 from conftest import make_sentiment
 from post_fl.batched import (clip_per_example, gaussian_noise, per_example_prompt_grads, sum_by_client,
                              train_clients_batched)
-from post_fl.config import TuneConfig
-from post_fl.data import DataError, TextDataset
-from post_fl.models import load_scoring_model
-from post_fl.prompt import SoftPrompt, init_from_vocab
-from post_fl.tuning import PromptedClassifier, encode_dataset, epsilon_from_history, tune_prompt
+from post_fl.core.config import TuneConfig
+from post_fl.core.data import DataError, TextDataset
+from post_fl.core.models import load_scoring_model
+from post_fl.core.prompt import SoftPrompt, init_from_vocab
+from post_fl.tuning import PromptedClassifier, encode_dataset, tune_prompt
+from post_fl.privacy.accounting import epsilon_from_history
 
 LABELS = ["negative", "positive"]
 # clients of different sizes: different steps, sample rates, expected batch sizes and noise multipliers
@@ -49,7 +50,7 @@ def test_per_example_grads_of_a_mixed_batch_equal_a_loop(tiny_dirs, kind):
     data = make_sentiment(6, seed=4)
     ids, mask, ans, y = encode_dataset(m, data).tensors
     owner = torch.tensor([0, 1, 1, 0, 1, 0])
-    from post_fl.models import EncodedBatch
+    from post_fl.core.models import EncodedBatch
 
     grads, losses = per_example_prompt_grads(m, prompts[owner], EncodedBatch(ids, mask, ans), y)
     assert grads.shape == (6, 3, m.embedding_dim)
@@ -256,7 +257,7 @@ def test_batched_transport_gives_the_local_transport_run(fed_root, tmp_path, ove
 def test_batched_transport_refuses_secagg(fed_root, tmp_path):
     from post_fl import federated as F
     from post_fl.batched import BatchedTransport
-    from post_fl.config import ConfigError
+    from post_fl.core.config import ConfigError
     from test_federated import fed_flat
 
     run_cfg, fed = F.build_configs(fed_flat(fed_root, tmp_path, **{"federated.secagg": True,

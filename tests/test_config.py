@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from post_fl.config import ConfigError, RunConfig, config_from_dict, dumps_config, load_config, unflatten
+from post_fl.core.config import ConfigError, RunConfig, config_from_dict, dumps_config, load_config, unflatten
 
 
 def test_defaults_validate_and_round_trip_through_toml(tmp_path):
@@ -55,7 +55,7 @@ def test_every_shipped_config_file_loads():
     from pathlib import Path
 
     from post_fl import federated as F
-    from post_fl.sweep import load_sweep_config
+    from post_fl.sweep_grid import load_sweep_config
     from simulation.run import read_run_config
 
     repo = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def test_every_shipped_config_file_loads():
 
 def test_every_setting_has_help_text_and_show_config_prints_it(capsys):
     from post_fl.cli import main
-    from post_fl.config_help import FIELD_HELP, field_keys
+    from post_fl.core.config_help import FIELD_HELP, field_keys
 
     missing = [k for k in field_keys() if not FIELD_HELP.get(k, "").strip()]
     assert not missing, f"settings without help text in post_fl/config_help.py: {missing}"
@@ -88,11 +88,11 @@ def test_every_setting_has_help_text_and_show_config_prints_it(capsys):
 def test_a_saved_config_json_is_a_config_file(tmp_path):
     import json
 
-    from post_fl.config import load_config
+    from post_fl.core.config import load_config
 
     cfg = load_config(None, {"tune.target_epsilon": "inf", "tune.lr": 0.2, "output_dir": "runs/x"})
     p = tmp_path / "config.json"
-    from post_fl.jsonio import write_json
+    from post_fl.core.jsonio import write_json
 
     write_json(cfg.to_dict(), p)
     again = load_config(p, {"seed": 4})
@@ -106,7 +106,7 @@ def test_a_saved_config_json_is_a_config_file(tmp_path):
 
 
 def test_legacy_valued_settings_are_left_out_of_fingerprints():
-    from post_fl.config import LEGACY_VALUES, RESULT_NEUTRAL_SETTINGS, RunConfig, identifying_settings
+    from post_fl.core.config import LEGACY_VALUES, RESULT_NEUTRAL_SETTINGS, RunConfig, identifying_settings
 
     d = RunConfig().to_dict()
     d["distill"]["lr_schedule"], d["distill"]["keep_best"] = "constant", False

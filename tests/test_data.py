@@ -1,7 +1,7 @@
 
 import pytest
 
-from post_fl.data import DataError, TextDataset, partition, read_text_file, write_text_file
+from post_fl.core.data import DataError, TextDataset, partition, read_text_file, write_text_file
 
 
 def test_csv_tsv_jsonl_read_the_same(tmp_path, sentiment):
@@ -78,7 +78,7 @@ def test_dirichlet_gives_every_client_at_least_the_minimum():
         assert min(len(p) for p in parts) >= minimum
         assert sorted(t for p in parts for t in p.texts) == sorted(data.texts)
     # without the top-up this draw leaves clients empty (the README's 100 clients, alpha 0.3)
-    from post_fl import data as D
+    from post_fl.core import data as D
 
     raw = D.top_up_partitions([[1, 2, 3], [], [4]], 1, seed=0)
     assert [len(p) for p in raw] == [2, 1, 1]
@@ -93,7 +93,7 @@ def test_impossible_minimum_partition_sizes_are_refused_up_front(sentiment):
 
 
 def test_every_problem_of_a_file_and_the_nearest_label(tmp_path):
-    from post_fl.data import nearest_label, scan_text_file, training_label_names
+    from post_fl.core.data import nearest_label, scan_text_file, training_label_names
 
     p = tmp_path / "t.csv"
     p.write_text("text,label\n,positive\ngood,\n,negative\nok,positive\n")

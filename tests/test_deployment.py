@@ -252,7 +252,7 @@ def _bring_up_and_run(fed: Federation) -> None:
     # while the SuperLink starts: the model, the server's files and each site's private file
     assets = _make_assets(root)
     labelled = make_sentiment(max(SITE_SIZES), seed=30)
-    from post_fl.data import TextDataset, write_text_file
+    from post_fl.core.data import TextDataset, write_text_file
 
     for i, n in enumerate(SITE_SIZES):
         part = TextDataset(labelled.texts[:n], labelled.labels[:n], labelled.label_names)
@@ -268,7 +268,7 @@ def _bring_up_and_run(fed: Federation) -> None:
     # is a fresh process in Flower 1.41 (seconds of imports each on 2 cores). With
     # POST_FL_DEPLOY_FRESH_SITE=1 site 0 starts empty and receives the student over the TLS link.
     from post_fl import federated as F
-    from post_fl.models import load_scoring_model
+    from post_fl.core.models import load_scoring_model
 
     student = load_scoring_model(str(assets["student"]), ["negative", "positive"],
                                  {"positive": ["good"], "negative": ["bad"]}, "auto", "", 48)
@@ -418,7 +418,7 @@ def _claim_serverapp_task(address: str, ca: Path) -> tuple[int, str]:
 
 @pytest.mark.slow
 def test_tls_federation_of_three_sites_runs_two_rounds(federation):
-    from post_fl.ledger import read_ledgers
+    from post_fl.privacy.ledger import read_ledgers
 
     fed = federation
     assert fed.run_rc == 0, fed.logs()

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import post_fl.distill as distill
-from post_fl.config import DistillConfig, load_config
-from post_fl.data import DataError, TextDataset, write_text_file
+from post_fl.core.config import DistillConfig, load_config
+from post_fl.core.data import DataError, TextDataset, write_text_file
 from post_fl.distill import distill_student, teacher_cache_key, teacher_outputs
-from post_fl.models import load_scoring_model
+from post_fl.core.models import load_scoring_model
 
 from conftest import build_tiny_model, make_sentiment
 

@@ -28,13 +28,13 @@ import pytest
 import torch
 from scipy.special import gammaln, logsumexp
 
-from post_fl.config import ConfigError, TuneConfig
-from post_fl.models import load_scoring_model
-from post_fl.prompt import init_from_vocab
-from post_fl.randomness import NOT_PRIVATE_LABEL, dp_numpy_rng
+from post_fl.core.config import ConfigError, TuneConfig
+from post_fl.core.models import load_scoring_model
+from post_fl.core.prompt import init_from_vocab
+from post_fl.privacy.randomness import NOT_PRIVATE_LABEL, dp_numpy_rng
 from post_fl.tuning import tune_prompt
-from post_fl.user_dp import (clip_update, effective_noise_multiplier, noise_share, noised_mean, poisson_sample,
-                             resolve_user_delta, user_level_epsilon)
+from post_fl.privacy.user_dp import (clip_update, effective_noise_multiplier, noise_share, noised_mean, poisson_sample,
+                                     resolve_user_delta, user_level_epsilon)
 
 LABELS = ["negative", "positive"]
 
@@ -229,6 +229,6 @@ def test_single_site_dp_tuning_is_fresh_unless_insecure_reproducible(fed_root, t
     assert torch.equal(runs["c"][1], runs["d"][1])
     assert "not_private" not in runs["a"][0]
     assert runs["c"][0]["not_private"] == NOT_PRIVATE_LABEL
-    from post_fl.prompt import PROVENANCE
+    from post_fl.core.prompt import PROVENANCE
 
     assert json.loads((tmp_path / "c" / "prompt_student" / PROVENANCE).read_text())["not_private"] == NOT_PRIVATE_LABEL

@@ -6,10 +6,10 @@ import torch
 import csv
 import importlib.util
 
-from post_fl.data import DataError, TextDataset
-from post_fl.embedded import (EMBEDDED_LABELS, MOVIE_LABELS, carve_validation, embedded_model_dir,
-                              load_embedded_task, load_movie_reviews_task)
-from post_fl.models import load_scoring_model
+from post_fl.core.data import DataError, TextDataset
+from post_fl.core.embedded import (EMBEDDED_LABELS, MOVIE_LABELS, carve_validation, embedded_model_dir,
+                                   load_embedded_task, load_movie_reviews_task)
+from post_fl.core.models import load_scoring_model
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch
 
 from post_fl.evaluate import (accuracy_of_scores, accuracy_summary, class_scores, contextual_calibration_bias,
                               fit_class_bias, predict, standard_error, wilson_interval)
-from post_fl.models import load_scoring_model
+from post_fl.core.models import load_scoring_model
 
 LABELS = ["negative", "positive"]
 

@@ -15,7 +15,7 @@ from test_federated import fed_flat
 from post_fl import fed_client
 from post_fl import federated as F
 from post_fl.aggregate import ClientUpdate
-from post_fl.ledger import BudgetExhausted, PrivacyLedger, dataset_sha256, read_ledgers
+from post_fl.privacy.ledger import BudgetExhausted, PrivacyLedger, dataset_sha256, read_ledgers
 
 
 def _apps(flat, after_round=None):
@@ -159,7 +159,7 @@ def test_secagg_with_user_dp_aggregate_carries_the_clients_noise(fed_root, tmp_p
     row, user = res["rounds"][0], res["privacy"]["user_level"]
     assert row["valid"] == k and user["noise"] == "distributed"
     assert user["rounds_with_fewer_than_min_clients_shares"] == 0
-    from post_fl.user_dp import user_level_epsilon
+    from post_fl.privacy.user_dp import user_level_epsilon
 
     # k >= m shares: against the server the round is charged at sigma, without amplification (rate 1)
     assert user["epsilon_against_server"] == pytest.approx(user_level_epsilon(sigma, 1.0, 1, user["delta"]))
@@ -188,7 +188,7 @@ def test_secagg_server_noise_is_opt_in_and_labelled(fed_root, tmp_path):
 
 
 def _sites(grid, tmp_path, sizes, budget=None, ledger=True):
-    from post_fl.data import write_text_file
+    from post_fl.core.data import write_text_file
 
     for i, ctx in enumerate(grid.contexts.values()):
         path = tmp_path / f"site{i}.csv"
@@ -242,7 +242,7 @@ def test_sites_refuse_beyond_their_budget_and_the_server_records_it(fed_root, tm
 def test_deployed_site_needs_a_budget_and_refuses_insecure_runs(fed_root, tmp_path):
     from simulation.inprocess import InProcessGrid
 
-    from post_fl.config import RunConfig
+    from post_fl.core.config import RunConfig
 
     with pytest.raises(F.SiteInputInvalid, match="privacy-budget-epsilon"):
         F.site_budget(RunConfig(), {"data-path": "x.csv"})
@@ -435,8 +435,8 @@ def test_user_level_epsilon_is_reported_against_the_world_and_against_the_server
 def test_user_dp_target_is_met_against_the_server_by_default():
     """With distributed noise, sigma is calibrated so that the target holds against the server (rate 1 over all
     rounds), not only against the world; server noise can only be judged against the world."""
-    from post_fl.config import ConfigError
-    from post_fl.user_dp import user_level_epsilon
+    from post_fl.core.config import ConfigError
+    from post_fl.privacy.user_dp import user_level_epsilon
 
     fed = F.FederatedConfig(user_dp=True, secagg=True, rounds=10, num_clients=20, fraction_train=0.2,
                             user_dp_target_epsilon=4.0)
@@ -492,7 +492,7 @@ def test_distributed_noise_shares_are_fresh_per_client_call(fed_root, tmp_path, 
     """A client's distributed-DP noise share comes from fresh OS entropy: two equal calls draw different
     shares (a share seeded from the config seed would repeat, and the server could subtract it);
     insecure_reproducible repeats it. The share is what the update carries on top of the clipped update."""
-    import post_fl.user_dp as U
+    import post_fl.privacy.user_dp as U
 
     shares = []
     real = U.noise_share

@@ -9,9 +9,9 @@ import pytest
 from post_fl import federated as F
 from post_fl import local_transport
 from post_fl.aggregate import RoundFailedError
-from post_fl.config import ConfigError
-from post_fl.data import TextDataset
-from post_fl.prompt import load_prompt
+from post_fl.core.config import ConfigError
+from post_fl.core.data import TextDataset
+from post_fl.core.prompt import load_prompt
 
 
 def fed_flat(root, tmp, **over):
@@ -135,7 +135,7 @@ def _kill_after_first(rnd):
 def test_resume_after_kill_is_bit_exact_in_insecure_mode(fed_root, tmp_path):
     """insecure_reproducible seeds every mechanism: a resumed run repeats an uninterrupted one bit for bit,
     and its results carry the NOT PRIVATE label."""
-    from post_fl.randomness import NOT_PRIVATE_LABEL
+    from post_fl.privacy.randomness import NOT_PRIVATE_LABEL
 
     over = {"federated.rounds": 3, "insecure_reproducible": True}
     full, server_a, _ = run_local(fed_flat(fed_root, tmp_path / "a", **over))
@@ -284,7 +284,7 @@ def test_default_norm_bound_rejects_a_poisoned_update(fed_root, tmp_path):
 def test_every_client_gets_the_configured_minimum_or_the_split_is_refused(fed_root, tmp_path):
     """federated.min_partition_size reaches the partitioner: a strongly skewed Dirichlet split still gives
     each client that many examples, and a minimum the data cannot meet is refused with the numbers."""
-    from post_fl.data import DataError
+    from post_fl.core.data import DataError
 
     flat = fed_flat(fed_root, tmp_path, **{"federated.partitioning": "dirichlet", "federated.dirichlet_alpha": 0.05,
                                            "federated.min_partition_size": 3})

@@ -51,7 +51,7 @@ def test_inprocess_run_and_reply_contents(fed_root, tmp_path):  # noqa: F811
     assert all(set(m.content.config_records[F.HELLO_RECORD]) == {"client-id", "has-model", "cache-key"}
                for m in hello)
     # each client's privacy record is its own ledger (simulation: under <output_dir>/client-ledgers)
-    from post_fl.ledger import read_ledgers
+    from post_fl.privacy.ledger import read_ledgers
 
     ledgers = read_ledgers(tmp_path / "run" / F.LEDGER_DIR_NAME)
     assert len(ledgers) >= 3 and all(0 < v["epsilon"] <= 8.0 + 1e-6 for v in ledgers.values())
@@ -137,7 +137,7 @@ def test_site_data_path_is_used_and_bad_site_fails_alone(fed_root, tmp_path):  #
     from simulation.inprocess import InProcessGrid
 
     from flwr.app import Context, RecordDict
-    from post_fl.data import write_text_file
+    from post_fl.core.data import write_text_file
 
     F._STUDENTS.clear()
     flat = fed_flat(fed_root, tmp_path, **{"federated.rounds": 1, "federated.num_clients": 3,
@@ -155,7 +155,7 @@ def test_site_data_path_is_used_and_bad_site_fails_alone(fed_root, tmp_path):  #
     # the malformed site fails its data check at hello (post_fl.preflight) and is left out of the run
     assert row["sampled"] == 2 and row["valid"] == 2 and "examples" not in row  # DP sites hide their sizes
     # each good site accounted its own file (sizes 10 and 14) in its own ledger
-    from post_fl.ledger import read_ledgers
+    from post_fl.privacy.ledger import read_ledgers
 
     for i in (0, 1):
         (led,) = read_ledgers(tmp_path / f"ledger{i}").values()
@@ -165,8 +165,8 @@ def test_site_data_path_is_used_and_bad_site_fails_alone(fed_root, tmp_path):  #
 
 def test_missing_site_data_file_is_named(tmp_path):
     """A deployed site whose data-path does not exist fails with the file named (no fallback data)."""
-    from post_fl.config import RunConfig
-    from post_fl.data import DataError
+    from post_fl.core.config import RunConfig
+    from post_fl.core.data import DataError
 
     missing = tmp_path / "absent" / "site.csv"
     site = F.SiteSettings(str(missing), "site", ("negative", "positive"))

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from post_fl.models import ModelError, load_scoring_model
-from post_fl.prompt import PromptError, SoftPrompt, init_from_text, init_from_vocab, load_prompt, save_prompt
+from post_fl.core.models import ModelError, load_scoring_model
+from post_fl.core.prompt import PromptError, SoftPrompt, init_from_text, init_from_vocab, load_prompt, save_prompt
 
 LABELS = ["negative", "positive"]
 

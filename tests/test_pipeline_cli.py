@@ -5,8 +5,8 @@ import json
 import pytest
 
 from post_fl.cli import main, parse_overrides
-from post_fl.config import ConfigError
-from post_fl.data import write_text_file
+from post_fl.core.config import ConfigError
+from post_fl.core.data import write_text_file
 
 from conftest import make_sentiment
 
@@ -107,9 +107,9 @@ def test_help_explains_every_option(capsys):
 
 def test_public_file_may_name_its_own_text_columns(tmp_path, files):
     """The POST setting: a labelled private task in one format, public text (AG-News-like) in another."""
-    from post_fl.config import load_config
-    from post_fl.data import DataError
-    from post_fl.pipeline import load_task
+    from post_fl.core.config import load_config
+    from post_fl.core.data import DataError
+    from post_fl.core.tasks import load_task
 
     train, test, _ = files
     public = tmp_path / "news.csv"
@@ -124,7 +124,7 @@ def test_public_file_may_name_its_own_text_columns(tmp_path, files):
 
 
 def test_split_sentences_keeps_whole_sentences_of_the_allowed_length():
-    from post_fl.data import split_sentences
+    from post_fl.core.data import split_sentences
 
     texts = ['I loved it. The plot (which was "great") really worked! But the end was cut mid',
              'Is it good? Yes, it really is good." ' + "long " * 70 + "run-on."]
@@ -133,9 +133,9 @@ def test_split_sentences_keeps_whole_sentences_of_the_allowed_length():
 
 
 def test_public_unit_sentence_splits_the_public_file(tmp_path, files):
-    from post_fl.config import load_config
-    from post_fl.data import DataError
-    from post_fl.pipeline import load_task
+    from post_fl.core.config import load_config
+    from post_fl.core.data import DataError
+    from post_fl.core.tasks import load_task
 
     train, test, _ = files
     public = tmp_path / "reviews.csv"
@@ -159,8 +159,8 @@ def test_public_unit_sentence_splits_the_public_file(tmp_path, files):
 
 
 def test_test_file_may_name_its_own_text_column(tmp_path, files):
-    from post_fl.config import load_config
-    from post_fl.pipeline import load_task
+    from post_fl.core.config import load_config
+    from post_fl.core.tasks import load_task
 
     train, _, public = files
     test = tmp_path / "dev.tsv"
@@ -226,7 +226,7 @@ def test_results_table_keeps_small_deltas_exact():
 def test_quiet_silences_the_libraries(tmp_path, tiny_dirs, files):
     import transformers
 
-    from post_fl import progress
+    from post_fl.core import progress
 
     try:
         assert main(["distill"] + _args(tiny_dirs, files, tmp_path / "run")) == 0  # _args passes --quiet

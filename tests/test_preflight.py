@@ -5,9 +5,10 @@ import json
 import pytest
 
 from post_fl.cli import main
-from post_fl.config import load_config
-from post_fl.data import TextDataset, write_text_file
-from post_fl.preflight import PreflightError, check_federated, check_run, check_site_file, config_differences
+from post_fl.core.config import load_config
+from post_fl.core.data import TextDataset, write_text_file
+from post_fl.core.tasks import PreflightError
+from post_fl.preflight import check_federated, check_run, check_site_file, config_differences
 
 from conftest import make_sentiment
 
@@ -98,7 +99,7 @@ def _write_typo_train(tmp_path):
 
 
 def test_a_typo_label_is_never_a_new_class(tmp_path, tiny_dirs, files):
-    from post_fl.pipeline import load_task
+    from post_fl.core.tasks import load_task
 
     typo = _write_typo_train(tmp_path)
     cfg = _cfg(tiny_dirs, files, tmp_path / "run", **{"data.train": str(typo)})
@@ -182,7 +183,7 @@ def test_site_file_is_checked_with_every_problem(tmp_path, tiny_dirs, files):
 
 
 def test_federated_preflight_refuses_partitions_that_leave_a_client_empty(tmp_path, tiny_dirs, files):
-    from post_fl.federated import FederatedConfig
+    from post_fl.fed_config import FederatedConfig
 
     cfg = _cfg(tiny_dirs, files, tmp_path / "run")
     check_federated(cfg, FederatedConfig(num_clients=4), partitions=True)
@@ -191,8 +192,8 @@ def test_federated_preflight_refuses_partitions_that_leave_a_client_empty(tmp_pa
 
 
 def test_preflight_command_for_the_simulation_scripts(tmp_path, tiny_dirs, files, capsys):
-    from post_fl.config import RunConfig, _toml_value
-    from post_fl.federated import FederatedConfig, flatten_configs
+    from post_fl.core.config import RunConfig, toml_value as _toml_value
+    from post_fl.fed_config import FederatedConfig, flatten_configs
     from post_fl.preflight import main as preflight_main
 
     pyproject = tmp_path / "pyproject.toml"  # an app file declaring today's defaults

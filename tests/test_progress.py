@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 
-from post_fl import progress as P
+from post_fl.core import progress as P
 
 
 class FakeClock:
@@ -79,9 +79,9 @@ def test_the_training_loops_report_through_the_helper(monkeypatch, capsys, tiny_
     """transfer (as tune/distill/evaluate) gets its report from progress_bar: lines, not one per step."""
     import torch
 
-    from post_fl.config import TransferConfig
-    from post_fl.models import load_scoring_model
-    from post_fl.prompt import init_from_vocab
+    from post_fl.core.config import TransferConfig
+    from post_fl.core.models import load_scoring_model
+    from post_fl.core.prompt import init_from_vocab
     from post_fl.transfer import transfer_prompt
 
     from conftest import make_sentiment

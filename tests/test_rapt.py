@@ -7,13 +7,8 @@ import math
 import pytest
 import torch
 
-from post_fl.rapt import (
-    ReconstructionHead,
-    per_token_epsilon,
-    privatize_token_ids,
-    reconstruction_loss,
-    sample_dchi_noise,
-)
+from post_fl.privacy.rapt import (ReconstructionHead, per_token_epsilon, privatize_token_ids, reconstruction_loss,
+                                  sample_dchi_noise)
 
 
 def _emb(v=60, d=8, seed=0):
@@ -172,7 +167,7 @@ def test_reconstruction_head_learns_toy_problem_and_ignores_padding(single_threa
 
 # ---------------------------------------------------------------- randomised response on labels
 def test_randomized_response_keeps_with_the_ldp_probability_and_flips_uniformly():
-    from post_fl.rapt import randomized_response, randomized_response_keep_probability
+    from post_fl.privacy.rapt import randomized_response, randomized_response_keep_probability
 
     eps, k, n = 1.0, 3, 200_000
     keep = math.exp(eps) / (math.exp(eps) + k - 1)

@@ -7,7 +7,7 @@ import multiprocessing as mp
 
 import pytest
 
-from post_fl.ledger import BudgetExhausted, PrivacyLedger
+from post_fl.privacy.ledger import BudgetExhausted, PrivacyLedger
 
 DELTA = 1e-5
 
@@ -57,7 +57,7 @@ def test_concurrent_records_are_all_kept(tmp_path):
 def test_concurrent_spends_never_pass_the_budget(tmp_path):
     """16 processes x 3 attempts race for a budget of 4.0 that holds exactly 5 rounds of (sigma 2, q 0.2,
     10 steps): exactly 5 are recorded, every other attempt is refused, epsilon stays <= 4.0."""
-    from post_fl.tuning import epsilon_from_history
+    from post_fl.privacy.accounting import epsilon_from_history
 
     one = (2.0, 0.2, 10)
     assert epsilon_from_history([one] * 5, DELTA) <= 4.0 < epsilon_from_history([one] * 6, DELTA)
@@ -76,7 +76,7 @@ def _private_site_file(path):
     import random
 
     from conftest import make_sentiment
-    from post_fl.data import TextDataset, write_text_file
+    from post_fl.core.data import TextDataset, write_text_file
 
     rng = random.Random(22)
     base = make_sentiment(16, seed=22)
@@ -90,7 +90,7 @@ def _private_site_file(path):
 def site(fed_root, tmp_path):
     """A deployed site (node config with its own file, settings, budget and ledger) and the student package."""
     from post_fl import federated as F
-    from post_fl.models import load_scoring_model
+    from post_fl.core.models import load_scoring_model
 
     path = _private_site_file(tmp_path / "private" / "cohort.csv")
     student = load_scoring_model(str(fed_root / "student"), list(SITE_LABELS),
@@ -279,7 +279,7 @@ def test_every_run_config_field_a_server_can_set_leaves_the_site_data_private(fe
     """Every key of the run config (93, plus the label words), each set to hostile values in turn: no reply of
     the real ClientApp (hello, model, train) carries a piece of the site's file or a path of the site."""
     from post_fl import federated as F
-    from post_fl.config import RunConfig
+    from post_fl.core.config import RunConfig
     from test_federated import fed_flat
 
     base = fed_flat(fed_root, tmp_path, **{"federated.num_clients": 1, "federated.min_clients": 1,
@@ -324,7 +324,7 @@ def test_re_exporting_the_same_data_does_not_reset_its_budget(fed_root, tmp_path
     """The ledger is keyed by the site's dataset-name, not by the file's bytes: the same data written again as
     JSONL (other bytes, other path) under the same name continues the same ledger and is refused once the
     budget is spent."""
-    from post_fl.data import read_text_file, write_text_file
+    from post_fl.core.data import read_text_file, write_text_file
     from test_federated import fed_flat
 
     flat = fed_flat(fed_root, tmp_path, **{"federated.num_clients": 1, "federated.min_clients": 1,
@@ -342,7 +342,7 @@ def test_re_exporting_the_same_data_does_not_reset_its_budget(fed_root, tmp_path
 def test_a_site_reads_its_own_columns_and_needs_its_settings(fed_root, tmp_path, site):
     """A site whose file uses other column names reads them (node config text-column / label-column); the run
     must name the same (else refused); a site without dataset-name or labels is invalid input."""
-    from post_fl.data import read_text_file
+    from post_fl.core.data import read_text_file
     from test_federated import fed_flat
 
     data = read_text_file(site["path"])

@@ -13,8 +13,8 @@ import torch
 from conftest import build_tiny_model, make_sentiment, write_tiny_task
 
 from post_fl import sweep as S
-from post_fl.config import ConfigError, TuneConfig
-from post_fl.models import load_scoring_model
+from post_fl.core.config import ConfigError, TuneConfig
+from post_fl.core.models import load_scoring_model
 
 WORDS = {"positive": ["good"], "negative": ["bad"]}
 
@@ -191,7 +191,7 @@ def test_tiny_sweep_end_to_end_then_resume(assets, tmp_path, monkeypatch, capsys
     # RAPT: eta maps the sweep's epsilon to per-token epsilon = eta * diameter
     rapt = by["rapt|clients=1|eps=4|part=iid|seed=0"]
     teacher = load_scoring_model(str(assets / "teacher"), ["negative", "positive"], WORDS)
-    from post_fl.rapt import per_token_epsilon
+    from post_fl.privacy.rapt import per_token_epsilon
 
     assert per_token_epsilon(float(rapt["rapt_eta"]), teacher.word_embeddings) == pytest.approx(4.0, rel=1e-5)
     assert by["rapt|clients=1|eps=inf|part=iid|seed=0"]["rapt_eta"] == "inf"
@@ -276,7 +276,7 @@ def test_audit_dp_prompt_stays_below_claimed_epsilon(audit_model):
 
 
 def test_default_audit_is_large_enough_to_detect_epsilon_8():
-    from post_fl.audit import max_epsilon_lower_bound, observations_needed
+    from post_fl.privacy.audit import max_epsilon_lower_bound, observations_needed
 
     a = S.AuditSweepConfig()
     a.validate()
@@ -310,11 +310,11 @@ def test_a_rapt_client_privatises_its_tokens_at_the_rows_eta(audit_model, monkey
     an eta scaled anywhere in that wiring (e.g. x1000, 1000x less noise than the row claims) fails here."""
     from types import SimpleNamespace
 
-    import post_fl.federated as FED
-    import post_fl.rapt as R
-    from post_fl.config import RunConfig
-    from post_fl.federated import FederatedConfig
-    from post_fl.rapt import per_token_epsilon
+    import post_fl.fed_client as FED
+    import post_fl.privacy.rapt as R
+    from post_fl.core.config import RunConfig
+    from post_fl.fed_config import FederatedConfig
+    from post_fl.privacy.rapt import per_token_epsilon
 
     drawn = []
     real = R.sample_dchi_noise
@@ -353,7 +353,7 @@ def test_rapt_update_is_trained_on_privatised_tokens_and_labels_only(audit_model
     assert not torch.equal(priv.labels, torch.tensor(data.labels))  # randomised response at eps 0.5
     assert priv.max_text_tokens == int(mask.sum(1).max())
     # the local round sees only the privatised data: equal private data -> equal update, whatever the raw data
-    from post_fl.rapt import ReconstructionHead
+    from post_fl.privacy.rapt import ReconstructionHead
 
     head = lambda: ReconstructionHead(m.embedding_dim, m.word_embeddings, mlp=False)  # noqa: E731
     prompt = torch.zeros(2, m.embedding_dim).numpy()

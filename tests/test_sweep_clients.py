@@ -15,8 +15,8 @@ import torch
 from conftest import write_tiny_task
 
 from post_fl import sweep as S
-from post_fl.config import ConfigError
-from post_fl.data import Task, TextDataset
+from post_fl.core.config import ConfigError
+from post_fl.core.data import Task, TextDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -145,7 +145,7 @@ def test_user_dp_and_batched_secagg_settings_are_refused(assets, tmp_path):
 
 # ---------------------------------------------------------------- cell configs
 def test_cell_configs_examples_per_client_and_user_level(assets, tmp_path):
-    from post_fl.federated import client_partition
+    from post_fl.fed_client import client_partition
 
     cfg = S.load_sweep_config(_write(tmp_path, sweep_toml(assets, tmp_path / "out")))
     ctx = S.SweepContext(cfg)
@@ -223,7 +223,7 @@ def test_calibrated_zero_shot_is_fitted_on_validation_only():
 # ---------------------------------------------------------------- end to end (batched engine)
 @pytest.mark.parametrize("engine", ["batched", "sequential"])
 def test_client_count_sweep_end_to_end(assets, tmp_path, engine):
-    from post_fl.ledger import read_ledgers
+    from post_fl.privacy.ledger import read_ledgers
 
     out = tmp_path / "out"
     text = sweep_toml(assets, out).replace('engine = "batched"', f'engine = "{engine}"')

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from post_fl.config import DistillConfig, TransferConfig, TuneConfig
-from post_fl.data import DataError
+from post_fl.core.config import DistillConfig, TransferConfig, TuneConfig
+from post_fl.core.data import DataError
 from post_fl.distill import distill_student, make_student, save_student, select_layers, student_with_layers
-from post_fl.models import load_scoring_model
-from post_fl.prompt import init_from_vocab
+from post_fl.core.models import load_scoring_model
+from post_fl.core.prompt import init_from_vocab
 from post_fl.transfer import kl_at_temperature, post_transfer_loss, transfer_prompt
 from post_fl.tuning import tune_prompt
 
@@ -103,7 +103,7 @@ def test_transfer_space_chooses_the_outputs_the_loss_compares(tiny_dirs, space):
 
 
 def test_transfer_space_is_validated():
-    from post_fl.config import ConfigError
+    from post_fl.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="transfer.space"):
         TransferConfig(space="logits").validate()

@@ -4,12 +4,12 @@ import math
 import pytest
 import torch
 
-from post_fl.config import ConfigError, TuneConfig
-from post_fl.data import DataError
-from post_fl.models import load_scoring_model
-from post_fl.prompt import SoftPrompt, init_from_vocab
-from post_fl.tuning import (PromptedClassifier, calibrate_noise_multiplier, encode_dataset, epsilon_from_history,
-                            resolve_delta, tune_prompt)
+from post_fl.core.config import ConfigError, TuneConfig
+from post_fl.core.data import DataError
+from post_fl.core.models import load_scoring_model
+from post_fl.core.prompt import SoftPrompt, init_from_vocab
+from post_fl.tuning import PromptedClassifier, encode_dataset, tune_prompt
+from post_fl.privacy.accounting import calibrate_noise_multiplier, epsilon_from_history, resolve_delta
 
 LABELS = ["negative", "positive"]
 
@@ -167,7 +167,7 @@ def test_epsilon_from_history_merges_equal_mechanisms_exactly():
     the memoised result equals Opacus' accountant on the raw history."""
     from opacus.accountants import RDPAccountant
 
-    from post_fl.tuning import epsilon_from_history
+    from post_fl.privacy.accounting import epsilon_from_history
 
     hist = [(1.1, 0.02, 30), (0.9, 0.05, 10), (1.1, 0.02, 70)]
     acc = RDPAccountant()

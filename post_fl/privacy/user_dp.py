@@ -61,7 +61,7 @@ import math
 
 import numpy as np
 
-from .config import ConfigError
+from ..core.config import ConfigError
 from .delta import resolve
 
 

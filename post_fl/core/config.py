@@ -475,7 +475,7 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         raise
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
@@ -485,9 +485,9 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{ " + ", ".join(f'"{k}" = {_toml_value(v)}' for k, v in value.items()) + " }"
+        return "{ " + ", ".join(f'"{k}" = {toml_value(v)}' for k, v in value.items()) + " }"
     raise ConfigError(f"cannot write {value!r} as TOML")
 
 
@@ -497,11 +497,11 @@ def dumps_config(cfg: RunConfig) -> str:
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if not dataclasses.is_dataclass(value):
-            lines.append(f"{f.name} = {_toml_value(value)}")
+            lines.append(f"{f.name} = {toml_value(value)}")
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
             doc = (type(value).__doc__ or "").strip().splitlines()[0]
             lines += ["", f"# {doc}", f"[{f.name}]"]
-            lines += [f"{k.name} = {_toml_value(getattr(value, k.name))}" for k in dataclasses.fields(value)]
+            lines += [f"{k.name} = {toml_value(getattr(value, k.name))}" for k in dataclasses.fields(value)]
     return "\n".join(lines) + "\n"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .config import RunConfig, _toml_value
+from .config import RunConfig, toml_value
 
 FIELD_HELP: dict[str, str] = {
     "seed": "the one seed of every non-private random choice (initialisation, splits, batches); DP noise never uses it",
@@ -114,7 +114,7 @@ def dumps_config_with_help(cfg: RunConfig) -> str:
         text = FIELD_HELP.get(key)
         if text:
             lines.append(f"# {text}")
-        lines.append(f"{name} = {_toml_value(value)}")
+        lines.append(f"{name} = {toml_value(value)}")
 
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)

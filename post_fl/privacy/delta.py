@@ -8,7 +8,7 @@ mechanism that publishes one record in the clear with probability delta and stil
 
 from __future__ import annotations
 
-from .config import ConfigError
+from ..core.config import ConfigError
 
 DEFAULT_MAX_DELTA = 1e-5
 

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import TextDataset
+from ..core.data import TextDataset
 
 LEDGER_VERSION = 2
 DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a site-chosen dataset name: a safe file stem
@@ -136,7 +136,7 @@ class PrivacyLedger:
         return [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])) for e in self.entries()]
 
     def _epsilon_of(self, hist: list[tuple[float, float, int]], delta: float) -> float:
-        from .tuning import epsilon_from_history
+        from .accounting import epsilon_from_history
 
         if any(h[0] <= 0 and h[2] > 0 for h in hist):
             return math.inf
@@ -209,7 +209,7 @@ def read_ledgers(directory: str | Path, accountant: str = "rdp") -> dict[int, di
 
     The epsilon of a ledger is computed at the largest delta any of its entries used.
     """
-    from .tuning import epsilon_from_history
+    from .accounting import epsilon_from_history
 
     out: dict[int, dict] = {}
     d = Path(directory)
