@@ -1,4 +1,4 @@
-"""Seconds per trial of the sweep's default canary audit (post_fl.sweep.AuditSweepConfig defaults).
+"""Seconds per trial of the sweep's default canary audit (post_fl.experiments.grid.AuditSweepConfig defaults).
 
     python benchmarks/audit_cost.py [EPSILON] [TRIALS]     # e.g. 8 2   (inf = no DP)
 
@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from post_fl import sweep as S
+from post_fl import experiments as S
 from post_fl.core.config import DistillConfig
-from post_fl.distill import distill_student
+from post_fl.method.distill import distill_student
 from post_fl.core.tasks import load_task, load_teacher
 
 

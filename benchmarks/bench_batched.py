@@ -7,12 +7,12 @@ One federated round in which K clients each hold n examples and each runs ``tune
 DP-SGD (batch 16, Poisson sampling, clip 1, sigma calibrated for epsilon = 8 over the round),
 timed four ways, each in a fresh process (so peak memory is that measurement's own):
 
-* ``batched``: :func:`post_fl.batched.train_clients_batched`, all K clients in shared passes;
+* ``batched``: :func:`post_fl.federated.batched.train_clients_batched`, all K clients in shared passes;
 * ``single``: one single-site DP-SGD run (``tune_prompt``) of the same epochs over the same K*n
   examples (the cost of training on the pooled data once);
 * ``fed-batched``: a whole federated round (sampling all K clients, local training, update
   validation, aggregation, evaluation, checkpoint) through ``run_federated`` with
-  :class:`post_fl.batched.BatchedTransport`;
+  :class:`post_fl.federated.transports.BatchedTransport`;
 * ``flower``: the same round on Flower's Simulation Engine (Ray backend, ``--num-cpus``
   workers, the real ServerApp and ClientApp).
 
@@ -52,7 +52,8 @@ def prepare_assets(out: Path, distill_steps: int) -> dict:
     if spec_path.is_file():
         return json.loads(spec_path.read_text())
     from post_fl.core.config import DistillConfig
-    from post_fl.distill import distill_student, save_student
+    from post_fl.method.distill import distill_student
+    from post_fl.method.student_cache import save_student
     from post_fl.core.embedded import load_embedded_task
     from post_fl.core.models import load_scoring_model
 
@@ -129,12 +130,12 @@ def child_engine(spec: dict, k: int, n: int, epochs: float, mode: str, single_st
     """
     import torch
 
-    from post_fl.batched import train_clients_batched
+    from post_fl.federated.batched import train_clients_batched
     from post_fl.core.config import TuneConfig
     from post_fl.core.data import TextDataset
     from post_fl.core.prompt import SoftPrompt, init_from_vocab
     from post_fl.privacy.accounting import calibrate_noise_multiplier, planned_steps
-    from post_fl.tuning import tune_prompt
+    from post_fl.method.tuning import tune_prompt
 
     torch.manual_seed(0)
     student = _student(spec)
@@ -211,7 +212,7 @@ def child_federated(spec: dict, k: int, n: int, epochs: float, mode: str, out: P
     t0 = time.perf_counter()
     if mode == "fed-batched":
         from post_fl import federated as fl
-        from post_fl.batched import BatchedTransport
+        from post_fl.federated.transports import BatchedTransport
 
         run_cfg, fed = fl.build_configs(flat)
         server = fl.FederatedServer(run_cfg, fed)

@@ -27,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from post_fl.core.config import TuneConfig  # noqa: E402
 from post_fl.core.data import read_text_file  # noqa: E402
-from post_fl.distill import make_student  # noqa: E402
+from post_fl.method.student import make_student  # noqa: E402
 from post_fl.core.embedded import SST2_LABEL_WORDS, load_embedded_task  # noqa: E402
 from post_fl.core.models import ScoringModel, load_scoring_model  # noqa: E402
 from post_fl.core.prompt import SoftPrompt, init_from_vocab  # noqa: E402
-from post_fl.tuning import PromptedClassifier, tune_prompt  # noqa: E402
+from post_fl.method.tuning import PromptedClassifier, tune_prompt  # noqa: E402
 
 
 def _interleaved_times(fns: dict, repeats: int) -> dict:

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from post_fl.core.config import load_config  # noqa: E402
-from post_fl.evaluate import CONTENT_FREE_INPUTS, accuracy_of_scores, fit_class_bias  # noqa: E402
+from post_fl.method.evaluate import CONTENT_FREE_INPUTS, accuracy_of_scores, fit_class_bias  # noqa: E402
 from post_fl.core.models import load_scoring_model  # noqa: E402
 from post_fl.core.tasks import load_task  # noqa: E402
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from post_fl.distill import select_layers, student_with_layers  # noqa: E402
-from post_fl.evaluate import predict  # noqa: E402
+from post_fl.method.student import select_layers, student_with_layers  # noqa: E402
+from post_fl.method.evaluate import predict  # noqa: E402
 from post_fl.core.models import ScoringModel  # noqa: E402
 from post_fl.pipeline import Pipeline  # noqa: E402
 

@@ -23,11 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from post_fl.evaluate import class_scores  # noqa: E402
+from post_fl.method.evaluate import class_scores  # noqa: E402
 from post_fl.pipeline import PROMPT_STUDENT, Pipeline, initial_prompt  # noqa: E402
 from post_fl.core.prompt import SoftPrompt  # noqa: E402
-from post_fl.transfer import post_transfer_loss  # noqa: E402
-from post_fl.tuning import tune_prompt  # noqa: E402
+from post_fl.method.transfer import post_transfer_loss  # noqa: E402
+from post_fl.method.tuning import tune_prompt  # noqa: E402
 
 TUNE_SETTINGS = {
     "nodp": dict(dp=False),

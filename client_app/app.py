@@ -13,11 +13,11 @@ student is cached per process by content hash.
 
 Nothing private in any reply: :class:`SiteClientApp` lets no exception escape to Flower (whose own
 error reply would carry the exception's message, e.g. a data check quoting the site's rows). Whatever
-goes wrong, the reply carries one fixed code of :data:`post_fl.fed_protocol.REPLY_CODES` (a status
+goes wrong, the reply carries one fixed code of :data:`post_fl.federated.protocol.REPLY_CODES` (a status
 reply; for SecAgg+ stages the reason of an error reply) and the full message goes to the site's own
 log.
 
-The site's privacy record is its own: a :class:`post_fl.ledger.PrivacyLedger` keyed by node config
+The site's privacy record is its own: a :class:`post_fl.privacy.ledger.PrivacyLedger` keyed by node config
 ``dataset-name`` (simulation: the sha256 of the partition), in node config ``privacy-ledger`` (a
 deployed site's default: under ``$XDG_DATA_HOME/post_fl``; simulation: ``<output_dir>/client-ledgers``),
 enforcing node config ``privacy-budget-epsilon`` (required on a deployed site; the run's

@@ -6,6 +6,7 @@
     post-fl transfer   ...                                                    stage 3 (POST transfer)
     post-fl tune-teacher ...                                                  baseline (non-private)
     post-fl evaluate   ...                                                    stage 4 -> results.json
+    post-fl sweep      --config GRID.toml [--dry-run | --report-only]          privacy-utility sweep
     post-fl show-config                                                       every setting and its default
 """
 
@@ -83,19 +84,52 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in STAGES.items():
         _common(sub.add_parser(name, help=text, description=text))
     sub.add_parser("show-config", help="print every setting with its default value and what it means (TOML)")
-    extra = _extra_commands()
-    for name, (text, add_args, _) in extra.items():
-        add_args(sub.add_parser(name, help=text, description=text))
+    _sweep_arguments(sub.add_parser("sweep", help=SWEEP_HELP, description=SWEEP_HELP))
     return parser
 
 
-def _extra_commands() -> dict:
-    """Commands contributed by other modules (e.g. the sweep harness), if installed."""
-    try:
-        from .sweep import CLI_COMMANDS
-    except ImportError:
-        return {}
-    return CLI_COMMANDS
+SWEEP_HELP = ("privacy-utility sweep: accuracy of zero-shot / direct / POST / teacher-DP / RAPT over clients, "
+              "epsilon and partitioning -> results.csv, plots, Markdown table (resumable)")
+
+
+def _sweep_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", type=Path, required=True,
+                   help="sweep file (TOML): grid axes + [base] run config, e.g. sweeps/default.toml")
+    p.add_argument("--output-dir", "-o", type=Path, default=None,
+                   help="where results.csv, results.md and plots/ go (default: output_dir in the sweep file)")
+    p.add_argument("--dry-run", action="store_true", help="list the cells (and which are done) and exit")
+    p.add_argument("--report-only", action="store_true",
+                   help="only redraw plots and the Markdown table from an existing results.csv")
+    p.add_argument("--quiet", "-q", action="store_true", help="warnings only")
+
+
+def run_sweep_command(args) -> int:
+    """``post-fl sweep``: list, run (or resume) or redraw a sweep (:mod:`post_fl.experiments`)."""
+    from .experiments.grid import RESULTS_CSV, RESULTS_MD, expand_cells, load_sweep_config
+    from .experiments.report import finished_keys, read_results, write_report
+
+    cfg = load_sweep_config(args.config, args.output_dir)
+    out = Path(cfg.output_dir)
+    if args.dry_run:
+        done = finished_keys(out / RESULTS_CSV)
+        for c in expand_cells(cfg):
+            print(("done  " if c.key in done else "todo  ") + c.key)
+        return 0
+    if args.report_only:
+        rows = read_results(out / RESULTS_CSV)
+        if not rows:
+            print(f"post-fl sweep: error: {out / RESULTS_CSV} has no rows", file=sys.stderr)
+            return 2
+        paths = write_report(rows, out, cfg)
+    else:
+        from .experiments.sweep import run_sweep
+        from .preflight import check_run
+
+        check_run(cfg.base, check_folder=False)  # every input of the base run checked before any cell starts
+        run_sweep(cfg, progress=not args.quiet, report=print)
+        paths = {"markdown": out / RESULTS_MD, "plots": out / "plots"}
+    print(f"sweep results: {out / RESULTS_CSV}; table: {paths['markdown']}; plots: {out / 'plots'}")
+    return 0
 
 
 def resolve_config(args) -> RunConfig:
@@ -177,7 +211,6 @@ def main(argv: list[str] | None = None) -> int:
 
         print(dumps_config_with_help(RunConfig()))
         return 0
-    extra = _extra_commands()
     quiet = bool(getattr(args, "quiet", False))
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -187,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
 
     configure(quiet=quiet)  # one switch for every progress report; quiet also silences the libraries
     try:
-        if args.command in extra:
-            return extra[args.command][2](args)
+        if args.command == "sweep":
+            return run_sweep_command(args)
         from .pipeline import Pipeline
 
         cfg = resolve_config(args)

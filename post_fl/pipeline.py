@@ -22,11 +22,11 @@ import torch
 
 from .core.config import RunConfig, config_from_dict
 from .core.data import Task
-from .evaluate import majority_class_accuracy
 from .core.jsonio import read_json, write_json
 from .core.models import ScoringModel
-from .core.tasks import load_student, load_task, load_teacher
 from .core.prompt import SoftPrompt, init_from_text, init_from_vocab, load_prompt, save_prompt
+from .core.tasks import load_student, load_task, load_teacher
+from .method.evaluate import majority_class_accuracy
 from .privacy.randomness import NOT_PRIVATE_LABEL
 
 log = logging.getLogger(__name__)
@@ -165,8 +165,8 @@ class Pipeline:
         """
         import shutil
 
-        from .distill import cached_or_distilled_student, save_student
         from .core.embedded import cache_dir
+        from .method.student_cache import cached_or_distilled_student, save_student
 
         if self.cfg.model.student:
             return self._stage("distill", {"skipped": f"model.student = {self.cfg.model.student}"})
@@ -189,7 +189,7 @@ class Pipeline:
 
     def tune(self) -> dict:
         """Stage 2: DP prompt tuning of the student on the private training set."""
-        from .tuning import tune_prompt
+        from .method.tuning import tune_prompt
 
         student = self.student
         prompt = initial_prompt(self.cfg, student, self.cfg.seed)
@@ -208,7 +208,7 @@ class Pipeline:
 
     def transfer(self) -> dict:
         """Stage 3: POST transfer of the student prompt to the teacher on public data only."""
-        from .transfer import transfer_prompt
+        from .method.transfer import transfer_prompt
 
         student_prompt = self.prompt(PROMPT_STUDENT, self.student)
         result = transfer_prompt(self.student, student_prompt, self.teacher, self.task.public, self.cfg.transfer,
@@ -224,7 +224,7 @@ class Pipeline:
         """Baseline: a non-private prompt tuned on the teacher itself (the costly upper bound POST avoids)."""
         from dataclasses import replace
 
-        from .tuning import tune_prompt
+        from .method.tuning import tune_prompt
 
         cfg = replace(self.cfg.tune, dp=False)
         prompt = initial_prompt(self.cfg, self.teacher, self.cfg.seed)
@@ -236,8 +236,8 @@ class Pipeline:
 
     def evaluate(self) -> dict:
         """Stage 4: test accuracy of every baseline, epsilon spent and costs, into results.json."""
-        from .evaluate import (accuracy_summary, class_scores, contextual_calibration_bias, correct_of_scores,
-                               fit_class_bias, paired_difference)
+        from .method.evaluate import (accuracy_summary, class_scores, contextual_calibration_bias, correct_of_scores,
+                                      fit_class_bias, paired_difference)
 
         test, bs = self.task.test, self.cfg.eval.batch_size
         teacher, student = self.teacher, self.student
@@ -245,7 +245,7 @@ class Pipeline:
         y = test.labels
 
         from .core.embedded import cache_dir
-        from .score_cache import SCORE_CACHE_DIR, cached_zero_shot_scores
+        from .method.score_cache import SCORE_CACHE_DIR, cached_zero_shot_scores
 
         score_cache = cache_dir() / SCORE_CACHE_DIR if self.cfg.eval.cache_zero_shot else None
         cache_states: dict[str, str] = {}

@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     partitions before the Flower runtime starts (used by ``simulation/flwr_run.sh``); exit 2 on problems."""
     import argparse
 
-    from .fed_config import build_configs
+    from .federated.config import build_configs
 
     ap = argparse.ArgumentParser(prog="python -m post_fl.preflight", description=main.__doc__)
     ap.add_argument("--pyproject", default="pyproject.toml", help="app file with [tool.flwr.app.config]")

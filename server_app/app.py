@@ -6,7 +6,7 @@ that node's Flower node id (a second node claiming the same id is refused, logge
 run goes on without it), sends the student once per client process that lacks it
 (``query.model``), and runs train rounds, re-sending the weights only to clients that answer
 ``need-model``. A site that does not take part says only a fixed code
-(:data:`post_fl.fed_protocol.REPLY_CODES`); the server records that code and nothing else (a reply
+(:data:`post_fl.federated.protocol.REPLY_CODES`); the server records that code and nothing else (a reply
 with any other status is a failure). Other failure reasons (Flower's own errors, timeouts) are kept as
 one line (:func:`post_fl.federated.one_line_reason`).
 """
@@ -25,7 +25,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from post_fl import federated as fl
-from post_fl.aggregate import ClientUpdate
+from post_fl.federated.aggregate import ClientUpdate
 
 
 class GridTransport:

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(str(exc))
     if args.insecure_reproducible:
         flat["insecure_reproducible"] = True
-    from post_fl.fed_config import build_configs
+    from post_fl.federated.config import build_configs
     from post_fl.core.tasks import PreflightError
     from post_fl.preflight import check_federated
 

@@ -69,7 +69,8 @@ def prepare_tiny(root: Path, n_train: int) -> dict:
 
     from post_fl.core.config import DistillConfig
     from post_fl.core.data import TextDataset, write_text_file
-    from post_fl.distill import distill_student, save_student
+    from post_fl.method.distill import distill_student
+    from post_fl.method.student_cache import save_student
     from post_fl.core.models import load_scoring_model
 
     words = {"positive": ["good"], "negative": ["bad"]}

@@ -18,7 +18,7 @@ import tempfile
 def measure(flat: dict) -> dict:
     """One round's per-client ratios |update| / |P_0| (clients' updates unclipped, DP-SGD as configured)."""
     from post_fl import federated as F
-    from post_fl.aggregate import update_norm
+    from post_fl.federated.aggregate import update_norm
 
     flat = {**flat, "federated.max_update_norm": math.inf, "federated.user_dp": False, "federated.secagg": False,
             "federated.rounds": 1, "output_dir": flat.get("output_dir") or tempfile.mkdtemp(prefix="norms-")}

@@ -108,7 +108,8 @@ def write_tiny_task(root, n_train: int, seed: int, with_student: bool = True):
     and, with ``with_student``, a 2-layer ``student`` distilled on the public text. Returns ``root``."""
     from post_fl.core.config import DistillConfig
     from post_fl.core.data import write_text_file
-    from post_fl.distill import distill_student, save_student
+    from post_fl.method.distill import distill_student
+    from post_fl.method.student_cache import save_student
     from post_fl.core.models import load_scoring_model
 
     build_tiny_model("masked", root / "teacher")

@@ -6,8 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from post_fl.aggregate import (ClientUpdate, RoundFailedError, aggregate_updates, capped_weights, coordinate_median,
-                               filter_updates, require_min_clients, trimmed_mean, validate_update, weighted_mean)
+from post_fl.federated.aggregate import (ClientUpdate, RoundFailedError, aggregate_updates, capped_weights,
+                                         coordinate_median, filter_updates, require_min_clients, trimmed_mean,
+                                         validate_update, weighted_mean)
 from post_fl.privacy.randomness import dp_numpy_rng
 from post_fl.privacy.user_dp import calibrate_user_noise, clip_update, noised_mean, poisson_sample, user_level_epsilon
 
@@ -33,7 +34,7 @@ def test_validate_accepts_good_and_names_each_problem():
 
 def test_filter_logs_rejections_and_keeps_the_rest(caplog):
     ups = [upd(0), upd(1, shape=(2, 2)), upd(2, value=100.0), upd(3)]
-    with caplog.at_level(logging.WARNING, logger="post_fl.aggregate"):
+    with caplog.at_level(logging.WARNING, logger="post_fl.federated.aggregate"):
         valid, rejected = filter_updates(ups, SHAPE, max_norm=10.0, server_round=7)
     assert [u.client_id for u in valid] == [0, 3]
     assert set(rejected) == {1, 2}

@@ -1,4 +1,4 @@
-"""Tests for post_fl.audit: Clopper-Pearson ε lower bounds from membership inference."""
+"""Tests for post_fl.privacy.audit: Clopper-Pearson ε lower bounds from membership inference."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The client-batched engine (post_fl/batched.py) against one-client-at-a-time tune_prompt."""
+"""The client-batched engine (post_fl/federated/batched.py) against one-client-at-a-time tune_prompt."""
 
 import math
 
@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from conftest import make_sentiment
-from post_fl.batched import (clip_per_example, gaussian_noise, per_example_prompt_grads, sum_by_client,
-                             train_clients_batched)
+from post_fl.federated.batched import (clip_per_example, gaussian_noise, per_example_prompt_grads, sum_by_client,
+                                       train_clients_batched)
 from post_fl.core.config import TuneConfig
 from post_fl.core.data import DataError, TextDataset
 from post_fl.core.models import load_scoring_model
 from post_fl.core.prompt import SoftPrompt, init_from_vocab
-from post_fl.tuning import PromptedClassifier, encode_dataset, tune_prompt
+from post_fl.method.tuning import PromptedClassifier, encode_dataset, tune_prompt
 from post_fl.privacy.accounting import epsilon_from_history
 
 LABELS = ["negative", "positive"]
@@ -240,7 +240,7 @@ def test_batched_transport_gives_the_local_transport_run(fed_root, tmp_path, ove
     """The same federated run (round logic, ledgers, clipping, aggregation, results) with the clients of each
     round trained in shared passes: same global prompt (1e-5) and the same per-client privacy records."""
     from post_fl import federated as F
-    from post_fl.batched import BatchedTransport
+    from post_fl.federated.transports import BatchedTransport
 
     ref, ref_server, _ = _fed_run(fed_root, tmp_path / "local", F.LocalTransport, **over)
     got, got_server, transport = _fed_run(fed_root, tmp_path / "batched", BatchedTransport, **over)
@@ -256,7 +256,7 @@ def test_batched_transport_gives_the_local_transport_run(fed_root, tmp_path, ove
 
 def test_batched_transport_refuses_secagg(fed_root, tmp_path):
     from post_fl import federated as F
-    from post_fl.batched import BatchedTransport
+    from post_fl.federated.transports import BatchedTransport
     from post_fl.core.config import ConfigError
     from test_federated import fed_flat
 

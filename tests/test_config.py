@@ -55,7 +55,7 @@ def test_every_shipped_config_file_loads():
     from pathlib import Path
 
     from post_fl import federated as F
-    from post_fl.sweep_grid import load_sweep_config
+    from post_fl.experiments.grid import load_sweep_config
     from simulation.run import read_run_config
 
     repo = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ def test_every_setting_has_help_text_and_show_config_prints_it(capsys):
     from post_fl.core.config_help import FIELD_HELP, field_keys
 
     missing = [k for k in field_keys() if not FIELD_HELP.get(k, "").strip()]
-    assert not missing, f"settings without help text in post_fl/config_help.py: {missing}"
+    assert not missing, f"settings without help text in post_fl/core/config_help.py: {missing}"
     assert main(["show-config"]) == 0
     out = capsys.readouterr().out
     assert "derived default" in out.split("delta = 0.0")[0].rsplit("\n", 2)[-2]  # the comment just above

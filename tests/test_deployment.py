@@ -268,6 +268,7 @@ def _bring_up_and_run(fed: Federation) -> None:
     # is a fresh process in Flower 1.41 (seconds of imports each on 2 cores). With
     # POST_FL_DEPLOY_FRESH_SITE=1 site 0 starts empty and receives the student over the TLS link.
     from post_fl import federated as F
+    from post_fl.federated import shipping
     from post_fl.core.models import load_scoring_model
 
     student = load_scoring_model(str(assets["student"]), ["negative", "positive"],
@@ -276,9 +277,9 @@ def _bring_up_and_run(fed: Federation) -> None:
     for i in sites:
         (root / f"site{i}" / "tmp").mkdir(parents=True, exist_ok=True)
         if not (FRESH_SITE and i == 0):
-            F._STUDENTS.pop(package.model_hash, None)  # install_student skips the disk when loaded
+            shipping._STUDENTS.pop(package.model_hash, None)  # install_student skips the disk when loaded
             F.install_student(package, root / f"site{i}" / "tmp" / "post_fl_students")
-    F._STUDENTS.pop(package.model_hash, None)
+    shipping._STUDENTS.pop(package.model_hash, None)
 
     fed.wait_for("the SuperLink to listen", lambda: link.popen.poll() is not None or "Uvicorn running on" in link.text(),
                  60)

@@ -3,10 +3,12 @@
 import pytest
 import torch
 
-import post_fl.distill as distill
+import post_fl.method.distill as distill
+import post_fl.method.student_cache as student_cache
 from post_fl.core.config import DistillConfig, load_config
 from post_fl.core.data import DataError, TextDataset, write_text_file
-from post_fl.distill import distill_student, teacher_cache_key, teacher_outputs
+from post_fl.method.distill import distill_student
+from post_fl.method.teacher_outputs import teacher_cache_key, teacher_outputs
 from post_fl.core.models import load_scoring_model
 
 from conftest import build_tiny_model, make_sentiment
@@ -192,7 +194,7 @@ def test_an_incomplete_cached_student_is_an_error(tmp_path, tiny_dirs, monkeypat
 
 
 def test_cached_or_distilled_student_distils_once_and_is_shared(teacher, tmp_path, monkeypatch):
-    from post_fl.distill import cached_or_distilled_student
+    from post_fl.method.student_cache import cached_or_distilled_student
 
     public = make_sentiment(30, seed=6)
     cfg = DistillConfig(num_layers=2, steps=2, batch_size=8, positions_per_text=2)
@@ -201,7 +203,7 @@ def test_cached_or_distilled_student_distils_once_and_is_shared(teacher, tmp_pat
     assert state == "miss" and student is not None and d1.parent == root and (d1 / "distill_report.json").is_file()
     assert rep["steps"] == 2
     calls = []
-    monkeypatch.setattr(distill, "distill_student", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(student_cache, "distill_student", lambda *a, **k: calls.append(1))
     d2, student2, rep2, state2 = cached_or_distilled_student(teacher, public, cfg, 0, root)
     assert (state2, d2, student2, calls) == ("hit", d1, None, []) and rep2["steps"] == 2
     # other settings are another student
@@ -210,7 +212,7 @@ def test_cached_or_distilled_student_distils_once_and_is_shared(teacher, tmp_pat
                                                                                   positions_per_text=2), 0, root)
     assert state3 == "miss" and d3 != d1
     # the schedule is part of the student's identity, legacy values included
-    keys = {distill.student_cache_key(teacher, public, None, DistillConfig(lr_schedule=sch, warmup_steps=w), 0)
+    keys = {student_cache.student_cache_key(teacher, public, None, DistillConfig(lr_schedule=sch, warmup_steps=w), 0)
             for sch, w in (("linear", 20), ("constant", 20), ("constant", 0), ("linear", 0))}
     assert len(keys) == 4
     _, s4, _, state4 = cached_or_distilled_student(teacher, public, cfg, 0, None)

@@ -32,7 +32,7 @@ from post_fl.core.config import ConfigError, TuneConfig
 from post_fl.core.models import load_scoring_model
 from post_fl.core.prompt import init_from_vocab
 from post_fl.privacy.randomness import NOT_PRIVATE_LABEL, dp_numpy_rng
-from post_fl.tuning import tune_prompt
+from post_fl.method.tuning import tune_prompt
 from post_fl.privacy.user_dp import (clip_update, effective_noise_multiplier, noise_share, noised_mean, poisson_sample,
                                      resolve_user_delta, user_level_epsilon)
 

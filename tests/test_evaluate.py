@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from post_fl.evaluate import (accuracy_of_scores, accuracy_summary, class_scores, contextual_calibration_bias,
-                              fit_class_bias, predict, standard_error, wilson_interval)
+from post_fl.method.evaluate import (accuracy_of_scores, accuracy_summary, class_scores, contextual_calibration_bias,
+                                     fit_class_bias, predict, standard_error, wilson_interval)
 from post_fl.core.models import load_scoring_model
 
 LABELS = ["negative", "positive"]
@@ -82,7 +82,7 @@ def test_paired_difference_is_the_standard_error_of_per_example_differences():
     import pytest
     import torch
 
-    from post_fl.evaluate import paired_difference, standard_error
+    from post_fl.method.evaluate import paired_difference, standard_error
 
     a = torch.tensor([1, 1, 1, 1, 0, 1, 0, 1, 1, 0], dtype=torch.bool)
     b = torch.tensor([1, 1, 0, 1, 0, 1, 0, 0, 1, 0], dtype=torch.bool)  # A also right where B is: two extra wins

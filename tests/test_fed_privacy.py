@@ -12,9 +12,10 @@ import pytest
 from conftest import make_sentiment
 from test_federated import fed_flat
 
-from post_fl import fed_client
+from post_fl.federated import client as fed_client
 from post_fl import federated as F
-from post_fl.aggregate import ClientUpdate
+from post_fl.federated import shipping
+from post_fl.federated.aggregate import ClientUpdate
 from post_fl.privacy.ledger import BudgetExhausted, PrivacyLedger, dataset_sha256, read_ledgers
 
 
@@ -110,7 +111,7 @@ def test_dp_replies_carry_only_the_noised_update(fed_root, tmp_path):
     epsilon/delta/steps/sample rate (all reveal n). Plain Flower messages and SecAgg+ messages alike."""
     from simulation.inprocess import run_inprocess
 
-    F._STUDENTS.clear()
+    shipping._STUDENTS.clear()
     flat = fed_flat(fed_root, tmp_path, **{"federated.rounds": 1})
     grid = run_inprocess(*_apps(flat), 6)
     for m in grid.sent:
@@ -124,7 +125,7 @@ def test_dp_replies_carry_only_the_noised_update(fed_root, tmp_path):
         assert {k: set(v) for k, v in c.array_records.items()} == {F.REPLY_UPDATE_RECORD: {"delta"}}
         assert {k: dict(v) for k, v in c.metric_records.items()} == {F.REPLY_METRICS_RECORD: {"round": 1}}
     # SecAgg+ (+ distributed user DP): every client->server train message, all stages
-    F._STUDENTS.clear()
+    shipping._STUDENTS.clear()
     flat = fed_flat(fed_root, tmp_path / "s", **{"federated.rounds": 1, "federated.secagg": True,
                                                  "federated.user_dp": True, "federated.fraction_train": 1.0,
                                                  "federated.user_dp_noise_multiplier": 1.0})
@@ -148,7 +149,7 @@ def test_secagg_with_user_dp_aggregate_carries_the_clients_noise(fed_root, tmp_p
     sum could not exceed k C; with them its norm is ~ sigma C sqrt(k d / m)."""
     from simulation.inprocess import run_inprocess
 
-    F._STUDENTS.clear()
+    shipping._STUDENTS.clear()
     C, sigma, k, m = 0.5, 10.0, 6, 2
     flat = fed_flat(fed_root, tmp_path, **{"federated.rounds": 1, "federated.secagg": True,
                                            "federated.user_dp": True, "federated.fraction_train": 1.0,
@@ -173,7 +174,7 @@ def test_secagg_with_user_dp_aggregate_carries_the_clients_noise(fed_root, tmp_p
 def test_secagg_server_noise_is_opt_in_and_labelled(fed_root, tmp_path):
     from simulation.inprocess import run_inprocess
 
-    F._STUDENTS.clear()
+    shipping._STUDENTS.clear()
     flat = fed_flat(fed_root, tmp_path, **{"federated.rounds": 1, "federated.secagg": True,
                                            "federated.user_dp": True, "federated.user_dp_noise": "server",
                                            "federated.fraction_train": 1.0,
@@ -217,7 +218,7 @@ def test_sites_refuse_beyond_their_budget_and_the_server_records_it(fed_root, tm
             "federated.user_dp": True, "federated.user_dp_noise_multiplier": 1.0, "tune.target_epsilon": 3.0,
             "transfer.steps": 1}
     for run in ("first", "second"):
-        F._STUDENTS.clear()
+        shipping._STUDENTS.clear()
         flat = fed_flat(fed_root, tmp_path / run, **over)
         server_app, client_app = _apps(flat)
         grid = InProcessGrid(client_app, 3)
@@ -252,7 +253,7 @@ def test_deployed_site_needs_a_budget_and_refuses_insecure_runs(fed_root, tmp_pa
         F.check_site_allows(insecure, {"data-path": "x.csv"})
     F.check_site_allows(insecure, {"data-path": "x.csv", "allow-insecure-reproducible": "true"})
     F.check_site_allows(insecure, {})  # simulation: the operator's own virtual clients
-    F._STUDENTS.clear()
+    shipping._STUDENTS.clear()
     flat = fed_flat(fed_root, tmp_path, **{"federated.rounds": 1, "federated.num_clients": 3,
                                            "federated.fraction_train": 1.0, "federated.min_clients": 1,
                                            "insecure_reproducible": True, "transfer.steps": 1})
@@ -271,7 +272,7 @@ def _one_round_grid(fed_root, tmp_path, nodes: int):
     """A 1-round, all-clients federation (6 partitions) as (ServerApp, in-process grid of ``nodes`` nodes)."""
     from simulation.inprocess import InProcessGrid
 
-    F._STUDENTS.clear()
+    shipping._STUDENTS.clear()
     flat = fed_flat(fed_root, tmp_path, **{"federated.rounds": 1, "federated.fraction_train": 1.0,
                                            "transfer.steps": 1})
     server_app, client_app = _apps(flat)
@@ -329,7 +330,7 @@ def test_budget_refusals_are_recorded_under_secagg(fed_root, tmp_path):
             "federated.secagg": True, "federated.user_dp": True, "federated.user_dp_noise_multiplier": 1.0,
             "tune.target_epsilon": 3.0, "transfer.steps": 1}
     for run in ("first", "second"):
-        F._STUDENTS.clear()
+        shipping._STUDENTS.clear()
         server_app, client_app = _apps(fed_flat(fed_root, tmp_path / run, **over))
         grid = InProcessGrid(client_app, 3)
         for i, ctx in enumerate(grid.contexts.values()):  # the same virtual sites, ledgers kept across runs
@@ -351,7 +352,7 @@ def test_a_round_lost_by_the_server_still_counts_in_the_clients_ledgers(fed_root
     On resume round 2 is run again with fresh noise; the first, lost release stays charged in the ledgers.
     With the simulation's default budget (= the target, all spent by rounds 1 and 2) the clients then refuse
     the repeat; with a larger site budget the repeat runs and the ledgers hold three rounds."""
-    from post_fl.aggregate import RoundFailedError
+    from post_fl.federated.aggregate import RoundFailedError
     from test_federated import run_local
 
     class Crash(Exception):

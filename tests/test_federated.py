@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from post_fl import federated as F
-from post_fl import local_transport
-from post_fl.aggregate import RoundFailedError
+from post_fl.federated import shipping
+from post_fl.federated import transports as local_transport
+from post_fl.federated.aggregate import RoundFailedError
 from post_fl.core.config import ConfigError
 from post_fl.core.data import TextDataset
 from post_fl.core.prompt import load_prompt
@@ -64,7 +65,7 @@ def test_build_configs_from_flat_run_config(fed_root, tmp_path):
 
 
 def test_rounds_results_and_privacy(fed_root, tmp_path):
-    F._STUDENTS.clear()
+    shipping._STUDENTS.clear()
     results, server, transport = run_local(fed_flat(fed_root, tmp_path))
     run = tmp_path / "run"
     assert transport.model_sends == 1  # one process, one copy of the student
@@ -220,7 +221,7 @@ def test_user_dp_round_with_a_tiny_poisson_sample_never_fails(fed_root, tmp_path
 
 def test_securely_aggregated_mean_is_used_as_is(fed_root, tmp_path):
     """With secure aggregation the server only sees the mean (and per-client metrics): it applies it unchanged."""
-    from post_fl.aggregate import aggregate_updates
+    from post_fl.federated.aggregate import aggregate_updates
 
     class SecureLocal(F.LocalTransport):
         def train_round(self, server_round, prompt, instructions):
@@ -313,6 +314,6 @@ def test_finish_uses_given_teacher_zero_shot_scores_and_checks_their_shape(fed_r
     with pytest.raises(ValueError, match="teacher_zero_shot_scores has shape"):
         server._teacher_zero_shot_accuracy(8)
     server.teacher_zero_shot_scores = None
-    from post_fl.evaluate import accuracy
+    from post_fl.method.evaluate import accuracy
 
     assert server._teacher_zero_shot_accuracy(8) == pytest.approx(accuracy(server.teacher, server.test, None, 8))

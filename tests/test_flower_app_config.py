@@ -4,7 +4,7 @@ import tomllib
 from pathlib import Path
 
 from post_fl.core.config import RunConfig
-from post_fl.fed_config import FederatedConfig, build_configs, flatten_configs
+from post_fl.federated.config import FederatedConfig, build_configs, flatten_configs
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 # keys whose app value differs from the library default on purpose, and why

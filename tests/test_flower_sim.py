@@ -8,6 +8,7 @@ from conftest import make_sentiment
 from test_federated import fed_flat
 
 from post_fl import federated as F
+from post_fl.federated import shipping
 
 ALLOWED_TRAIN_REPLY = {F.REPLY_UPDATE_RECORD: {"delta"}, F.REPLY_METRICS_RECORD: set(F.DP_REPLY_METRIC_KEYS)}
 
@@ -22,7 +23,7 @@ def _apps(flat, after_round=None):
 def test_inprocess_run_and_reply_contents(fed_root, tmp_path):  # noqa: F811
     from simulation.inprocess import run_inprocess
 
-    F._STUDENTS.clear()
+    shipping._STUDENTS.clear()
     flat = fed_flat(fed_root, tmp_path, **{"federated.num_clients": 6, "federated.fraction_train": 0.5})
     server_app, client_app = _apps(flat)
     grid = run_inprocess(server_app, client_app, 6)
@@ -65,11 +66,11 @@ def test_need_model_is_answered_with_the_weights(fed_root, tmp_path):  # noqa: F
 
     from simulation.inprocess import run_inprocess
 
-    F._STUDENTS.clear()
+    shipping._STUDENTS.clear()
     flat = fed_flat(fed_root, tmp_path)
 
     def forget(rnd):
-        F._STUDENTS.clear()
+        shipping._STUDENTS.clear()
         shutil.rmtree(tmp_path / "cache", ignore_errors=True)
 
     server_app, client_app = _apps(flat, after_round=forget)
@@ -88,7 +89,7 @@ def test_client_failure_is_counted_not_fatal(fed_root, tmp_path):  # noqa: F811
 
     from flwr.app import Context, RecordDict
 
-    F._STUDENTS.clear()
+    shipping._STUDENTS.clear()
     flat = fed_flat(fed_root, tmp_path, **{"federated.rounds": 1})
     server_app, client_app = _apps(flat)
     grid = InProcessGrid(client_app, 6)
@@ -118,7 +119,7 @@ def test_secagg_plus_inprocess(fed_root, tmp_path):  # noqa: F811
     """SecAgg+ with client-side clipping: the server gets the (uniform) mean only, and applies it."""
     from simulation.inprocess import run_inprocess
 
-    F._STUDENTS.clear()
+    shipping._STUDENTS.clear()
     flat = fed_flat(fed_root, tmp_path, **{"federated.secagg": True, "federated.max_update_norm": 5.0,
                                            "federated.rounds": 1, "federated.fraction_train": 0.67})
     server_app, client_app = _apps(flat)
@@ -139,7 +140,7 @@ def test_site_data_path_is_used_and_bad_site_fails_alone(fed_root, tmp_path):  #
     from flwr.app import Context, RecordDict
     from post_fl.core.data import write_text_file
 
-    F._STUDENTS.clear()
+    shipping._STUDENTS.clear()
     flat = fed_flat(fed_root, tmp_path, **{"federated.rounds": 1, "federated.num_clients": 3,
                                            "federated.fraction_train": 1.0})
     server_app, client_app = _apps(flat)

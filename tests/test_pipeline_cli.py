@@ -172,7 +172,7 @@ def test_test_file_may_name_its_own_text_column(tmp_path, files):
 
 
 def test_a_killed_run_resumes_after_its_last_completed_stage(tmp_path, tiny_dirs, files, monkeypatch, capsys):
-    import post_fl.transfer as T
+    import post_fl.method.transfer as T
 
     run = tmp_path / "run"
     args = _args(tiny_dirs, files, run) + ["--set", "eval.teacher_prompt_tuning=false"]

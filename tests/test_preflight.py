@@ -183,7 +183,7 @@ def test_site_file_is_checked_with_every_problem(tmp_path, tiny_dirs, files):
 
 
 def test_federated_preflight_refuses_partitions_that_leave_a_client_empty(tmp_path, tiny_dirs, files):
-    from post_fl.fed_config import FederatedConfig
+    from post_fl.federated.config import FederatedConfig
 
     cfg = _cfg(tiny_dirs, files, tmp_path / "run")
     check_federated(cfg, FederatedConfig(num_clients=4), partitions=True)
@@ -193,7 +193,7 @@ def test_federated_preflight_refuses_partitions_that_leave_a_client_empty(tmp_pa
 
 def test_preflight_command_for_the_simulation_scripts(tmp_path, tiny_dirs, files, capsys):
     from post_fl.core.config import RunConfig, toml_value as _toml_value
-    from post_fl.fed_config import FederatedConfig, flatten_configs
+    from post_fl.federated.config import FederatedConfig, flatten_configs
     from post_fl.preflight import main as preflight_main
 
     pyproject = tmp_path / "pyproject.toml"  # an app file declaring today's defaults

@@ -82,7 +82,7 @@ def test_the_training_loops_report_through_the_helper(monkeypatch, capsys, tiny_
     from post_fl.core.config import TransferConfig
     from post_fl.core.models import load_scoring_model
     from post_fl.core.prompt import init_from_vocab
-    from post_fl.transfer import transfer_prompt
+    from post_fl.method.transfer import transfer_prompt
 
     from conftest import make_sentiment
 
@@ -107,3 +107,4 @@ def test_library_bars_are_off_when_writing_to_a_log():
     P.configure(quiet=False, stream=io.StringIO())  # not a terminal
     assert not transformers.utils.logging.is_progress_bar_enabled()
     assert not P.is_quiet()
+

@@ -1,4 +1,4 @@
-"""Tests for post_fl.rapt: d_χ-privacy noise, token privatisation, reconstruction head."""
+"""Tests for post_fl.privacy.rapt: d_χ-privacy noise, token privatisation, reconstruction head."""
 
 from __future__ import annotations
 

@@ -7,9 +7,9 @@ import torch
 
 from post_fl.cli import main
 from post_fl.core.data import DataError
-from post_fl.evaluate import class_scores
+from post_fl.method.evaluate import class_scores
 from post_fl.core.models import load_scoring_model
-from post_fl.score_cache import cached_zero_shot_scores, zero_shot_cache_key
+from post_fl.method.score_cache import cached_zero_shot_scores, zero_shot_cache_key
 
 from conftest import make_sentiment
 from test_distill_cache import LABELS, WORDS, teacher  # noqa: F401 - the fixture is used by name

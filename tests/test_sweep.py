@@ -12,7 +12,8 @@ import pytest
 import torch
 from conftest import build_tiny_model, make_sentiment, write_tiny_task
 
-from post_fl import sweep as S
+from post_fl import experiments as S
+from post_fl.experiments import sweep as SW
 from post_fl.core.config import ConfigError, TuneConfig
 from post_fl.core.models import load_scoring_model
 
@@ -113,7 +114,7 @@ def test_bad_key_through_the_cli_exits_2(assets, tmp_path, capsys):
 
 
 def test_majority_class_accuracy():
-    from post_fl.evaluate import majority_class_accuracy
+    from post_fl.method.evaluate import majority_class_accuracy
 
     assert majority_class_accuracy([0, 1, 1, 2], [1, 1, 0, 2, 1]) == pytest.approx(0.6)
     assert majority_class_accuracy([2, 0, 0, 2], [0, 2]) == pytest.approx(0.5)  # tie: smallest label id
@@ -222,7 +223,7 @@ def test_tiny_sweep_end_to_end_then_resume(assets, tmp_path, monkeypatch, capsys
     def boom(ctx, cell):
         raise AssertionError(f"finished cell {cell.key} was run again")
 
-    monkeypatch.setattr(S, "run_cell", boom)
+    monkeypatch.setattr(SW, "run_cell", boom)
     assert main(["sweep", "--config", str(p), "--quiet"]) == 0
     assert "18 already done, 0 to run" in capsys.readouterr().out
     assert len(S.read_results(csv_path)) == 18 and csv_path.read_text().count("\n") == 19
@@ -230,7 +231,7 @@ def test_tiny_sweep_end_to_end_then_resume(assets, tmp_path, monkeypatch, capsys
     lines = csv_path.read_text().splitlines(keepends=True)
     csv_path.write_text("".join(lines[:-2]))
     ran = []
-    monkeypatch.setattr(S, "run_cell", lambda ctx, cell: ran.append(cell.key) or
+    monkeypatch.setattr(SW, "run_cell", lambda ctx, cell: ran.append(cell.key) or
                         {"key": cell.key, "status": "ok", "method": cell.method, "accuracy": 0.5})
     assert main(["sweep", "--config", str(p), "--quiet"]) == 0
     assert ran == [c.key for c in cells[-2:]]
@@ -246,10 +247,10 @@ def test_tiny_sweep_end_to_end_then_resume(assets, tmp_path, monkeypatch, capsys
     legacy = tmp_path / "legacy.toml"
     legacy.write_text(sweep_toml(assets, out).replace("[base.distill]\n",
                                                       '[base.distill]\nlr_schedule = "constant"\nkeep_best = false\n'))
-    S._check_settings(S.load_sweep_config(legacy))
+    SW._check_settings(S.load_sweep_config(legacy))
     # ... and is refused when it takes the new behaviour
     with pytest.raises(ConfigError, match="base"):
-        S._check_settings(S.load_sweep_config(_write(tmp_path, sweep_toml(assets, out))))
+        SW._check_settings(S.load_sweep_config(_write(tmp_path, sweep_toml(assets, out))))
 
 
 # ---------------------------------------------------------------- audit
@@ -310,10 +311,10 @@ def test_a_rapt_client_privatises_its_tokens_at_the_rows_eta(audit_model, monkey
     an eta scaled anywhere in that wiring (e.g. x1000, 1000x less noise than the row claims) fails here."""
     from types import SimpleNamespace
 
-    import post_fl.fed_client as FED
+    import post_fl.federated.client as FED
     import post_fl.privacy.rapt as R
     from post_fl.core.config import RunConfig
-    from post_fl.fed_config import FederatedConfig
+    from post_fl.federated.config import FederatedConfig
     from post_fl.privacy.rapt import per_token_epsilon
 
     drawn = []
@@ -329,7 +330,7 @@ def test_a_rapt_client_privatises_its_tokens_at_the_rows_eta(audit_model, monkey
     m = audit_model
     diameter = per_token_epsilon(1.0, m.word_embeddings)  # eta = 1: the embedding diameter
     eta = S.rapt_eta(4.0, diameter)
-    fn = S._rapt_client_fn(SimpleNamespace(student=m), RunConfig(tune=TuneConfig(epochs=1, batch_size=8)),
+    fn = S.rapt_client_fn(SimpleNamespace(student=m), RunConfig(tune=TuneConfig(epochs=1, batch_size=8)),
                            FederatedConfig(), eta, S.RaptSweepConfig(), label_epsilon=4.0)
     fn(0, {"round": 1}, torch.zeros(2, m.embedding_dim).numpy())
     text_tokens = int(m.text_positions(m.encode(data.texts)).sum())

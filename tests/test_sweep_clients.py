@@ -14,7 +14,9 @@ import pytest
 import torch
 from conftest import write_tiny_task
 
-from post_fl import sweep as S
+from post_fl import experiments as S
+from post_fl.experiments import cells as CELLS
+from post_fl.experiments import sweep as SW
 from post_fl.core.config import ConfigError
 from post_fl.core.data import Task, TextDataset
 
@@ -145,19 +147,19 @@ def test_user_dp_and_batched_secagg_settings_are_refused(assets, tmp_path):
 
 # ---------------------------------------------------------------- cell configs
 def test_cell_configs_examples_per_client_and_user_level(assets, tmp_path):
-    from post_fl.fed_client import client_partition
+    from post_fl.federated.client import client_partition
 
     cfg = S.load_sweep_config(_write(tmp_path, sweep_toml(assets, tmp_path / "out")))
     ctx = S.SweepContext(cfg)
     user = S.Cell("post", 3, 4.0, "iid", 0.0, 0, 4, "user")
-    run_cfg, fed = S._cell_configs(ctx, user, assets / "student", tmp_path / "run")
+    run_cfg, fed = CELLS._cell_configs(ctx, user, assets / "student", tmp_path / "run")
     assert fed.user_dp and fed.user_dp_target_epsilon == 4.0 and fed.user_noise_mode == "server"
     assert not run_cfg.tune.private  # clients run no DP-SGD under user-level DP
     assert run_cfg.data.max_train_examples == 12
     sizes = [len(client_partition(run_cfg, fed, c)) for c in range(3)]
     assert sizes == [4, 4, 4]
     sample = dataclasses.replace(user, dp_level="sample")
-    run_cfg, fed = S._cell_configs(ctx, sample, assets / "student", tmp_path / "run2")
+    run_cfg, fed = CELLS._cell_configs(ctx, sample, assets / "student", tmp_path / "run2")
     assert not fed.user_dp and run_cfg.tune.private and run_cfg.tune.target_epsilon == 4.0
     # n x K beyond the training set: refused with both numbers
     big = dataclasses.replace(user, examples_per_client=30)
@@ -168,7 +170,7 @@ def test_cell_configs_examples_per_client_and_user_level(assets, tmp_path):
 
 def test_sweep_refuses_too_many_examples_before_any_cell(assets, tmp_path, monkeypatch):
     text = sweep_toml(assets, tmp_path / "out").replace("examples_per_client = [4]", "examples_per_client = [30]")
-    monkeypatch.setattr(S, "run_cell", lambda ctx, cell: pytest.fail("a cell ran"))
+    monkeypatch.setattr(SW, "run_cell", lambda ctx, cell: pytest.fail("a cell ran"))
     with pytest.raises(ConfigError, match=r"examples_per_client = 30 x num_clients = 3 needs 90"):
         S.run_sweep(S.load_sweep_config(_write(tmp_path, text)))
     assert not (tmp_path / "out" / "results.csv").exists()
@@ -281,7 +283,7 @@ def _rows():
 
 
 def test_clients_plot_has_a_panel_per_level_and_partitioning(tmp_path):
-    from post_fl.plots import clients_experiment_figure, plot_clients_experiment
+    from post_fl.experiments.plots import clients_experiment_figure, plot_clients_experiment
 
     fig, caption = clients_experiment_figure(_rows(), "post", {"task": "movie-reviews"})
     axes = fig.get_axes()

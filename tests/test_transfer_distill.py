@@ -3,11 +3,13 @@ import torch
 
 from post_fl.core.config import DistillConfig, TransferConfig, TuneConfig
 from post_fl.core.data import DataError
-from post_fl.distill import distill_student, make_student, save_student, select_layers, student_with_layers
+from post_fl.method.distill import distill_student
+from post_fl.method.student import make_student, select_layers, student_with_layers
+from post_fl.method.student_cache import save_student
 from post_fl.core.models import load_scoring_model
 from post_fl.core.prompt import init_from_vocab
-from post_fl.transfer import kl_at_temperature, post_transfer_loss, transfer_prompt
-from post_fl.tuning import tune_prompt
+from post_fl.method.transfer import kl_at_temperature, post_transfer_loss, transfer_prompt
+from post_fl.method.tuning import tune_prompt
 
 from conftest import make_sentiment
 

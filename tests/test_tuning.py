@@ -8,7 +8,7 @@ from post_fl.core.config import ConfigError, TuneConfig
 from post_fl.core.data import DataError
 from post_fl.core.models import load_scoring_model
 from post_fl.core.prompt import SoftPrompt, init_from_vocab
-from post_fl.tuning import PromptedClassifier, encode_dataset, tune_prompt
+from post_fl.method.tuning import PromptedClassifier, encode_dataset, tune_prompt
 from post_fl.privacy.accounting import calibrate_noise_multiplier, epsilon_from_history, resolve_delta
 
 LABELS = ["negative", "positive"]

@@ -290,7 +290,7 @@ class RunConfig:
 
     ``seed`` drives every non-private random choice (initialisation, splits, batches of
     distillation and transfer). Privacy mechanisms never use it unless ``insecure_reproducible``
-    is set (see :mod:`post_fl.randomness`).
+    is set (see :mod:`post_fl.privacy.randomness`).
     """
 
     seed: int = 0

@@ -1,4 +1,4 @@
-"""What each setting of :class:`post_fl.config.RunConfig` means, for ``post-fl show-config``.
+"""What each setting of :class:`post_fl.core.config.RunConfig` means, for ``post-fl show-config``.
 
 ``FIELD_HELP`` is keyed ``"section.key"`` (``"seed"`` for top-level keys); a test checks that
 every field of :class:`RunConfig` has an entry, so a new setting cannot ship unexplained.

@@ -19,6 +19,17 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+def from_jsonable(value: Any) -> Any:
+    """Undo :func:`jsonable` for infinities/NaN read back from JSON."""
+    if isinstance(value, str) and value in ("inf", "-inf", "nan"):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: from_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [from_jsonable(v) for v in value]
+    return value
+
+
 def write_json(data: dict, path: str | Path) -> Path:
     """Write ``data`` as indented JSON atomically (temp file + rename); infinities become strings."""
     p = Path(path)

@@ -76,7 +76,7 @@ def load_task(cfg: RunConfig) -> Task:
 
 
 def read_train_file(cfg: RunConfig):
-    """The private training file with the label rule of :func:`post_fl.data.training_label_names`.
+    """The private training file with the label rule of :func:`post_fl.core.data.training_label_names`.
 
     The label set is the keys of ``model.label_words`` when given, otherwise the labels of the file;
     a label outside that set or seen in fewer than ``data.min_label_count`` rows is refused (unless

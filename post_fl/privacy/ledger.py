@@ -42,7 +42,7 @@ class BudgetExhausted(RuntimeError):
     """A client refuses a round: its ledger plus this round would exceed the site's epsilon budget.
 
     The message (spent, after, budget, delta) stays in the site's own log; a reply to the server
-    carries only the fixed code ``refused: budget`` (:data:`post_fl.fed_protocol.BUDGET_EXHAUSTED`)."""
+    carries only the fixed code ``refused: budget`` (:data:`post_fl.federated.protocol.BUDGET_EXHAUSTED`)."""
 
     def __init__(self, spent: float, after: float, budget: float, delta: float) -> None:
         self.spent, self.after, self.budget, self.delta = spent, after, budget, delta

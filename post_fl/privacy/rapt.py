@@ -46,7 +46,7 @@ arXiv:2305.06212):
    it. The number of examples and each text's token count are not hidden.
 
 All noise takes a ``torch.Generator``; callers pass one from
-:func:`post_fl.randomness.dp_torch_generator` (fresh OS entropy), never a config seed.
+:func:`post_fl.privacy.randomness.dp_torch_generator` (fresh OS entropy), never a config seed.
 This module depends only on torch; it is wired into the tuning loop elsewhere.
 """
 
@@ -403,7 +403,7 @@ def randomized_response(labels: torch.Tensor, num_classes: int, epsilon: float,
     Each label is kept with probability ``e^ε / (e^ε + K − 1)`` and otherwise replaced by one of
     the other ``K − 1`` labels uniformly, so for any true labels ``y, y'`` and output ``z``:
     ``P[M(y) = z] ≤ e^ε · P[M(y') = z]``. ``epsilon = inf`` (or K = 1) returns the labels
-    unchanged. ``generator`` should come from :func:`post_fl.randomness.dp_torch_generator`.
+    unchanged. ``generator`` should come from :func:`post_fl.privacy.randomness.dp_torch_generator`.
     """
     keep_p = randomized_response_keep_probability(epsilon, num_classes)
     if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:

@@ -22,7 +22,7 @@ adds the noise itself and sees the sum (or each update) before it, so nothing ho
 (epsilon = inf). Both come from Opacus' RDP accountant.
 
 Randomness: the Gaussian noise, the noise shares and the Poisson client sample take a
-``numpy.random.Generator`` from :func:`post_fl.randomness.dp_numpy_rng` (fresh OS entropy on the
+``numpy.random.Generator`` from :func:`post_fl.privacy.randomness.dp_numpy_rng` (fresh OS entropy on the
 party that adds the noise); passing a plain seed is refused. delta: :func:`resolve_user_delta`
 (default ``min(1e-5, 1/(10 N))`` for N clients; ``delta >= 1/N`` refused).
 
@@ -68,7 +68,7 @@ from .delta import resolve
 
 def _check_rng(rng, where: str) -> np.random.Generator:
     if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"{where}: rng must be a numpy.random.Generator from post_fl.randomness.dp_numpy_rng "
+        raise TypeError(f"{where}: rng must be a numpy.random.Generator from post_fl.privacy.randomness.dp_numpy_rng "
                         f"(fresh OS entropy), got {type(rng).__name__}; a plain seed would let whoever knows it "
                         f"subtract the noise")
     return rng
@@ -104,7 +104,7 @@ def noised_mean(update_sum: np.ndarray, clip_norm: float, noise_multiplier: floa
     (:func:`clip_update`); ``expected_clients`` is q N, the fixed denominator, so adding or
     removing one user moves the result by at most C / (q N) and the released noise has standard
     deviation sigma C / (q N) per coordinate. ``rng`` comes from
-    :func:`post_fl.randomness.dp_numpy_rng` on the party that adds the noise.
+    :func:`post_fl.privacy.randomness.dp_numpy_rng` on the party that adds the noise.
     """
     _check_rng(rng, "noised_mean")
     if expected_clients <= 0:
@@ -122,7 +122,7 @@ def noise_share(shape, clip_norm: float, noise_multiplier: float, num_shares_min
     Each sampled client adds this to its clipped update before SecAgg masking; a sum over at
     least ``m = num_shares_min`` surviving clients then holds Gaussian noise of variance
     ``>= sigma^2 C^2`` (see the module docstring for dropouts). ``rng`` comes from
-    :func:`post_fl.randomness.dp_numpy_rng` on the client.
+    :func:`post_fl.privacy.randomness.dp_numpy_rng` on the client.
     """
     _check_rng(rng, "noise_share")
     if int(num_shares_min) != num_shares_min or num_shares_min < 1:
@@ -184,7 +184,7 @@ def poisson_sample(client_ids: list[int], sample_rate: float, rng: np.random.Gen
     """Poisson client sampling: each client independently with probability ``sample_rate`` q.
 
     This is the subsampling the user-level accountant assumes (rate q per round); ``rng``
-    comes from :func:`post_fl.randomness.dp_numpy_rng` on the server (the sample must not be
+    comes from :func:`post_fl.privacy.randomness.dp_numpy_rng` on the server (the sample must not be
     predictable from a config seed, or the amplification by sampling is void). Ids are sorted
     first, so the result does not depend on their order.
     """

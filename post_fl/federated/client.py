@@ -8,7 +8,7 @@ move any of them; a run that names other columns or labels is refused (:func:`ch
 Whatever goes wrong on a site, its reply says one fixed code (:func:`reply_code`); the detailed message
 stays in the site's own log.
 
-DP-SGD noise and Poisson batches come from fresh OS entropy (:mod:`post_fl.randomness`) unless the
+DP-SGD noise and Poisson batches come from fresh OS entropy (:mod:`post_fl.privacy.randomness`) unless the
 run is ``insecure_reproducible``, where the client derives the seed itself (:func:`insecure_seed_for`).
 """
 
@@ -24,25 +24,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from .core.config import ConfigError, RunConfig
-from .core.data import TextDataset, partition
-from .core.models import ScoringModel
-from .core.prompt import SoftPrompt
-from .fed_protocol import (BUDGET_EXHAUSTED, LEDGER_DIR_NAME, REFUSED_DATA_SETTINGS, REFUSED_INSECURE, REPLY_CODES,
-                           SITE_ERROR, SITE_INPUT_INVALID)
-from .fed_config import FederatedConfig, derive_seed, user_noise_multiplier
+from ..core.config import ConfigError, RunConfig
+from ..core.data import TextDataset, partition
+from ..core.models import ScoringModel
+from ..core.prompt import SoftPrompt
+from ..core.tasks import load_task
+from .config import FederatedConfig, derive_seed, user_noise_multiplier
+from .protocol import (BUDGET_EXHAUSTED, LEDGER_DIR_NAME, REFUSED_DATA_SETTINGS, REFUSED_INSECURE, REPLY_CODES,
+                       SITE_ERROR, SITE_INPUT_INVALID)
 
 
 # ---------------------------------------------------------------- client side
 _PARTITIONS: dict[str, list[TextDataset]] = {}  # process-wide: the private split, read once per process
-
-
-def _load_task(run_cfg: RunConfig):
-    """(train, test, public, label words) via ``post_fl.pipeline.load_task`` (files or the embedded task)."""
-    from .core.tasks import load_task
-
-    task = load_task(run_cfg)
-    return task.train, task.test, task.public, dict(task.label_words)
 
 
 def client_partition(run_cfg: RunConfig, fed_cfg: FederatedConfig, partition_id: int,
@@ -58,7 +51,7 @@ def client_partition(run_cfg: RunConfig, fed_cfg: FederatedConfig, partition_id:
                       fed_cfg.dirichlet_alpha, fed_cfg.classes_per_client, fed_cfg.min_partition_size], sort_keys=True,
                      default=str)
     if key not in _PARTITIONS:
-        train = _load_task(run_cfg)[0]
+        train = load_task(run_cfg).train
         _PARTITIONS[key] = partition(train, n, fed_cfg.partitioning, fed_cfg.dirichlet_alpha,
                                      fed_cfg.classes_per_client, run_cfg.seed, fed_cfg.min_partition_size)
     return _PARTITIONS[key][partition_id]
@@ -66,7 +59,7 @@ def client_partition(run_cfg: RunConfig, fed_cfg: FederatedConfig, partition_id:
 
 class ClientRefusal(RuntimeError):
     """A client declines a round (the run goes on). The message stays in the site's log; the reply
-    carries only ``code``, one of :data:`post_fl.fed_protocol.REFUSAL_CODES`."""
+    carries only ``code``, one of :data:`post_fl.federated.protocol.REFUSAL_CODES`."""
 
     def __init__(self, message: str, code: str = REFUSED_INSECURE) -> None:
         super().__init__(message)
@@ -80,10 +73,10 @@ class SiteInputInvalid(ValueError):
 
 def reply_code(exc: BaseException) -> str:
     """The fixed code a site's reply carries for ``exc``: never its message (which may quote the site's data)."""
-    from .core.config import ConfigError
-    from .core.data import DataError
-    from .privacy.ledger import BudgetExhausted
-    from .core.tasks import PreflightError
+    from ..core.config import ConfigError
+    from ..core.data import DataError
+    from ..core.tasks import PreflightError
+    from ..privacy.ledger import BudgetExhausted
 
     if isinstance(exc, BudgetExhausted):
         return BUDGET_EXHAUSTED
@@ -116,7 +109,7 @@ def site_settings(node_config: dict | None) -> SiteSettings | None:
 
     Every missing or bad key is reported at once in one :class:`SiteInputInvalid` (logged on the site only).
     """
-    from .privacy.ledger import DATASET_NAME
+    from ..privacy.ledger import DATASET_NAME
 
     node_config = node_config or {}
     path = node_config.get("data-path")
@@ -173,10 +166,10 @@ def site_dataset(site: SiteSettings, run_cfg: RunConfig, label_names: list[str])
     """A deployed site's own private training file, read with the site's own columns, once per process.
 
     ``label_names`` (the student's labels, in its order) must be the site's label set
-    (:func:`check_run_matches_site`); a bad file raises :class:`post_fl.data.DataError` naming the file,
+    (:func:`check_run_matches_site`); a bad file raises :class:`post_fl.core.data.DataError` naming the file,
     row and field (logged on the site only).
     """
-    from .core.data import read_text_file
+    from ..core.data import read_text_file
 
     if set(label_names) != set(site.labels):
         raise ClientRefusal(f"student labels {sorted(label_names)} are not this site's {sorted(site.labels)}",
@@ -195,7 +188,7 @@ def site_delta(run_cfg: RunConfig, node_config: dict | None, n: int) -> float | 
     Node config ``privacy-delta`` when set (0 < delta < 1/N); else on a deployed site min(1e-5, 1/(10 N)),
     fixed at the site whatever the run config says; else (simulation) None: the run's ``tune.delta``.
     """
-    from .privacy.delta import default_delta
+    from ..privacy.delta import default_delta
 
     node_config = node_config or {}
     raw = node_config.get("privacy-delta")
@@ -250,9 +243,9 @@ def check_site_allows(run_cfg: RunConfig, node_config: dict) -> None:
 
 def ledger_dir_for(run_cfg: RunConfig, node_config: dict | None = None) -> Path:
     """Where a client keeps its privacy ledgers: node config ``privacy-ledger``; else, on a deployed
-    site, :func:`post_fl.ledger.default_site_ledger_dir`; else (simulation) ``<output_dir>/client-ledgers``,
+    site, :func:`post_fl.privacy.ledger.default_site_ledger_dir`; else (simulation) ``<output_dir>/client-ledgers``,
     one set of virtual sites per experiment, continued by a resumed run."""
-    from .privacy.ledger import default_site_ledger_dir
+    from ..privacy.ledger import default_site_ledger_dir
 
     node_config = node_config or {}
     if node_config.get("privacy-ledger"):
@@ -283,9 +276,9 @@ def site_budget(run_cfg: RunConfig, node_config: dict | None = None) -> float:
 
 
 def open_ledger(run_cfg: RunConfig, data: TextDataset, client_id: int, node_config: dict | None = None):
-    """This client's :class:`post_fl.ledger.PrivacyLedger`: keyed by a deployed site's ``dataset-name`` (so
+    """This client's :class:`post_fl.privacy.ledger.PrivacyLedger`: keyed by a deployed site's ``dataset-name`` (so
     re-exporting the same data keeps its budget), in simulation by the sha256 of the partition."""
-    from .privacy.ledger import PrivacyLedger, dataset_sha256
+    from ..privacy.ledger import PrivacyLedger, dataset_sha256
 
     node_config = node_config or {}
     site = site_settings(node_config)
@@ -311,8 +304,8 @@ def train_client(student: ScoringModel, global_prompt: np.ndarray, data: TextDat
 
     Under DP (``tune.private``): the noise multiplier is calibrated for ``rounds`` rounds of
     ``tune.epochs`` epochs (the most a client takes part in a run); ``ledger`` (required, a
-    :class:`post_fl.ledger.PrivacyLedger`) must allow this round within the site's budget, else
-    :class:`post_fl.ledger.BudgetExhausted` is raised before any training; the round's planned steps
+    :class:`post_fl.privacy.ledger.PrivacyLedger`) must allow this round within the site's budget, else
+    :class:`post_fl.privacy.ledger.BudgetExhausted` is raised before any training; the round's planned steps
     are checked and recorded in one locked step *before* any noise is drawn (write-ahead: a round
     whose noise was drawn always counts, even if its update is lost; concurrent runs cannot both
     pass the check). ``delta`` (the site's, :func:`site_delta`) replaces ``tune.delta`` for the
@@ -323,9 +316,9 @@ def train_client(student: ScoringModel, global_prompt: np.ndarray, data: TextDat
     ``metrics`` holds what the reply may carry (:data:`DP_REPLY_METRIC_KEYS` under DP), ``private``
     what the client keeps (epsilon, delta, loss, examples).
     """
-    from .privacy.randomness import dp_numpy_rng
-    from .privacy.accounting import calibrate_noise_multiplier, planned_steps, resolve_delta, sample_rate
-    from .tuning import tune_prompt
+    from ..method.tuning import tune_prompt
+    from ..privacy.accounting import calibrate_noise_multiplier, planned_steps, resolve_delta, sample_rate
+    from ..privacy.randomness import dp_numpy_rng
 
     tune = run_cfg.tune if delta is None else dataclasses.replace(run_cfg.tune, delta=float(delta))
     n = len(data)
@@ -346,7 +339,7 @@ def train_client(student: ScoringModel, global_prompt: np.ndarray, data: TextDat
         # noise is drawn; raises BudgetExhausted (nothing recorded) when the round does not fit
         epsilon = ledger.spend(sigma, q, steps, delta, run_id, server_round)
     elif ledger is not None and math.isfinite(ledger.budget):
-        from .privacy.ledger import BudgetExhausted
+        from ..privacy.ledger import BudgetExhausted
 
         raise BudgetExhausted(ledger.epsilon(delta), math.inf, ledger.budget, delta)
     insecure = insecure_seed_for(run_cfg, server_round, client_id)
@@ -360,11 +353,11 @@ def train_client(student: ScoringModel, global_prompt: np.ndarray, data: TextDat
     delta_prompt = res.prompt.weight.detach().cpu().numpy().astype(np.float32) - np.asarray(global_prompt, np.float32)
     clip = fed_cfg.user_dp_clip if fed_cfg.user_dp else clip
     if clip > 0 and math.isfinite(clip):
-        from .privacy.user_dp import clip_update
+        from ..privacy.user_dp import clip_update
 
         delta_prompt, _ = clip_update(delta_prompt, clip)
     if fed_cfg.user_noise_mode == "distributed":
-        from .privacy.user_dp import noise_share
+        from ..privacy.user_dp import noise_share
 
         share = noise_share(delta_prompt.shape, fed_cfg.user_dp_clip, user_noise_multiplier(fed_cfg),
                             fed_cfg.min_clients, dp_numpy_rng(insecure, 5))
@@ -381,6 +374,6 @@ def train_client(student: ScoringModel, global_prompt: np.ndarray, data: TextDat
 
 
 def budget_status(exc) -> dict:
-    """The status of a :class:`post_fl.ledger.BudgetExhausted` refusal: the fixed code and nothing else
+    """The status of a :class:`post_fl.privacy.ledger.BudgetExhausted` refusal: the fixed code and nothing else
     (spent, after, budget and delta together reveal the site's example count; they stay in its log)."""
     return {"status": BUDGET_EXHAUSTED}

@@ -18,7 +18,7 @@ clients can share the model's passes. Each round, for every DP-SGD step:
    (drawn as Opacus draws it in ``secure_mode``: the mean of four Gaussians), divides by its
    expected batch size ``int(n_c * q_c)`` and takes an Adam step (same ``lr``) on its own prompt.
 
-Every client therefore runs exactly the DP-SGD that :func:`post_fl.tuning.tune_prompt` would
+Every client therefore runs exactly the DP-SGD that :func:`post_fl.method.tuning.tune_prompt` would
 run for it alone from the global prompt: the same number of steps (``planned_steps``), the same
 ``q``, ``sigma``, clipping, Poisson sampling and Adam, and an accountant history that composes
 the same way (Opacus' history merge), so its epsilon is the one ``tune_prompt`` reports.
@@ -26,7 +26,7 @@ Non-private tuning (``tune.private`` false) follows ``tune_prompt``'s plain path
 shuffled batches of ``batch_size``, the batch-mean loss, no clipping, no noise.
 
 Randomness: each client's Poisson sampler and noise share one generator from
-:func:`post_fl.randomness.dp_torch_generator` (fresh OS entropy per client per call), as in
+:func:`post_fl.privacy.randomness.dp_torch_generator` (fresh OS entropy per client per call), as in
 ``tune_prompt``. Only when a client is given an ``insecure_seed`` (``insecure_reproducible``
 mode, NOT private) is its generator seeded, with the stream ``tune_prompt`` uses, and it then
 consumes it in the same order as Opacus' ``DPDataLoader`` and ``DPOptimizer`` do: a client's
@@ -57,13 +57,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .core.config import TuneConfig
-from .core.data import DataError, TextDataset
-from .core.models import EncodedBatch, ScoringModel
-from .privacy.randomness import dp_torch_generator
-from .tuning import DP_SGD_STREAM, encode_dataset
-from .privacy.accounting import (calibrate_noise_multiplier, epsilon_from_history, planned_steps, resolve_delta,
-                                 sample_rate)
+from ..core.config import TuneConfig
+from ..core.data import DataError, TextDataset
+from ..core.models import EncodedBatch, ScoringModel
+from ..method.tuning import DP_SGD_STREAM, encode_dataset
+from ..privacy.accounting import (calibrate_noise_multiplier, epsilon_from_history, planned_steps, resolve_delta,
+                                  sample_rate)
+from ..privacy.randomness import dp_torch_generator
 
 DEFAULT_MICRO_BATCH = 64
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, as tune_prompt uses them
@@ -384,120 +384,3 @@ def train_clients_batched(model: ScoringModel, global_prompt: torch.Tensor | np.
                                mean_loss=float(sum(p.losses) / len(p.losses)) if p.losses else math.nan,
                                accountant_history=[list(h) for h in history])
     return BatchedRound(out, seconds, rows_done, micro, state_bytes, data_bytes)
-
-
-class BatchedTransport:
-    """The :class:`post_fl.federated.Transport` of in-process simulation with the client-batched engine.
-
-    Mirrors :class:`post_fl.federated.LocalTransport` (and so Flower's ClientApp): each sampled
-    client takes its partition (``client_partition``), opens its privacy ledger (``open_ledger``),
-    is refused before training when the round would exceed its budget (else the round is recorded in
-    its ledger in the same locked step, before any noise is drawn: write-ahead), trains from the global
-    prompt with the noise multiplier calibrated for ``rounds x epochs``, clips its update to the
-    instruction's bound (or ``user_dp_clip``), adds its distributed-DP noise share when that mode is on, and replies with
-    the same update and metrics as ``train_client``. The difference: all sampled clients' DP-SGD runs
-    in shared forward/backward passes (:func:`train_clients_batched`), which gives each client the
-    update ``train_client`` would give it (same insecure seeds in ``insecure_reproducible`` mode).
-    SecAgg+ is simulated only on Flower (``federated.secagg`` is refused here).
-    """
-
-    def __init__(self, server, run_cfg, fed_cfg, micro_batch: int = DEFAULT_MICRO_BATCH) -> None:
-        from .core.config import ConfigError
-
-        if fed_cfg.secagg:
-            raise ConfigError("federated.secagg: the client-batched simulation aggregates in the clear; "
-                              "run SecAgg+ on Flower's Simulation Engine (simulation.run)")
-        self.server, self.cfg, self.fed, self.micro_batch = server, run_cfg, fed_cfg, micro_batch
-        self.model_sends = 0
-        self.last_round: BatchedRound | None = None
-
-    def client_ids(self) -> list[int]:
-        """Every partition id 0..num_clients-1 (one virtual client each)."""
-        return list(range(self.fed.num_clients))
-
-    def _student(self, model_hash: str) -> ScoringModel:
-        from . import federated as fl
-
-        root = fl.cache_root(self.fed)
-        student = fl.cached_student(model_hash, root)
-        if student is None:  # one process: the student is installed once, as for one Flower worker
-            self.model_sends += 1
-            student = fl.install_student(self.server.package, root)
-        return student
-
-    def train_round(self, server_round: int, prompt: np.ndarray, instructions: dict[int, dict]):
-        """Train every instructed client of ``server_round`` in shared passes; their replies."""
-        from . import federated as fl
-        from .aggregate import ClientUpdate
-        from .privacy.ledger import BudgetExhausted
-        from .privacy.randomness import dp_numpy_rng
-
-        out = fl.RoundReplies()
-        tune = self.cfg.tune
-        hashes = {ins["model-hash"] for ins in instructions.values()}
-        if len(hashes) != 1:
-            raise ValueError(f"round {server_round}: instructions name {len(hashes)} student hashes, expected one")
-        student = self._student(hashes.pop())
-        datasets, ledgers, sigmas, histories, insecure, seeds = {}, {}, {}, {}, {}, {}
-        for cid in sorted(instructions):
-            try:  # as train_client: refuse before any training, fail alone on bad data
-                data = fl.client_partition(self.cfg, self.fed, cid)
-                if len(data) == 0:
-                    raise ValueError(f"round {server_round}: this client's partition is empty")
-                check_client_data(student, data, cid)
-                n = len(data)
-                ledger = fl.open_ledger(self.cfg, data, cid) if tune.private else None
-                if tune.private:
-                    steps, q = planned_steps(tune, n), sample_rate(tune, n)
-                    sigmas[cid] = float(calibrate_noise_multiplier(tune, n, self.fed.rounds * steps))
-                    histories[cid] = ledger.history()
-                    # write-ahead and atomic (as train_client): checked and recorded before any noise is drawn
-                    ledger.spend(sigmas[cid], q, steps, resolve_delta(tune, n), "batched", server_round)
-                elif ledger is not None and math.isfinite(ledger.budget):
-                    raise BudgetExhausted(ledger.epsilon(resolve_delta(tune, n)), math.inf, ledger.budget,
-                                          resolve_delta(tune, n))
-            except BudgetExhausted as exc:
-                out.refusals[cid] = fl.budget_status(exc)
-                continue
-            except fl.ClientRefusal as exc:
-                out.refusals[cid] = {"status": exc.code}
-                continue
-            except ValueError as exc:  # bad or empty private data (DataError is a ValueError)
-                out.failures[cid] = f"{type(exc).__name__}: {exc}"
-                continue
-            datasets[cid], ledgers[cid] = data, ledger
-            insecure[cid] = fl.insecure_seed_for(self.cfg, server_round, cid)
-            seeds[cid] = fl.derive_seed(self.cfg.seed, server_round, 4, cid)
-        if not datasets:
-            return out
-        any_insecure = any(s is not None for s in insecure.values())
-        result = train_clients_batched(student, prompt, datasets, tune, histories=histories,
-                                       noise_multipliers=sigmas if tune.private else None,
-                                       insecure_seeds=insecure if any_insecure else None, seeds=seeds,
-                                       micro_batch=self.micro_batch)
-        self.last_round = result
-        for cid in sorted(datasets):
-            res, ins = result.clients[cid], instructions[cid]
-            if tune.private and res.steps > planned_steps(tune, res.examples):  # the ledger holds the planned steps
-                raise RuntimeError(f"client {cid}: DP-SGD took {res.steps} steps, more than were recorded")
-            update = res.update
-            clip = self.fed.user_dp_clip if self.fed.user_dp else float(ins["clip"])
-            if clip > 0 and math.isfinite(clip):
-                from .privacy.user_dp import clip_update
-
-                update, _ = clip_update(update, clip)
-            if self.fed.user_noise_mode == "distributed":
-                from .privacy.user_dp import noise_share
-
-                share = noise_share(update.shape, self.fed.user_dp_clip, fl.user_noise_multiplier(self.fed),
-                                    self.fed.min_clients, dp_numpy_rng(insecure[cid], 5))
-                update = (update.astype(np.float64) + share).astype(np.float32)
-            if tune.private:
-                metrics: dict = {"round": int(server_round)}
-            else:
-                metrics = {"round": int(server_round), "num-examples": int(res.examples),
-                           "loss": float(res.mean_loss), "steps": int(res.steps), "sample-rate": float(res.sample_rate)}
-            upd = ClientUpdate(cid, update, metrics.get("num-examples"), metrics)
-            out.updates.append(upd)
-            out.metrics[cid] = upd.metrics
-        return out

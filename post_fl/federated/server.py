@@ -1,7 +1,8 @@
 """The federated POST server and its round loop: sample clients, send the global prompt, validate and
 aggregate the replies (:class:`FederatedServer`), evaluate, checkpoint; then transfer (:func:`run_federated`).
-A :class:`Transport` reaches the clients (Flower's Grid in ``server_app``, :mod:`post_fl.local_transport`
-in-process). One round, what crosses the wire and who draws which noise: :mod:`post_fl.fed_protocol`.
+A :class:`Transport` reaches the clients (Flower's Grid in ``server_app``, :mod:`post_fl.federated.transports`
+in-process). One round, what crosses the wire and who draws which noise: :mod:`post_fl.federated.protocol`;
+what the run reports about privacy: :mod:`post_fl.federated.privacy_report`.
 """
 
 from __future__ import annotations
@@ -11,30 +12,32 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
 
+from ..core.config import ConfigError, RunConfig
+from ..core.jsonio import from_jsonable, jsonable, write_json
+from ..core.models import load_scoring_model
+from ..core.prompt import SoftPrompt, init_from_text, init_from_vocab, save_prompt
+from ..core.tasks import load_task
+from ..privacy.randomness import NOT_PRIVATE_LABEL
 from .aggregate import (ClientUpdate, RoundFailedError, aggregate_updates, filter_updates, require_min_clients,
                         sum_updates, update_norm)
-from .core.config import ConfigError, RunConfig
-from .core.jsonio import jsonable, write_json
-from .core.models import load_scoring_model
-from .core.prompt import SoftPrompt, init_from_text, init_from_vocab, save_prompt
-from .privacy.randomness import NOT_PRIVATE_LABEL
-from .fed_protocol import LEDGER_DIR_NAME, CHECKPOINT_FILE, STUDENT_WEIGHTS_FILE
-from .fed_config import FederatedConfig, resolve_aggregation, derive_seed, user_noise_multiplier
-from .student_cache import pack_student
-from .fed_client import _load_task, one_line_reason
+from .checkpoint import read_checkpoint, write_checkpoint
+from .client import one_line_reason
+from .config import FederatedConfig, resolve_aggregation, derive_seed, user_noise_multiplier
+from .privacy_report import (client_privacy, privacy_lines, privacy_section, user_epsilon_against_server,
+                             user_epsilon_against_world, user_level_section)
+from .protocol import LEDGER_DIR_NAME, CHECKPOINT_FILE, STUDENT_WEIGHTS_FILE
+from .shipping import pack_student
 
 log = logging.getLogger(__name__)
 
-# ---------------------------------------------------------------- server side
 @dataclass
 class RoundReplies:
     """What came back from one round's sampled clients.
@@ -102,18 +105,20 @@ class FederatedServer:
         if self._prepared:
             return
         self.run.mkdir(parents=True, exist_ok=True)
-        self.train, self.test, self.public, label_words = _load_task(self.cfg)
+        task = load_task(self.cfg)
+        self.train, self.test, self.public, label_words = task.train, task.test, task.public, dict(task.label_words)
         m = self.cfg.model
         self.teacher = load_scoring_model(m.teacher, self.train.label_names, label_words, m.head, m.template,
                                           m.max_length)
         self.student_dir = Path(m.student) if m.student else self.run / "student"
         if not (self.student_dir / STUDENT_WEIGHTS_FILE).is_file() and not m.student:
-            from .distill import distill_student, public_distillation_split, save_student
+            from ..method.distill import distill_student
+            from ..method.student_cache import public_distillation_split, save_student
 
             self.report(f"no saved student at {self.student_dir}: distilling one from {m.teacher}")
             public_train, held_out = public_distillation_split(self.public, self.cfg.seed)
             student, rep = distill_student(self.teacher, public_train, self.cfg.distill, self.cfg.seed, held_out,
-                                           progress=True)  # post_fl.progress: bar / log lines / quiet
+                                           progress=True)  # post_fl.core.progress: bar / log lines / quiet
             save_student(student, self.student_dir, rep)
         self.student = load_scoring_model(str(self.student_dir), self.train.label_names, self.teacher.label_words,
                                           self.teacher.head, self.teacher.template, self.teacher.max_length)
@@ -164,7 +169,7 @@ class FederatedServer:
         """The clients of this round: Poisson at ``fraction_train`` with user DP, else a fixed-size sample.
 
         Poisson sampling is part of the user-level guarantee against the world (privacy amplification),
-        so it draws fresh OS entropy (:func:`post_fl.randomness.dp_numpy_rng`). The server itself knows
+        so it draws fresh OS entropy (:func:`post_fl.privacy.randomness.dp_numpy_rng`). The server itself knows
         the sample, so the amplification does not hold against it (:meth:`user_epsilon_against_server`
         charges every round at rate 1). The fixed-size sample of a run
         without user-level DP is not a privacy mechanism (no guarantee relies on it being secret),
@@ -172,8 +177,8 @@ class FederatedServer:
         """
         ids = sorted(client_ids)
         if self.fed.user_dp:
-            from .privacy.randomness import dp_numpy_rng
-            from .privacy.user_dp import poisson_sample
+            from ..privacy.randomness import dp_numpy_rng
+            from ..privacy.user_dp import poisson_sample
 
             rng = dp_numpy_rng(self.cfg.seed if self.insecure else None, server_round, 1)
             return poisson_sample(ids, self.fed.fraction_train, rng)
@@ -195,8 +200,8 @@ class FederatedServer:
         as private as always against everyone else, while against the server that round relies on
         the shares only (counted in ``user_dp_short_rounds`` and reported).
         """
-        from .privacy.randomness import dp_numpy_rng
-        from .privacy.user_dp import noised_mean
+        from ..privacy.randomness import dp_numpy_rng
+        from ..privacy.user_dp import noised_mean
 
         m, sigma = self.fed.min_clients, self.user_dp_sigma
         self.user_dp_contributors.append(int(contributors))
@@ -252,7 +257,7 @@ class FederatedServer:
             valid, rejected = filter_updates(replies.updates, shape, bound, server_round)
             valid_ids = [u.client_id for u in valid]
             if self.fed.user_dp:
-                from .privacy.user_dp import clip_update
+                from ..privacy.user_dp import clip_update
 
                 clipped = [dataclasses.replace(u, delta=clip_update(u.delta, self.fed.user_dp_clip)[0])
                            for u in valid]
@@ -299,39 +304,21 @@ class FederatedServer:
 
     def evaluate_student(self) -> float:
         """Test accuracy of the student with the current global prompt."""
-        from .evaluate import accuracy
+        from ..method.evaluate import accuracy
 
         return accuracy(self.student, self.test, SoftPrompt(torch.from_numpy(self.prompt.copy())),
                         self.cfg.eval.batch_size)
 
     def user_epsilon_against_world(self) -> float:
-        """User-level epsilon of the rounds so far against everyone who sees the released prompts but not the
-        server's client sample: the sampled Gaussian at rate ``fraction_train`` (RDP accountant); inf when
-        user-level DP is off."""
-        if not self.fed.user_dp:
-            return math.inf
-        from .privacy.user_dp import user_level_epsilon
-
-        return user_level_epsilon(self.user_dp_sigma, self.fed.fraction_train, self.user_dp_rounds,
-                                  self.fed.resolved_user_delta)
+        """User-level epsilon of the rounds so far against the world
+        (:func:`post_fl.federated.privacy_report.user_epsilon_against_world`); inf when user-level DP is off."""
+        return user_epsilon_against_world(self.fed, self.user_dp_sigma, self.user_dp_rounds)
 
     def user_epsilon_against_server(self) -> float:
-        """User-level epsilon of the rounds so far against the server, which drew the client sample and sees
-        who replied: no amplification (every round with anyone's update in the sum counts as if the user took
-        part, rate 1), charged with only the noise the server cannot remove, i.e. the surviving distributed
-        shares (sigma for rounds with >= min_clients of them, sigma sqrt(k/m) for k < m). inf in server-noise
-        mode (the server adds the noise itself) and when user-level DP is off."""
-        if not self.fed.user_dp or self.fed.user_noise_mode != "distributed":
-            return math.inf
-        from .privacy.user_dp import effective_noise_multiplier, user_level_epsilon_of_history
-
-        per_sigma: dict[float, int] = {}
-        for k in self.user_dp_contributors:
-            if k >= 1:  # a round with nobody's update in it costs nobody anything
-                s = effective_noise_multiplier(self.user_dp_sigma, k, self.fed.min_clients)
-                per_sigma[s] = per_sigma.get(s, 0) + 1
-        return user_level_epsilon_of_history([(s, 1.0, n) for s, n in sorted(per_sigma.items())],
-                                             self.fed.resolved_user_delta)
+        """User-level epsilon of the rounds so far against the server, which drew the client sample
+        (:func:`post_fl.federated.privacy_report.user_epsilon_against_server`); inf in server-noise mode and
+        when user-level DP is off."""
+        return user_epsilon_against_server(self.fed, self.user_dp_sigma, self.user_dp_contributors)
 
     def user_epsilon(self) -> float:
         """The user-level epsilon a run's user-level target is judged on (``federated.user_dp_epsilon_against``):
@@ -348,18 +335,7 @@ class FederatedServer:
     def client_privacy(self) -> dict[int, dict]:
         """Per client that trained: epsilon/delta from its ledger where this machine can read it (simulation);
         otherwise only the rounds it replied in (a deployed site's epsilon stays in its own ledger)."""
-        from .privacy.ledger import read_ledgers
-
-        ledgers = read_ledgers(self.ledger_dir, self.cfg.tune.accountant) if self.cfg.tune.private else {}
-        out: dict[int, dict] = {}
-        for c in sorted(set(self.clients) | set(ledgers)):
-            rec = dict(self.clients.get(c, {}))
-            if c in ledgers:
-                rec.update(ledgers[c])
-            elif not self.cfg.tune.private:
-                rec.update({"epsilon": math.inf, "delta": 0.0})
-            out[c] = rec
-        return out
+        return client_privacy(self.clients, self.ledger_dir, self.cfg.tune)
 
     # ------------------------------------------------------------ checkpoints
     @property
@@ -368,8 +344,6 @@ class FederatedServer:
 
     def save_checkpoint(self) -> Path:
         """Write prompt, round, per-client privacy records, seeds and metrics in one file, atomically."""
-        from safetensors.torch import save_file
-
         state = {"round": self.round, "fingerprint": self.fingerprint(), "seed": self.cfg.seed,
                  "rng": ("insecure_reproducible: DP streams seeded from (seed, round[, client])" if self.insecure
                          else "DP noise and sampling from fresh OS entropy; resumed rounds draw new noise"),
@@ -378,34 +352,23 @@ class FederatedServer:
                  "refusals": {str(k): v for k, v in self.refusals.items()},
                  "user_dp": {"rounds": self.user_dp_rounds, "noise_multiplier": self.user_dp_sigma,
                              "short_rounds": self.user_dp_short_rounds, "contributors": self.user_dp_contributors}}
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoint_path.with_suffix(".tmp")
-        save_file({"prompt": torch.from_numpy(self.prompt.copy())}, str(tmp),
-                  metadata={"state": json.dumps(jsonable(state))})
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        tmp.replace(self.checkpoint_path)
-        return self.checkpoint_path
+        return write_checkpoint(self.checkpoint_path, self.prompt, state)
 
     def load_checkpoint(self) -> bool:
         """Restore the last checkpoint if there is one; refuse one written with different settings."""
-        from safetensors import safe_open
-
         p = self.checkpoint_path
         if not p.is_file():
             return False
-        with safe_open(str(p), framework="pt") as fh:
-            state = json.loads(fh.metadata()["state"])
-            prompt = fh.get_tensor("prompt").numpy().copy()
+        state, prompt = read_checkpoint(p)
         if state["fingerprint"] != self.fingerprint():
             raise ValueError(f"{p} was written by a run with different settings; use another output_dir "
                              "or federated.checkpoint_dir, or set federated.resume = false")
         if state["model_hash"] != self.model_hash:
             raise ValueError(f"{p} was written with student {state['model_hash'][:12]}, "
                              f"but the student now hashes to {self.model_hash[:12]}")
-        self.round, self.prompt, self.metrics = int(state["round"]), prompt, _floats(state["metrics"])
-        self.clients = {int(k): _floats(v) for k, v in state["clients"].items()}
-        self.refusals = {int(k): _floats(v) for k, v in state.get("refusals", {}).items()}
+        self.round, self.prompt, self.metrics = int(state["round"]), prompt, from_jsonable(state["metrics"])
+        self.clients = {int(k): from_jsonable(v) for k, v in state["clients"].items()}
+        self.refusals = {int(k): from_jsonable(v) for k, v in state.get("refusals", {}).items()}
         self.user_dp_rounds = int(state["user_dp"]["rounds"])
         self.user_dp_short_rounds = int(state["user_dp"].get("short_rounds", 0))
         if "contributors" in state["user_dp"]:
@@ -418,54 +381,17 @@ class FederatedServer:
 
     # ------------------------------------------------------------ the end
     def privacy_report(self) -> dict:
-        """The privacy section of results.json: per-client sample-level epsilon (every client that trained,
-        rejected ones included; from the ledgers where readable), refusals, user-level epsilon and who is
-        trusted for it, and the NOT-PRIVATE label of insecure or non-DP runs."""
-        tune = self.cfg.tune
-        per_client = self.client_privacy()
-        eps = {str(c): float(r["epsilon"]) for c, r in per_client.items() if "epsilon" in r}
-        source = ("not private (tune.dp off): clients report sizes and losses" if not tune.private else
-                  "each client's own privacy ledger, read by the simulation harness" if eps else
-                  "each site's own privacy ledger (a deployed site's epsilon never reaches the server)")
-        sample = {"dp": tune.private, "target_epsilon": tune.target_epsilon, "epsilon_per_client": eps,
-                  "max_epsilon": max(eps.values(), default=0.0 if tune.private else math.inf),
-                  "delta_per_client": {str(c): r.get("delta") for c, r in per_client.items() if "delta" in r},
-                  "rounds_per_client": {str(c): r.get("rounds") for c, r in per_client.items()},
-                  "rejected_rounds_per_client": {str(c): r["rejected_rounds"] for c, r in per_client.items()
-                                                 if r.get("rejected_rounds")},
-                  "refused": {str(c): v for c, v in sorted(self.refusals.items())},
-                  "source": source,
-                  "unit": "example-level, composed over every round the client's data was ever used in "
-                          "(its ledger), at the client's delta"}
+        """The privacy section of results.json (:func:`post_fl.federated.privacy_report.privacy_section`)."""
         user = None
         if self.fed.user_dp:
-            mode = self.fed.user_noise_mode
-            user = {"epsilon_against_world": self.user_epsilon_against_world(),
-                    "epsilon_against_server": self.user_epsilon_against_server(),
-                    "against_world": USER_AGAINST_WORLD,
-                    "against_server": USER_AGAINST_SERVER[mode],
-                    "target_epsilon": (self.fed.user_dp_target_epsilon if self.fed.user_dp_noise_multiplier <= 0
-                                       else None),
-                    "target_judged_against": self.fed.user_epsilon_against,
-                    "delta": self.fed.resolved_user_delta,
-                    "noise_multiplier": self.user_dp_sigma, "clip": self.fed.user_dp_clip,
-                    "sample_rate": self.fed.fraction_train, "rounds": self.user_dp_rounds,
-                    "noise": mode, "trusts_server": mode == "server",
-                    "rounds_with_fewer_than_min_clients_shares": self.user_dp_short_rounds,
-                    "unit": "user-level (DP-FedAvg, Opacus RDP accountant)" + (
-                        "; the server sees the exact sum (or each update) before noising: trusts the server"
-                        if mode == "server" else "; noise added by the clients before SecAgg+ masking")}
-        out = {"sample_level": sample, "user_level": user, "secure_aggregation": self.fed.secagg,
-               "aggregation": self.aggregation, "max_update_norm": self.max_norm}
-        if self.insecure:
-            out["not_private"] = NOT_PRIVATE_LABEL
-        elif not tune.private:
-            out["not_private"] = "NOT PRIVATE at sample level: tune.dp is off (clients report sizes and losses)"
-        return out
+            user = user_level_section(self.fed, self.user_dp_sigma, self.user_dp_rounds, self.user_dp_short_rounds,
+                                      self.user_epsilon_against_world(), self.user_epsilon_against_server())
+        return privacy_section(self.cfg, self.fed, self.client_privacy(), self.refusals, user, self.aggregation,
+                               self.max_norm)
 
     def _teacher_zero_shot_accuracy(self, batch_size: int) -> float:
         """Teacher zero-shot accuracy on the test split, from ``teacher_zero_shot_scores`` when given."""
-        from .evaluate import accuracy
+        from ..method.evaluate import accuracy
 
         scores = self.teacher_zero_shot_scores
         if scores is None:
@@ -477,8 +403,8 @@ class FederatedServer:
 
     def finish(self) -> dict:
         """Transfer the global prompt to the teacher (POST, public data), evaluate everything, write results."""
-        from .evaluate import accuracy
-        from .transfer import transfer_prompt
+        from ..method.evaluate import accuracy
+        from ..method.transfer import transfer_prompt
 
         bs = self.cfg.eval.batch_size
         student_prompt = SoftPrompt(torch.from_numpy(self.prompt.copy()))
@@ -529,50 +455,6 @@ class FederatedServer:
             self.report(line)
         self.report(f"done: results in {self.run / 'results.json'}; accuracy {json.dumps(jsonable(acc))}")
         return results
-
-
-USER_AGAINST_WORLD = ("everyone who sees the released prompts or results but not whom the server sampled: "
-                      "amplified by the server's Poisson sampling of clients at rate fraction_train")
-USER_AGAINST_SERVER = {
-    "distributed": ("the server, which drew the client sample and sees who replied: no amplification (every round "
-                    "with anyone's update in the sum counted as if the user took part, rate 1), charged with only "
-                    "the noise the server cannot remove, the surviving clients' shares (sigma sqrt(k/m) in a round "
-                    "with k < min_clients of them); assumes at least min_clients honest shares per round"),
-    "server": ("none: the server adds the noise itself and sees the un-noised sum (or every update) first, so "
-               "user-level DP gives nothing against it (epsilon_against_server = inf)"),
-}
-
-
-def privacy_lines(privacy: dict) -> list[str]:
-    """The privacy of a federated run's results, one printed line per guarantee, each saying against whom."""
-    sample = privacy["sample_level"]
-    lines = []
-    if sample["dp"]:
-        eps = sample["epsilon_per_client"]
-        lines.append("privacy (example level, each site's own ledger; holds against the server and everyone "
-                     "else): " + (f"max epsilon {sample['max_epsilon']:.4g} over {len(eps)} clients" if eps else
-                                  "each site's epsilon stays with the site"))
-    user = privacy.get("user_level")
-    if user:
-        lines.append(f"privacy (user level, delta {user['delta']:.3g}): epsilon {user['epsilon_against_world']:.4g} "
-                     f"against the world (amplified by the server's client sampling), "
-                     f"{user['epsilon_against_server']:.4g} against the server"
-                     + (" (none: the server adds the noise)" if user["noise"] == "server" else "")
-                     + f"; the target is judged against the {user['target_judged_against']}")
-    if "not_private" in privacy:
-        lines.append(f"privacy: {privacy['not_private']}")
-    return lines
-
-
-def _floats(value: Any) -> Any:
-    """Undo :func:`jsonable` for infinities/NaN read back from JSON."""
-    if isinstance(value, str) and value in ("inf", "-inf", "nan"):
-        return float(value)
-    if isinstance(value, dict):
-        return {k: _floats(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_floats(v) for v in value]
-    return value
 
 
 def run_federated(server: FederatedServer, transport: Transport,

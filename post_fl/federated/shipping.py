@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .core.models import ScoringModel, load_scoring_model
-from .fed_protocol import STUDENT_WEIGHTS_FILE, STUDENT_SPEC_FILE
-from .fed_config import FederatedConfig
+from ..core.models import ScoringModel, load_scoring_model
+from .config import FederatedConfig
+from .protocol import STUDENT_WEIGHTS_FILE, STUDENT_SPEC_FILE
 
 log = logging.getLogger(__name__)
 

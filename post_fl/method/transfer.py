@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .core.config import TransferConfig
-from .core.data import DataError, TextDataset
-from .core.models import ScoringModel
-from .core.prompt import SoftPrompt, init_from_vocab
+from ..core.config import TransferConfig
+from ..core.data import DataError, TextDataset
+from ..core.models import ScoringModel
+from ..core.prompt import SoftPrompt, init_from_vocab
 
 
 def kl_at_temperature(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -87,7 +87,7 @@ def transfer_prompt(student: ScoringModel, student_prompt: SoftPrompt, teacher: 
     losses: list[float] = []
     bar = None
     if progress:
-        from .core.progress import progress_bar
+        from ..core.progress import progress_bar
 
         bar = progress_bar(cfg.steps, desc="transfer")
     if cfg.space == "classes":

@@ -33,7 +33,7 @@ message locally (``client_app.app.SiteClientApp``).
 * query ``model``: ArrayRecord ``student-weights``; ConfigRecord ``student`` {``model-hash``,
   ``spec`` (JSON: labels, verbalizer, head, template), ``file:<name>`` (config/tokenizer bytes)}
 
-Randomness (see :mod:`post_fl.randomness`): DP-SGD noise and Poisson batches are drawn by each
+Randomness (see :mod:`post_fl.privacy.randomness`): DP-SGD noise and Poisson batches are drawn by each
 client from fresh OS entropy; DP-FedAvg noise and Poisson client sampling by the server from
 fresh OS entropy; distributed-DP noise shares by each client likewise. Only non-private choices
 (initial prompt, data partition, fixed-size client sampling without user-level DP) follow
@@ -42,7 +42,7 @@ accounting of an uninterrupted run, not its bits. With ``insecure_reproducible``
 seeded from (seed, round[, client]) -- the client derives its own seed from its run config, the
 server sends none -- so runs repeat bit for bit, and every output says :data:`NOT_PRIVATE_LABEL`.
 
-Privacy accounting lives with the data: each client keeps a :class:`post_fl.ledger.PrivacyLedger`
+Privacy accounting lives with the data: each client keeps a :class:`post_fl.privacy.ledger.PrivacyLedger`
 (keyed by a deployed site's own dataset name, or in simulation the sha256 of the partition) and
 refuses a round that would exceed its site's budget.
 """

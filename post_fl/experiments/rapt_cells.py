@@ -12,8 +12,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .core.config import RunConfig
-from .sweep_grid import RaptSweepConfig
+from ..core.config import RunConfig
+from .grid import RaptSweepConfig
 
 
 def rapt_eta(epsilon: float, diameter: float) -> float:
@@ -36,8 +36,8 @@ def privatize_batch(model, batch, eta: float, generator: torch.Generator | None 
 
     Returns ``(privatised EncodedBatch, body mask)``; η = inf returns the tokens unchanged.
     """
-    from .core.models import EncodedBatch
-    from .privacy.rapt import privatize_token_ids
+    from ..core.models import EncodedBatch
+    from ..privacy.rapt import privatize_token_ids
 
     mask = model.text_positions(batch)
     tok = model.tokenizer
@@ -54,7 +54,7 @@ def scores_and_hidden(model, input_ids, attention_mask, answer_index, prompt):
     return scores, hidden[:, n_prompt:]
 
 
-RAPT_STREAM = 7  # stream id of RAPT's privatisation in the insecure (seeded) mode of post_fl.randomness
+RAPT_STREAM = 7  # stream id of RAPT's privatisation in the insecure (seeded) mode of post_fl.privacy.randomness
 
 
 @dataclass
@@ -77,9 +77,9 @@ def privatize_client_data(model, data, eta: float, label_epsilon: float, generat
     """RAPT's local privatisation of a client's examples: d_χ on every text token, randomised response on labels.
 
     Returns :class:`RaptPrivateData`. The reconstruction targets are the privatised tokens, not the
-    plain ones, so nothing downstream touches raw data (see :mod:`post_fl.rapt`).
+    plain ones, so nothing downstream touches raw data (see :mod:`post_fl.privacy.rapt`).
     """
-    from .privacy.rapt import randomized_response
+    from ..privacy.rapt import randomized_response
 
     batch = model.encode(data.texts)
     priv, mask = privatize_batch(model, batch, eta, generator)
@@ -94,9 +94,9 @@ def rapt_local_round(model, private: "RaptPrivateData", head, prompt_np: np.ndar
     Returns ``(prompt update, steps, mean loss, seconds)``. The batch order follows ``seed``;
     it needs no privacy, the update being post-processing of the privatised data.
     """
-    from .core.prompt import SoftPrompt
-    from .privacy.rapt import reconstruction_loss
-    from .privacy.accounting import planned_steps
+    from ..core.prompt import SoftPrompt
+    from ..privacy.accounting import planned_steps
+    from ..privacy.rapt import reconstruction_loss
 
     priv, targets, labels = private.batch, private.targets, private.labels
     prompt = SoftPrompt(torch.from_numpy(np.array(prompt_np, dtype=np.float32)))
@@ -148,20 +148,20 @@ def rapt_row_privacy(token_epsilon: float, label_epsilon: float, max_text_tokens
                              "(randomised response); the prompt update is post-processing of the privatised data")}
 
 
-def _rapt_client_fn(server, run_cfg: RunConfig, fed, eta: float, rapt_cfg: RaptSweepConfig,
+def rapt_client_fn(server, run_cfg: RunConfig, fed, eta: float, rapt_cfg: RaptSweepConfig,
                     label_epsilon: float = math.inf) -> Callable:
     """A RAPT client: privatise its partition once, locally (d_χ tokens, randomised-response labels), then
     tune prompt + reconstruction head on the privatised data only.
 
-    The privatisation noise comes from :func:`post_fl.randomness.dp_torch_generator` (fresh OS entropy;
+    The privatisation noise comes from :func:`post_fl.privacy.randomness.dp_torch_generator` (fresh OS entropy;
     the config seed only in ``insecure_reproducible`` mode). ``fn.max_text_tokens`` records, per client,
     the most privatised tokens in one example (for the per-example guarantee).
     """
-    from .aggregate import ClientUpdate
-    from .fed_client import client_partition
-    from .fed_config import derive_seed
-    from .privacy.randomness import dp_torch_generator
-    from .privacy.rapt import ReconstructionHead
+    from ..federated.aggregate import ClientUpdate
+    from ..federated.client import client_partition
+    from ..federated.config import derive_seed
+    from ..privacy.randomness import dp_torch_generator
+    from ..privacy.rapt import ReconstructionHead
 
     private: dict[int, RaptPrivateData] = {}
     heads: dict[int, ReconstructionHead] = {}

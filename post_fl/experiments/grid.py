@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .core.config import ConfigError, RunConfig, config_from_dict, read_toml
+from ..core.config import ConfigError, RunConfig, config_from_dict, read_toml
 
 
 
@@ -83,7 +83,7 @@ class AuditSweepConfig:
 
     Power: the defaults give (100 − 8) × 256 ≈ 23,500 test observations, about 11,800 of each
     kind, so a perfect attack could certify ε ≈ 8.1 at 95 % confidence (the least that can detect a
-    violation of ε = 8, :func:`post_fl.audit.observations_needed`); every row carries the
+    violation of ε = 8, :func:`post_fl.privacy.audit.observations_needed`); every row carries the
     maximum its own observation counts allow (``audit_max_epsilon_lb``).
     """
 
@@ -142,7 +142,7 @@ class SweepConfig:
       for the ε = 8 column); ``seeds`` run everywhere.
 
     ``engine = "batched"`` trains the DP-SGD (and non-private) clients of direct / post /
-    teacher_dp in shared passes (:class:`post_fl.batched.BatchedTransport`); RAPT always runs
+    teacher_dp in shared passes (:class:`post_fl.federated.transports.BatchedTransport`); RAPT always runs
     client by client.
     """
 
@@ -213,7 +213,7 @@ class SweepConfig:
             raise ConfigError(f"clients_per_round: expected >= 1, got {self.clients_per_round}")
         if self.cost_probe_steps < 0:
             raise ConfigError(f"cost_probe_steps: expected >= 0 (0 = no probe), got {self.cost_probe_steps}")
-        from .fed_config import FederatedConfig
+        from ..federated.config import FederatedConfig
 
         known = {f.name for f in dataclasses.fields(FederatedConfig)}
         owned = {"rounds", "num_clients", "fraction_train", "min_clients", "partitioning", "dirichlet_alpha",

@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from ..core.config import ConfigError, RunConfig, config_from_dict, unflatten
+from ..core.data import PARTITION_SCHEMES
 from .aggregate import AGGREGATIONS
-from .core.config import ConfigError, RunConfig, config_from_dict, unflatten
-from .core.data import PARTITION_SCHEMES
 
 
 
@@ -169,7 +169,7 @@ class FederatedConfig:
     @property
     def resolved_user_delta(self) -> float:
         """User-level delta: ``user_dp_delta`` or min(1e-5, 1/(10 N)); refuses delta >= 1/N."""
-        from .privacy.user_dp import resolve_user_delta
+        from ..privacy.user_dp import resolve_user_delta
 
         return resolve_user_delta(self.user_dp_delta, self.num_clients)
 
@@ -259,7 +259,7 @@ def user_noise_multiplier(fed_cfg: FederatedConfig) -> float:
     rate = 1.0 if fed_cfg.user_epsilon_against == "server" else fed_cfg.fraction_train
     key = (fed_cfg.user_dp_target_epsilon, fed_cfg.resolved_user_delta, rate, fed_cfg.rounds)
     if key not in _USER_SIGMAS:
-        from .privacy.user_dp import calibrate_user_noise
+        from ..privacy.user_dp import calibrate_user_noise
 
         _USER_SIGMAS[key] = float(calibrate_user_noise(*key))
     return _USER_SIGMAS[key]

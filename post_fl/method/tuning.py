@@ -9,7 +9,7 @@ federated client carries from round to round, so epsilon composes over every ste
 client ever took, not over one call.
 
 Randomness: the Poisson batch sampler and the Gaussian noise draw from one generator of
-:func:`post_fl.randomness.dp_torch_generator`, seeded from fresh OS entropy on every call
+:func:`post_fl.privacy.randomness.dp_torch_generator`, seeded from fresh OS entropy on every call
 (``insecure_seed=None``); only the non-private shuffle of plain tuning follows ``seed``.
 Opacus' ``secure_mode`` needs ``torchcsprng``, which has no build for the pinned torch, so the
 engine runs with it off and its "Secure RNG turned off" warning (which assumes a seeded,
@@ -33,16 +33,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from .core.config import TuneConfig
-from .core.data import DataError, TextDataset
-from .core.models import ScoringModel
-from .core.prompt import SoftPrompt
-from .privacy.accounting import calibrate_noise_multiplier, planned_steps, resolve_delta, sample_rate
-from .privacy.randomness import dp_torch_generator
+from ..core.config import TuneConfig
+from ..core.data import DataError, TextDataset
+from ..core.models import ScoringModel
+from ..core.prompt import SoftPrompt
+from ..privacy.accounting import calibrate_noise_multiplier, planned_steps, resolve_delta, sample_rate
+from ..privacy.randomness import dp_torch_generator
 
 log = logging.getLogger(__name__)
 
-# stream id of DP-SGD in the insecure (seeded) mode of post_fl.randomness
+# stream id of DP-SGD in the insecure (seeded) mode of post_fl.privacy.randomness
 DP_SGD_STREAM = 11
 _RNG_NOTE = [False]  # the one-time explanation of Opacus' secure_mode has been logged
 
@@ -61,7 +61,7 @@ class PromptedClassifier(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 answer_index: torch.Tensor) -> torch.Tensor:
-        from .core.models import EncodedBatch
+        from ..core.models import EncodedBatch
 
         return self.model(EncodedBatch(input_ids, attention_mask, answer_index), self.prompt)
 
@@ -133,7 +133,7 @@ def tune_prompt(model: ScoringModel, prompt: SoftPrompt, data: TextDataset, cfg:
     and returned with epsilon spent over the whole history at delta.
 
     DP-SGD's Poisson batches and Gaussian noise come from fresh OS entropy
-    (:func:`post_fl.randomness.dp_torch_generator`); two calls with equal arguments release
+    (:func:`post_fl.privacy.randomness.dp_torch_generator`); two calls with equal arguments release
     different prompts. ``insecure_seed`` (an int, only in ``insecure_reproducible`` mode) seeds
     them instead: bit-exact, and NOT private against anyone who knows it. ``seed`` drives only the
     shuffle of non-private tuning. A caller that tunes repeatedly in insecure mode (federated
@@ -175,7 +175,7 @@ def tune_prompt(model: ScoringModel, prompt: SoftPrompt, data: TextDataset, cfg:
     loss_fn = nn.CrossEntropyLoss()
     bar = None
     if progress:
-        from .core.progress import progress_bar
+        from ..core.progress import progress_bar
 
         bar = progress_bar(steps, desc="tune" + (" (DP)" if cfg.private else ""))
     done = 0

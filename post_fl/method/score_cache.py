@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from .core.data import DataError
-from .distill import corpus_hash, teacher_hash
+from ..core.data import DataError
+from ..core.keyed_cache import read_keyed_tensors, write_keyed_tensors
+from ..core.models import ScoringModel
 from .evaluate import class_scores
-from .core.keyed_cache import read_keyed_tensors, write_keyed_tensors
-from .core.models import ScoringModel
+from .teacher_outputs import corpus_hash, teacher_hash
 
 SCORE_CACHE_FORMAT = 1  # bump when the stored scores change meaning
 SCORE_CACHE_DIR = "zero-shot-scores"

@@ -20,9 +20,9 @@ import math
 
 import torch
 
-from .core.data import DataError, TextDataset
-from .core.models import ScoringModel
-from .core.prompt import SoftPrompt
+from ..core.data import DataError, TextDataset
+from ..core.models import ScoringModel
+from ..core.prompt import SoftPrompt
 
 CONTENT_FREE_INPUTS = ("N/A", "", "[MASK]")
 
@@ -38,7 +38,7 @@ def class_scores(model: ScoringModel, texts: list[str], prompt: SoftPrompt | Non
         return torch.empty((0, model.num_classes))
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = torch.empty((len(texts), model.num_classes))
-    from .core.progress import progress_bar
+    from ..core.progress import progress_bar
 
     with progress_bar(len(texts), desc="evaluate") as bar:  # silent for short loops and when quiet
         for i in range(0, len(order), batch_size):

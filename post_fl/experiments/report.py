@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from .core.config import ConfigError
-from .sweep_grid import METHODS, REFERENCE_METHODS, RESULTS_MD
+from ..core.config import ConfigError
+from .grid import METHODS, REFERENCE_METHODS, RESULTS_MD
 
 
 CSV_COLUMNS = [
@@ -121,7 +121,7 @@ def write_report(rows: list[dict], out: str | Path, cfg=None) -> dict[str, Path]
 
     Besides the two overview plots, one ``plots/clients_<method>.png`` per trained method: accuracy
     against the number of clients, a line per ε with 95% intervals, panels per DP level (and
-    partitioning), the reference methods as horizontal lines (:func:`post_fl.plots.plot_clients_experiment`).
+    partitioning), the reference methods as horizontal lines (:func:`post_fl.experiments.plots.plot_clients_experiment`).
     ``cfg`` (the :class:`SweepConfig`, optional) names the task in their titles.
     """
     from .plots import plot_accuracy_vs_clients, plot_accuracy_vs_epsilon, plot_clients_experiment
@@ -145,7 +145,7 @@ def with_row_interval(row: dict) -> dict:
     """A results.csv row with its Wilson interval filled in when the CSV predates the interval columns."""
     if row.get("accuracy_ci_low") or not row.get("accuracy") or not row.get("test_examples"):
         return row
-    from .evaluate import accuracy_summary
+    from ..method.evaluate import accuracy_summary
 
     acc, n = _num(row["accuracy"]), int(_num(row["test_examples"])) if math.isfinite(_num(row["test_examples"])) else 0
     if not math.isfinite(acc) or n <= 0:

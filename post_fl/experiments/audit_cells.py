@@ -10,7 +10,7 @@ import math
 import numpy as np
 import torch
 
-from .sweep_grid import AuditSweepConfig
+from .grid import AuditSweepConfig
 
 
 # ---------------------------------------------------------------- audit
@@ -18,7 +18,7 @@ def make_canaries(model, label_names: list[str], count: int, words: int, seed: i
     """Canary texts of random whole vocabulary words with random labels (a TextDataset)."""
     import random
 
-    from .core.data import TextDataset
+    from ..core.data import TextDataset
 
     rng = random.Random(seed)
     vocab = [w for w in model.tokenizer.get_vocab() if w.isalpha() and w.isascii() and w.islower() and len(w) > 2]
@@ -46,16 +46,16 @@ def audit_prompt_tuning(model, base_data, target_epsilon: float, audit: AuditSwe
     A canary's membership score is its loss under the initial prompt minus its loss under the
     tuned prompt (how much tuning taught the prompt *that* text's label). Scores of included
     canaries are member observations, the others non-member ones;
-    :func:`post_fl.audit.epsilon_lower_bound_from_scores` turns them into a Clopper-Pearson
+    :func:`post_fl.privacy.audit.epsilon_lower_bound_from_scores` turns them into a Clopper-Pearson
     lower bound on ε at confidence 1 − ``audit.alpha``: the threshold is chosen on the first
     ``audit.calibration_trials`` trials and tested on the rest (Bonferroni over all thresholds
-    when 0). Returns :class:`post_fl.audit.AuditResult`, whose ``max_epsilon_lower_bound`` is the
+    when 0). Returns :class:`post_fl.privacy.audit.AuditResult`, whose ``max_epsilon_lower_bound`` is the
     most these observation counts could show.
     """
-    from .privacy.audit import audit_by_canaries
-    from .core.data import TextDataset
-    from .core.prompt import init_from_vocab
-    from .tuning import tune_prompt
+    from ..core.data import TextDataset
+    from ..core.prompt import init_from_vocab
+    from ..method.tuning import tune_prompt
+    from ..privacy.audit import audit_by_canaries
 
     canaries = make_canaries(model, base_data.label_names, audit.canaries, audit.canary_words, seed + 101)
     cfg = dataclasses.replace(tune, target_epsilon=target_epsilon, dp=math.isfinite(target_epsilon),
@@ -64,7 +64,7 @@ def audit_prompt_tuning(model, base_data, target_epsilon: float, audit: AuditSwe
     if cfg.private:  # one noise multiplier for every trial, calibrated for the worst case of q and steps
         from opacus.accountants.utils import get_noise_multiplier
 
-        from .privacy.accounting import planned_steps, sample_rate
+        from ..privacy.accounting import planned_steps, sample_rate
 
         n_min, n_max = max(len(base_data), 1), len(base_data) + len(canaries)
         sigma = float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=audit.delta,

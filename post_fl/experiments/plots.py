@@ -1,7 +1,7 @@
 """Plots of a privacy-utility sweep (matplotlib, Agg canvas; no display needed).
 
 Both functions take the rows of a sweep's results.csv (dicts of strings, as
-:func:`post_fl.sweep.read_results` gives) and write one PNG:
+:func:`post_fl.experiments.report.read_results` gives) and write one PNG:
 
 * :func:`plot_accuracy_vs_epsilon`: one panel per number of clients, test accuracy against
   the target ε (``inf`` = non-private, drawn rightmost), one line per method and partitioning;
@@ -185,7 +185,7 @@ def clients_experiment_figure(rows: list[dict], method: str = "post",
     the 95% Wilson interval (several seeds: lowest lower to highest upper bound); ε = inf (no DP)
     is drawn in every panel, the single site (1 client) in every partitioning row. The reference
     methods (majority class, zero-shot, calibrated zero-shot) are horizontal lines. ``context``
-    (:func:`post_fl.sweep_report.report_context`) names the task in the title. Returns the figure
+    (:func:`post_fl.experiments.report.report_context`) names the task in the title. Returns the figure
     and its caption (drawn by ``_save``).
     """
     context = context or {}
