@@ -8,12 +8,14 @@
     post-fl evaluate   ...                                                    stage 4 -> results.json
     post-fl sweep      --config GRID.toml [--dry-run | --report-only]          privacy-utility sweep
     post-fl show-config                                                       every setting and its default
+
+Every command takes ``--verbose`` / ``-v`` (post-fl's debug lines too) or ``--quiet`` / ``-q`` (warnings
+and errors only, no progress); see :func:`post_fl.core.progress.setup_logging`.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import sys
 from pathlib import Path
@@ -64,8 +66,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--insecure-reproducible", action="store_true", default=None,
                    help="seed the DP noise and sampling from --seed for bit-exact reruns: the outputs are NOT "
                         "private and are labelled so (tests and debugging only)")
-    p.add_argument("--quiet", "-q", action="store_true",
-                   help="no progress (post-fl's or the libraries'), no library warnings; post-fl warnings only")
+    _verbosity(p)
+
+
+def _verbosity(p: argparse.ArgumentParser) -> None:
+    """``--verbose`` / ``--quiet``: how much a command logs (one of them, or neither)."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--verbose", "-v", action="store_true",
+                       help="also post-fl's debug lines (resume decisions, input digests) and the libraries' warnings")
+    group.add_argument("--quiet", "-q", action="store_true",
+                       help="no progress (post-fl's or the libraries'), no library warnings; post-fl warnings only")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +110,7 @@ def _sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="list the cells (and which are done) and exit")
     p.add_argument("--report-only", action="store_true",
                    help="only redraw plots and the Markdown table from an existing results.csv")
-    p.add_argument("--quiet", "-q", action="store_true", help="warnings only")
+    _verbosity(p)
 
 
 def run_sweep_command(args) -> int:
@@ -211,14 +221,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(dumps_config_with_help(RunConfig()))
         return 0
-    quiet = bool(getattr(args, "quiet", False))
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "httpx", "opacus"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    from .core.progress import configure
+    from .core.progress import setup_logging
 
-    configure(quiet=quiet)  # one switch for every progress report; quiet also silences the libraries
+    # one switch for every progress report and log line; quiet also silences the libraries
+    setup_logging(-1 if args.quiet else 1 if args.verbose else 0)
     try:
         if args.command == "sweep":
             return run_sweep_command(args)

@@ -149,7 +149,11 @@ class Pipeline:
         """True when stage ``name`` finished in this folder and its inputs are unchanged since."""
         from .resume import marker_matches
 
-        return marker_matches(self.run, name, self.stage_inputs(name))
+        inputs = self.stage_inputs(name)
+        done = marker_matches(self.run, name, inputs)
+        log.debug("stage %s: inputs digest %s, %s", name, inputs[:16],
+                  "completed with these inputs" if done else "no completion marker for these inputs")
+        return done
 
     def stage_result(self, name: str) -> dict:
         p = self.run / "stages" / f"{name}.json"

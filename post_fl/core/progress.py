@@ -1,9 +1,17 @@
-"""Progress of long loops: a bar on a terminal, a line every few percent elsewhere, nothing when quiet.
+"""What a run says while it works: log lines, progress, and the libraries' noise kept out of both.
 
-Every training, distillation, transfer and evaluation loop gets its bar from :func:`progress_bar`,
-so one switch (:func:`configure`, set by ``post-fl -q``) decides for all of them. Written to a log
-file (not a terminal), a loop prints one line each time it passes another ``LINE_EVERY_PERCENT``
-percent, never a line per step, and a loop shorter than ``QUIET_SECONDS`` prints nothing.
+Every training, distillation, transfer and evaluation loop gets its progress report from
+:func:`progress_bar`: a bar on a terminal; written to a log file (not a terminal), one line each time
+the loop passes another ``LINE_EVERY_PERCENT`` percent and a last line with its time, never a line per
+step and never a carriage-return fragment; nothing for a loop shorter than ``QUIET_SECONDS``.
+:func:`setup_logging` (``post-fl -v`` / ``-q``) sets how much a command logs, and :func:`configure`
+switches every report (and, off a terminal or when quiet, the libraries' own progress bars) at once.
+
+Library warnings that say nothing to the user are filtered where they arise, each with a comment saying
+why: Opacus' "Optimal order is the largest/smallest alpha" (:func:`post_fl.privacy.accounting.quiet_accountant`),
+torch's "Full backward hook is firing ..." under Opacus' grad sampler (:mod:`post_fl.method.tuning`),
+Opacus' "Secure RNG turned off" (replaced by one accurate post-fl line, :mod:`post_fl.method.tuning`);
+transformers' GGUF reader's own bar is held to the libraries' switch (:mod:`post_fl.core.embedded`).
 """
 
 from __future__ import annotations
@@ -17,6 +25,20 @@ QUIET_SECONDS = 2.0  # loops shorter than this stay silent (on a terminal too)
 LIBRARY_LOGGERS = ("transformers", "datasets", "opacus", "huggingface_hub", "flwr_datasets", "httpx", "torch")
 
 _state = {"quiet": False}
+
+
+def setup_logging(verbosity: int = 0, stream: TextIO | None = None) -> None:
+    """How much a post-fl command says: ``-1`` (``--quiet``: warnings and errors, no progress, the libraries
+    silenced), ``0`` (post-fl's info lines and progress; the libraries' loggers at ERROR) or ``1``
+    (``--verbose``: post-fl's debug lines too, the libraries' warnings). Log lines go to stderr."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING if verbosity < 0 else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("post_fl").setLevel(logging.DEBUG if verbosity > 0 else logging.NOTSET)
+    for noisy in ("transformers", "httpx", "opacus"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbosity > 0 else logging.ERROR)
+    configure(quiet=verbosity < 0, stream=stream)
 
 
 def configure(quiet: bool, stream: TextIO | None = None) -> None:

@@ -64,12 +64,13 @@ def audit_prompt_tuning(model, base_data, target_epsilon: float, audit: AuditSwe
     if cfg.private:  # one noise multiplier for every trial, calibrated for the worst case of q and steps
         from opacus.accountants.utils import get_noise_multiplier
 
-        from ..privacy.accounting import planned_steps, sample_rate
+        from ..privacy.accounting import planned_steps, quiet_accountant, sample_rate
 
         n_min, n_max = max(len(base_data), 1), len(base_data) + len(canaries)
-        sigma = float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=audit.delta,
-                                           sample_rate=sample_rate(cfg, n_min), steps=planned_steps(cfg, n_max),
-                                           accountant=cfg.accountant))
+        with quiet_accountant():
+            sigma = float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=audit.delta,
+                                               sample_rate=sample_rate(cfg, n_min), steps=planned_steps(cfg, n_max),
+                                               accountant=cfg.accountant))
     counter = iter(range(10**6))
 
     def train_fn(included: list[int]):

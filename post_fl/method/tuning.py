@@ -37,7 +37,8 @@ from ..core.config import TuneConfig
 from ..core.data import DataError, TextDataset
 from ..core.models import ScoringModel
 from ..core.prompt import SoftPrompt
-from ..privacy.accounting import calibrate_noise_multiplier, planned_steps, resolve_delta, sample_rate
+from ..privacy.accounting import (calibrate_noise_multiplier, planned_steps, quiet_accountant, resolve_delta,
+                                  sample_rate)
 from ..privacy.randomness import dp_torch_generator
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,14 @@ def tune_prompt(model: ScoringModel, prompt: SoftPrompt, data: TextDataset, cfg:
             else:
                 input_ids, attention_mask = _trim(input_ids, attention_mask)
                 loss = loss_fn(net(input_ids, attention_mask, answer_index), labels)
-                loss.backward()
+                with warnings.catch_warnings():
+                    # Opacus' grad sampler hooks the soft-prompt module with a full backward hook; that module
+                    # takes no tensor input, so torch says the hook "is firing when gradients are computed with
+                    # respect to module outputs since no inputs require gradients". The prompt's per-example
+                    # gradients come from exactly that output gradient (post_fl.core.prompt's grad sampler).
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are "
+                                            "computed with respect to module outputs", category=UserWarning)
+                    loss.backward()
                 optimizer.step()
                 losses.append(float(loss.detach()))
             done += 1
@@ -202,7 +210,8 @@ def tune_prompt(model: ScoringModel, prompt: SoftPrompt, data: TextDataset, cfg:
         bar.close()
     if engine is not None:
         history = [tuple(h) for h in engine.accountant.history]
-        epsilon = float(engine.get_epsilon(delta))
+        with quiet_accountant():
+            epsilon = float(engine.get_epsilon(delta))
     else:
         epsilon = math.inf
     prompt.weight.grad_sample = None

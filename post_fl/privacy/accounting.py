@@ -11,11 +11,29 @@ delta: :func:`resolve_delta` defaults to ``min(1e-5, 1/(10 N))`` and refuses ``d
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import warnings
 
 from ..core.config import TuneConfig
 from .delta import resolve
+
+
+@contextlib.contextmanager
+def quiet_accountant():
+    """Opacus' RDP accountant without its "Optimal order is the largest/smallest alpha" warning.
+
+    The accountant takes the best of a fixed grid of Renyi orders; when the best is at the grid's edge
+    (much noise, or a very large epsilon) it warns that more orders could give a *tighter* bound. The
+    epsilon it returns is still a valid upper bound, so the guarantee (and the noise calibrated against
+    it) stands; no setting of post-fl changes the grid, so the warning tells a user nothing to act on.
+    Every post-fl call into the accountant (calibration and epsilon, DP-SGD and DP-FedAvg) goes through here.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Optimal order is the (largest|smallest) alpha",
+                                category=UserWarning)
+        yield
 
 
 def resolve_delta(cfg: TuneConfig, n_examples: int) -> float:
@@ -49,8 +67,9 @@ def _noise_multiplier(target_epsilon: float, delta: float, q: float, steps: int,
     """Opacus' binary search for sigma (seconds per call), memoised: many clients share the same inputs."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    return get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=q, steps=steps,
-                                accountant=accountant)
+    with quiet_accountant():
+        return get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=q, steps=steps,
+                                    accountant=accountant)
 
 
 def epsilon_from_history(history: list, delta: float, accountant: str = "rdp") -> float:
@@ -76,4 +95,5 @@ def _epsilon_of(history: tuple, delta: float, accountant: str) -> float:
 
     acc = create_accountant(accountant)
     acc.history = list(history)
-    return float(acc.get_epsilon(delta=delta))
+    with quiet_accountant():
+        return float(acc.get_epsilon(delta=delta))

@@ -62,6 +62,7 @@ import math
 import numpy as np
 
 from ..core.config import ConfigError
+from .accounting import quiet_accountant
 from .delta import resolve
 
 
@@ -154,7 +155,8 @@ def user_level_epsilon(noise_multiplier: float, sample_rate: float, rounds: int,
         return math.inf
     acc = RDPAccountant()
     acc.history = [(float(noise_multiplier), float(sample_rate), int(rounds))]
-    return float(acc.get_epsilon(delta=delta))
+    with quiet_accountant():
+        return float(acc.get_epsilon(delta=delta))
 
 
 def user_level_epsilon_of_history(history: list[tuple[float, float, int]], delta: float) -> float:
@@ -169,15 +171,17 @@ def user_level_epsilon_of_history(history: list[tuple[float, float, int]], delta
         return math.inf
     acc = RDPAccountant()
     acc.history = hist
-    return float(acc.get_epsilon(delta=delta))
+    with quiet_accountant():
+        return float(acc.get_epsilon(delta=delta))
 
 
 def calibrate_user_noise(target_epsilon: float, delta: float, sample_rate: float, rounds: int) -> float:
     """Smallest noise multiplier such that ``rounds`` DP-FedAvg rounds at rate q spend <= target epsilon."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                      sample_rate=sample_rate, steps=rounds, accountant="rdp"))
+    with quiet_accountant():
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                          sample_rate=sample_rate, steps=rounds, accountant="rdp"))
 
 
 def poisson_sample(client_ids: list[int], sample_rate: float, rng: np.random.Generator) -> list[int]:
