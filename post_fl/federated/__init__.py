@@ -11,6 +11,7 @@
   round (:func:`train_client`), refusals and their fixed codes;
 * ``server`` -- :class:`FederatedServer` (sample, validate, aggregate, evaluate, checkpoint,
   transfer), the :class:`Transport` protocol and the round loop :func:`run_federated`;
+* ``checkpoint`` -- the round checkpoint file (prompt and server state), written atomically;
 * ``privacy_report`` -- user-level epsilon against the world and against the server, the privacy
   section of ``results.json`` and its printed lines;
 * ``batched`` -- the client-batched engine: many clients' DP-SGD in shared passes;
