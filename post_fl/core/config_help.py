@@ -59,6 +59,11 @@ FIELD_HELP: dict[str, str] = {
     "tune.max_grad_norm": "per-example gradient clipping bound of DP-SGD",
     "tune.accountant": "privacy accountant: rdp | prv",
     # distill
+    "distill.objective": "\"lm\" = language-model KD on raw public text at every position (as POST); "
+                         "\"template\" = KD on public text in the task template (answer + sampled positions)",
+    "distill.layer_selection": "\"even\" = evenly spaced teacher layers; \"ends\" = the first half and the last half",
+    "distill.sequence_length": "objective lm: tokens per packed sequence of public text",
+    "distill.corpus_tokens": "objective lm: at most this many tokens of public text (whole public texts, packed)",
     "distill.num_layers": "teacher layers the student keeps (evenly spaced); 0 = a fifth of the teacher's, at least 1",
     "distill.steps": "at most this many distillation steps (target agreement or time budget usually stop it first)",
     "distill.batch_size": "public texts per distillation step",
@@ -82,10 +87,17 @@ FIELD_HELP: dict[str, str] = {
     "transfer.steps": "optimisation steps of POST's transfer on public text",
     "transfer.batch_size": "public texts per transfer step",
     "transfer.lr": "learning rate of the teacher prompt (Adam)",
-    "transfer.alpha": "weight of the loss on the prompt-induced change of outputs (1 - alpha: on the prompted outputs)",
+    "transfer.alpha": "weight of the loss on the prompt-induced change of outputs (1 - alpha: on the prompted "
+                      "outputs); a number in [0, 1] (the paper's code: 0.5) or \"auto\" = 1 - (a - 1/C)/(1 - 1/C) "
+                      "clipped to [0, 1], a = unprompted student/teacher class agreement on the public text",
     "transfer.temperature": "temperature of the transfer KL losses",
     "transfer.init": "where the teacher prompt starts: student (the student's prompt) | vocab",
     "transfer.space": "outputs the transfer loss compares: vocab (all answer-position logits, POST) | classes (verbalizer scores)",
+    "transfer.target_top_k": "vocab space: tokens per public text kept of the cached student/teacher targets (the "
+                             "KL is taken on them, renormalised); 0 = the whole vocabulary (exact, n x V x 3 floats)",
+    "transfer.eval_every": "steps between checks of the loss on the held-out public texts",
+    "transfer.heldout_fraction": "share of the public texts held out of training; the prompt of the lowest loss on them "
+                                 "is returned (no labels, no epsilon); 0 = the last step's prompt",
     # eval
     "eval.batch_size": "texts per batch when scoring test examples",
     "eval.teacher_prompt_tuning": "true = also tune a non-private prompt on the teacher (the costly upper bound)",

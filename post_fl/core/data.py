@@ -109,6 +109,9 @@ class Task:
     public: TextDataset
     label_words: dict[str, list[str]]
     validation: TextDataset | None = None
+    # the public text as whole texts, all of them, in a seeded order: what language-model distillation
+    # (distill.objective = "lm") packs into sequences; None = use ``public``
+    distill_corpus: TextDataset | None = None
 
 
 def _read_rows(path: Path) -> list[dict[str, str]]:

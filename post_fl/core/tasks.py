@@ -59,6 +59,7 @@ def load_task(cfg: RunConfig) -> Task:
         public = emb.public
     else:
         public = read_text_file(d.public, d.public_text_column or d.text_column, None)
+    distill_corpus = public.shuffled(cfg.seed)
     if unit == "sentence":
         where = "the embedded public text" if d.public == EMBEDDED_DEFAULT else d.public
         sentences = split_sentences(public.texts)
@@ -72,7 +73,7 @@ def load_task(cfg: RunConfig) -> Task:
     public = public.shuffled(cfg.seed).head(d.max_public_examples)
     if validation is not None:
         validation = validation.head(d.max_validation_examples)
-    return Task(train, test, public, label_words, validation=validation)
+    return Task(train, test, public, label_words, validation=validation, distill_corpus=distill_corpus)
 
 
 def read_train_file(cfg: RunConfig):

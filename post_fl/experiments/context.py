@@ -94,7 +94,7 @@ class SweepContext:
                     cached, student, _, _ = cached_or_distilled_student(
                         self.teacher, task.public, dcfg, self.cfg.base.seed,
                         cache_dir() / "students" if dcfg.cache else None, validation=task.validation,
-                        progress=self.progress)
+                        progress=self.progress, corpus=task.distill_corpus)
                     if cached is not None:
                         d = cached
                     else:

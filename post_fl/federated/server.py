@@ -107,6 +107,7 @@ class FederatedServer:
         self.run.mkdir(parents=True, exist_ok=True)
         task = load_task(self.cfg)
         self.train, self.test, self.public, label_words = task.train, task.test, task.public, dict(task.label_words)
+        self.distill_corpus = task.distill_corpus
         m = self.cfg.model
         self.teacher = load_scoring_model(m.teacher, self.train.label_names, label_words, m.head, m.template,
                                           m.max_length)
@@ -118,7 +119,7 @@ class FederatedServer:
             self.report(f"no saved student at {self.student_dir}: distilling one from {m.teacher}")
             public_train, held_out = public_distillation_split(self.public, self.cfg.seed)
             student, rep = distill_student(self.teacher, public_train, self.cfg.distill, self.cfg.seed, held_out,
-                                           progress=True)  # post_fl.core.progress: bar / log lines / quiet
+                                           progress=True, corpus=self.distill_corpus)  # post_fl.core.progress: bar / log lines / quiet
             save_student(student, self.student_dir, rep)
         self.student = load_scoring_model(str(self.student_dir), self.train.label_names, self.teacher.label_words,
                                           self.teacher.head, self.teacher.template, self.teacher.max_length)

@@ -1,5 +1,11 @@
 """Knowledge distillation of a small student from the teacher (DistilBERT-style, as in POST), on cached teacher outputs.
 
+Two objectives (``distill.objective``). ``"lm"`` is general language-model distillation as in the POST
+paper: raw public text packed into sequences, the losses below at *every* position, no task template and
+no class term. ``"template"`` fits the student where the task reads it: each public text in the task's
+template, at the answer position and a few sampled others, with a class term. What each does to how
+well a prompt steers the student is measured in ``docs/benchmarks.md`` (the student frontier).
+
 The student (:mod:`post_fl.method.student`: the teacher with ``num_layers`` evenly spaced layers kept)
 is trained on public text, filled into the task's template, so that the answer position (where the
 verbalizer reads the class) is among the distilled positions:
@@ -39,7 +45,7 @@ from ..core.config import DistillConfig
 from ..core.data import DataError, TextDataset
 from ..core.models import ScoringModel
 from .student import make_student, student_layers
-from .teacher_outputs import TeacherOutputs, teacher_outputs, vocab_logits
+from .teacher_outputs import TeacherOutputs, teacher_lm_outputs, teacher_outputs, vocab_logits
 from .transfer import kl_at_temperature
 
 log = logging.getLogger(__name__)
@@ -128,13 +134,17 @@ def agreement_with_outputs(student: ScoringModel, held: TeacherOutputs, batch_si
 def distill_student(teacher: ScoringModel, public: TextDataset, cfg: DistillConfig, seed: int = 0,
                     held_out: TextDataset | None = None, progress: bool = False,
                     cache_dir: str | Path | None = None,
-                    validation: TextDataset | None = None) -> tuple[ScoringModel, DistillReport]:
+                    validation: TextDataset | None = None,
+                    corpus: TextDataset | None = None) -> tuple[ScoringModel, DistillReport]:
     """Derive a student from ``teacher`` and train it on public text until it agrees with the teacher; returns (student, report).
 
     The teacher's outputs on ``public`` and ``held_out`` (default: the last 200 public texts) are
     computed once (and kept in ``cache_dir`` when given). Training stops at ``cfg.target_agreement``
     class agreement on ``held_out``, at ``cfg.time_budget_s`` or after ``cfg.steps`` steps. With
-    ``validation`` (labels unused) the report also gives class agreement on it.
+    ``validation`` (labels unused) the report also gives class agreement on it. With
+    ``cfg.objective = "lm"`` the student learns from the teacher's outputs at every position of raw
+    public text (``corpus``, default ``public``, packed into sequences); held-out agreement is still
+    measured on the templated ``held_out`` texts.
     """
     if len(public) == 0:
         raise DataError("distillation needs a non-empty public dataset")
@@ -142,10 +152,14 @@ def distill_student(teacher: ScoringModel, public: TextDataset, cfg: DistillConf
     gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     held_texts = held_out.texts if held_out is not None and len(held_out) else public.texts[-min(200, len(public)):]
-    train_out, train_cache = teacher_outputs(teacher, public.texts, cfg, seed, cache_dir, progress)
+    if cfg.objective == "lm":
+        lm_texts = (corpus if corpus is not None and len(corpus) else public).texts
+        train_out, train_cache = teacher_lm_outputs(teacher, lm_texts, cfg, cache_dir, progress)
+    else:
+        train_out, train_cache = teacher_outputs(teacher, public.texts, cfg, seed, cache_dir, progress)
     held_out_out, _ = teacher_outputs(teacher, held_texts, cfg, seed + 1, cache_dir, progress)
     teacher_seconds = time.perf_counter() - start
-    backbone, kept = make_student(teacher.backbone, student_layers(teacher, cfg))
+    backbone, kept = make_student(teacher.backbone, student_layers(teacher, cfg), cfg.layer_selection)
     student = ScoringModel(backbone, teacher.tokenizer, teacher.head, teacher.label_names, teacher.label_words,
                            teacher.template, teacher.max_length, source=f"distilled from {teacher.source}")
     val_teacher = None
@@ -279,7 +293,7 @@ def _distill_loss(student: ScoringModel, teacher: ScoringModel, out: TeacherOutp
         tgt = targets[r, c]
         if bool((tgt != -100).any()):
             loss = loss + cfg.alpha_lm * nn.functional.cross_entropy(s_logits, tgt, ignore_index=-100)
-    if cfg.alpha_class > 0 and teacher.head != "embedding":
+    if cfg.alpha_class > 0 and teacher.head != "embedding" and cfg.objective == "template":
         answer = pos[:, 0]
         b = torch.arange(len(idx))
         s_class = torch.log_softmax(student.class_scores(vocab_logits(student, s_hidden[b, answer])), -1)

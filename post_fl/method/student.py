@@ -1,5 +1,6 @@
 """The student: a copy of the teacher that keeps its width, tokenizer and embeddings and ``num_layers``
-evenly spaced transformer layers (e.g. 6 of SmolLM2's 30), always the first and the last."""
+of its transformer layers: evenly spaced, always the first and the last (``layer_selection = "even"``),
+or the first half and the last half (``"ends"``, the POST paper's students: e.g. 0-4 and 25-29 of 30)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,9 @@ import copy
 
 from torch import nn
 
+from ..core.backbone import transformer_layers
 from ..core.config import DistillConfig
 from ..core.models import ScoringModel
-
-
-def _layer_list(backbone: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
-    """The (parent, attribute, ModuleList) holding the transformer layers."""
-    n = backbone.config.num_hidden_layers
-    for name, module in backbone.named_modules():
-        for attr, child in module.named_children():
-            if isinstance(child, nn.ModuleList) and len(child) == n and n > 0:
-                return module, attr, child
-    raise ValueError(f"cannot find the {n} transformer layers of {type(backbone).__name__}")
 
 
 def select_layers(num_teacher_layers: int, num_student_layers: int) -> list[int]:
@@ -31,16 +23,27 @@ def select_layers(num_teacher_layers: int, num_student_layers: int) -> list[int]
     return sorted({round(i * step) for i in range(num_student_layers)})
 
 
-def make_student(teacher: nn.Module, num_layers: int) -> tuple[nn.Module, list[int]]:
-    """Copy ``teacher`` keeping ``num_layers`` evenly spaced layers; returns (student, teacher layer ids)."""
-    keep = select_layers(len(_layer_list(teacher)[2]), num_layers)
+def select_end_layers(num_teacher_layers: int, num_student_layers: int) -> list[int]:
+    """The first ceil(k/2) and the last floor(k/2) teacher layer indices (POST's students, k = ``num_student_layers``)."""
+    if not 1 <= num_student_layers <= num_teacher_layers:
+        raise ValueError(f"student layers must be in 1..{num_teacher_layers}, got {num_student_layers}")
+    first = (num_student_layers + 1) // 2
+    last = num_student_layers - first
+    return list(range(first)) + list(range(num_teacher_layers - last, num_teacher_layers))
+
+
+def make_student(teacher: nn.Module, num_layers: int, selection: str = "even") -> tuple[nn.Module, list[int]]:
+    """Copy ``teacher`` keeping ``num_layers`` of its layers chosen by ``selection`` ("even" | "ends");
+    returns (student, teacher layer ids)."""
+    n = len(transformer_layers(teacher)[2])
+    keep = select_end_layers(n, num_layers) if selection == "ends" else select_layers(n, num_layers)
     return student_with_layers(teacher, keep), keep
 
 
 def student_with_layers(teacher: nn.Module, keep: list[int]) -> nn.Module:
     """A copy of ``teacher`` that keeps only its layers ``keep`` (distinct teacher layer indices, in order)."""
     student = copy.deepcopy(teacher)
-    parent, attr, layers = _layer_list(student)
+    parent, attr, layers = transformer_layers(student)
     if not keep or list(keep) != sorted(set(keep)) or not 0 <= keep[0] <= keep[-1] < len(layers):
         raise ValueError(f"student layers must be distinct increasing indices in 0..{len(layers) - 1}, got {keep}")
     new_layers = nn.ModuleList([layers[i] for i in keep])

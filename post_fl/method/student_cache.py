@@ -20,12 +20,15 @@ log = logging.getLogger(__name__)
 
 
 def student_cache_key(teacher: ScoringModel, public: TextDataset, held_out: TextDataset | None,
-                      cfg: DistillConfig, seed: int) -> str:
+                      cfg: DistillConfig, seed: int, corpus: TextDataset | None = None) -> str:
     """Name of a cached student: sha256 of (teacher weights hash, distillation settings, corpus hash, task settings)."""
     settings = identifying_settings({k: v for k, v in asdict(cfg).items() if k not in ("cache",)}, "distill")
-    blob = json.dumps({"format": CACHE_FORMAT, "teacher": teacher_hash(teacher), "distill": settings, "seed": seed,
-                       "task": task_settings(teacher), "corpus": corpus_hash(public.texts),
-                       "held_out": corpus_hash(held_out.texts) if held_out is not None else ""}, sort_keys=True)
+    key = {"format": CACHE_FORMAT, "teacher": teacher_hash(teacher), "distill": settings, "seed": seed,
+           "task": task_settings(teacher), "corpus": corpus_hash(public.texts),
+           "held_out": corpus_hash(held_out.texts) if held_out is not None else ""}
+    if cfg.objective == "lm" and corpus is not None:
+        key["lm_corpus"] = corpus_hash(corpus.texts)
+    blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -79,16 +82,18 @@ def public_distillation_split(public: TextDataset, seed: int) -> tuple[TextDatas
 
 def cached_or_distilled_student(teacher: ScoringModel, public: TextDataset, cfg: DistillConfig, seed: int,
                                 cache_root: Path | None, validation: TextDataset | None = None,
-                                progress: bool = False) -> tuple[Path | None, ScoringModel | None, dict, str]:
+                                progress: bool = False, corpus: TextDataset | None = None,
+                                ) -> tuple[Path | None, ScoringModel | None, dict, str]:
     """The student of (teacher, public corpus, distillation settings, seed): from the student cache under
     ``cache_root`` (``None`` = no cache), else distilled now (teacher outputs cached under
     ``cache_root/../teacher-outputs``) and stored there.
 
+    ``corpus``: the whole public texts that ``distill.objective = "lm"`` packs (default ``public``).
     Returns (cached student directory or None, the student when distilled now or None, its report as a
     dict, "hit" | "miss" | "off").
     """
     train, held_out = public_distillation_split(public, seed)
-    key = student_cache_key(teacher, train, held_out, cfg, seed) if cache_root is not None else ""
+    key = student_cache_key(teacher, train, held_out, cfg, seed, corpus) if cache_root is not None else ""
     hit = cached_student_dir(cache_root, key) if cache_root is not None else None
     if hit is not None:
         log.info("distill: cached student %s (delete it to distil again)", hit)
@@ -97,6 +102,6 @@ def cached_or_distilled_student(teacher: ScoringModel, public: TextDataset, cfg:
         return hit, None, read_json(hit / "distill_report.json"), "hit"
     student, rep = distill_student(teacher, train, cfg, seed, held_out=held_out, progress=progress,
                                    cache_dir=cache_root.parent / "teacher-outputs" if cache_root is not None else None,
-                                   validation=validation)
+                                   validation=validation, corpus=corpus)
     stored = store_student(student, rep, cache_root, key) if cache_root is not None else None
     return stored, student, rep.to_dict(), "miss" if cache_root is not None else "off"

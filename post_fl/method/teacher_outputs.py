@@ -6,6 +6,11 @@ teacher's logits are recovered exactly by its frozen LM head (:func:`vocab_logit
 directory the outputs are stored in a safetensors file named by :func:`teacher_cache_key` (sha256 of
 the teacher's weights, the corpus texts and every setting that changes them), so any change recomputes
 them; an unreadable or inconsistent file is an error naming it.
+
+Two corpora shapes: :func:`teacher_outputs` fills each public text into the task template and keeps the
+answer position and a few sampled positions (``distill.objective = "template"``);
+:func:`teacher_lm_outputs` packs raw public text into sequences of ``distill.sequence_length`` tokens
+and keeps every position (``"lm"``, general language-model distillation as in POST and DistilBERT).
 """
 
 from __future__ import annotations
@@ -96,6 +101,102 @@ def teacher_cache_key(teacher: ScoringModel, texts: list[str], cfg: DistillConfi
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def pack_sequences(tokenizer, texts: list[str], length: int, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids, attention mask), each N x ``length``: ``texts`` tokenized, each followed by the end-of-text
+    token, concatenated and cut into rows of ``length`` tokens, until ``max_tokens`` tokens (the last row padded)."""
+    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    stream: list[int] = []
+    for text in texts:
+        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if sep is not None:
+            stream.append(sep)
+        if len(stream) >= max_tokens:
+            break
+    stream = stream[:max_tokens]
+    if not stream:
+        raise DataError("language-model distillation found no tokens in the public text")
+    rows = (len(stream) + length - 1) // length
+    ids = torch.full((rows, length), tokenizer.pad_token_id, dtype=torch.long)
+    att = torch.zeros((rows, length), dtype=torch.long)
+    flat = torch.tensor(stream, dtype=torch.long)
+    for r in range(rows):
+        chunk = flat[r * length: (r + 1) * length]
+        ids[r, : len(chunk)] = chunk
+        att[r, : len(chunk)] = 1
+    return ids, att
+
+
+def teacher_lm_cache_key(teacher: ScoringModel, texts: list[str], cfg: DistillConfig) -> str:
+    """Name of the language-model teacher-output cache: sha256 of (teacher weights, corpus, packing settings)."""
+    settings = {"format": CACHE_FORMAT, "objective": "lm", "sequence_length": cfg.sequence_length,
+                "corpus_tokens": cfg.corpus_tokens, "head": teacher.head}
+    blob = json.dumps({"teacher": teacher_hash(teacher), "corpus": corpus_hash(texts), "settings": settings},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@torch.no_grad()
+def teacher_lm_outputs(teacher: ScoringModel, texts: list[str], cfg: DistillConfig,
+                       cache_dir: str | Path | None = None, progress: bool = False) -> tuple[TeacherOutputs, str]:
+    """The teacher's outputs at every position of raw public text packed into sequences (see
+    :func:`pack_sequences`), from the cache when present; returns (outputs, "hit"|"miss"|"off").
+
+    Only causal LMs: the next token is the LM target at every position. ``answer_index`` is the last
+    real position of each row and ``class_logp`` the teacher's classes there (not a task answer: the
+    text is not templated; the fields are kept so one format serves both objectives).
+    """
+    if teacher.head != "causal":
+        raise DataError(f"distill.objective = 'lm' needs a causal LM teacher; {teacher.source} has head "
+                        f"{teacher.head!r} (use distill.objective = 'template')")
+    if not texts:
+        raise DataError("distillation needs a non-empty public dataset")
+    path = None
+    if cache_dir is not None:
+        key = teacher_lm_cache_key(teacher, texts, cfg)
+        path = Path(cache_dir) / f"{key}.safetensors"
+        if path.exists():
+            out = _read_cache(path, key, None)
+            return out, "hit"
+    ids, att = pack_sequences(teacher.tokenizer, texts, cfg.sequence_length, cfg.corpus_tokens)
+    out = _compute_lm_outputs(teacher, ids, att, cfg, progress)
+    if path is None:
+        return out, "off"
+    write_keyed_tensors(path, out.tensors(), key, CACHE_FORMAT, texts=str(len(texts)))
+    return out, "miss"
+
+
+def _compute_lm_outputs(teacher: ScoringModel, ids: torch.Tensor, att: torch.Tensor, cfg: DistillConfig,
+                        progress: bool) -> TeacherOutputs:
+    n, width = ids.shape
+    nxt = att.roll(-1, dims=1).clone()
+    nxt[:, -1] = 0
+    targets = torch.where((att * nxt).bool(), ids.roll(-1, dims=1), torch.full_like(ids, -100))
+    positions = torch.where(att.bool(), torch.arange(width).expand(n, -1), torch.full_like(ids, -1))
+    answer = att.sum(1) - 1
+    hidden = torch.zeros((n, width, teacher.embedding_dim), dtype=torch.float16)
+    class_logp = torch.zeros((n, teacher.num_classes))
+    top1 = torch.full((n, width), -1, dtype=torch.long)
+    bs = max(1, cfg.teacher_batch_size // 4)  # rows are longer than templated texts
+    bar = None
+    if progress:
+        from ..core.progress import progress_bar
+
+        bar = progress_bar(n, desc="teacher outputs (once)")
+    for s in range(0, n, bs):
+        sl = slice(s, s + bs)
+        h, _, _ = teacher.hidden_states(ids[sl], att[sl])
+        hidden[sl] = (h * att[sl].unsqueeze(-1)).to(torch.float16)
+        logits = vocab_logits(teacher, h)
+        top1[sl] = torch.where(att[sl].bool(), logits.argmax(-1), torch.full_like(att[sl], -1))
+        class_logp[sl] = torch.log_softmax(
+            teacher.class_scores(teacher.answer_logits_from_hidden(h, att[sl], 0, answer[sl])), -1)
+        if bar is not None:
+            bar.update(min(bs, n - s))
+    if bar is not None:
+        bar.close()
+    return TeacherOutputs(ids, att, answer, targets, positions, hidden, class_logp, top1)
+
+
 @torch.no_grad()
 def teacher_outputs(teacher: ScoringModel, texts: list[str], cfg: DistillConfig, seed: int = 0,
                     cache_dir: str | Path | None = None, progress: bool = False) -> tuple[TeacherOutputs, str]:
@@ -119,7 +220,7 @@ def teacher_outputs(teacher: ScoringModel, texts: list[str], cfg: DistillConfig,
     return out, "miss"
 
 
-def _read_cache(path: Path, key: str, n_texts: int) -> TeacherOutputs:
+def _read_cache(path: Path, key: str, n_texts: int | None) -> TeacherOutputs:
     fix = "delete it to recompute the teacher's outputs"
     tensors = read_keyed_tensors(path, key, CACHE_FORMAT, "teacher-output cache file", fix)
     names = {f.name for f in TeacherOutputs.__dataclass_fields__.values()}
@@ -127,6 +228,8 @@ def _read_cache(path: Path, key: str, n_texts: int) -> TeacherOutputs:
     if missing:
         raise DataError(f"{path}: the teacher-output cache file lacks {missing}; {fix}")
     out = TeacherOutputs(**{k: tensors[k] for k in names})
+    if n_texts is None:
+        n_texts = len(out)
     if any(t.shape[0] != n_texts for t in out.tensors().values()):
         raise DataError(f"{path}: the teacher-output cache file holds a different number of texts than {n_texts}; "
                         f"{fix}")
