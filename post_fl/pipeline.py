@@ -178,7 +178,8 @@ class Pipeline:
         out = self.run / STUDENT_DIR
         root = cache_dir() / "students" if dcfg.cache else None
         cached, student, report, status = cached_or_distilled_student(
-            self.teacher, task.public, dcfg, self.cfg.seed, root, validation=task.validation, progress=self.progress)
+            self.teacher, task.public, dcfg, self.cfg.seed, root, validation=task.validation, progress=self.progress,
+            corpus=task.distill_corpus)
         if out.exists():
             shutil.rmtree(out)
         if cached is not None:

@@ -168,6 +168,10 @@ class TuneConfig:
         return self.dp and math.isfinite(self.target_epsilon)
 
 
+DISTILL_OBJECTIVES = ("template", "lm")
+LAYER_SELECTIONS = ("even", "ends")
+
+
 @dataclass
 class DistillConfig:
     """Knowledge distillation of the student from the teacher (DistilBERT-style), on cached teacher outputs.
@@ -187,7 +191,11 @@ class DistillConfig:
     ``keep_best`` the student ends with the weights of its best held-out agreement check.
     """
 
+    objective: str = "template"  # "template": the task template, answer + sampled positions | "lm": raw text, every position
+    layer_selection: str = "even"  # "even": evenly spaced, first and last kept | "ends": first half and last half (POST)
     num_layers: int = 0  # 0 = a fifth of the teacher's layers, at least 1 (6 of SmolLM2's 30)
+    sequence_length: int = 128  # objective "lm": tokens per packed sequence of public text
+    corpus_tokens: int = 200_000  # objective "lm": at most this many tokens of public text are distilled on
     steps: int = 3000  # at most this many steps (the target or the time budget usually stops it first)
     batch_size: int = 16
     lr: float = 5e-4
@@ -208,6 +216,16 @@ class DistillConfig:
     cache: bool = True
 
     def validate(self) -> None:
+        if self.objective not in DISTILL_OBJECTIVES:
+            raise ConfigError(f"distill.objective: expected one of {', '.join(DISTILL_OBJECTIVES)}, got {self.objective!r}")
+        if self.layer_selection not in LAYER_SELECTIONS:
+            raise ConfigError(f"distill.layer_selection: expected one of {', '.join(LAYER_SELECTIONS)}, "
+                              f"got {self.layer_selection!r}")
+        if self.sequence_length < 8:
+            raise ConfigError(f"distill.sequence_length: expected >= 8, got {self.sequence_length}")
+        if self.corpus_tokens < self.sequence_length:
+            raise ConfigError(f"distill.corpus_tokens: expected >= distill.sequence_length ({self.sequence_length}), "
+                              f"got {self.corpus_tokens}")
         if self.positions_per_text < 0:
             raise ConfigError(f"distill.positions_per_text: expected >= 0, got {self.positions_per_text}")
         if self.num_layers < 0:
@@ -328,6 +346,11 @@ LEGACY_VALUES: dict[str, Any] = {
     "distill.lr_schedule": "constant",
     "distill.warmup_steps": 0,
     "distill.keep_best": False,
+    # settings added later, at the value that reproduces what was recorded before they existed
+    "distill.objective": "template",
+    "distill.layer_selection": "even",
+    "distill.sequence_length": 128,
+    "distill.corpus_tokens": 200_000,
 }
 # Settings that never change a result (caches of bit-identical values): fingerprints leave them out.
 RESULT_NEUTRAL_SETTINGS: tuple[str, ...] = ("eval.cache_zero_shot",)
