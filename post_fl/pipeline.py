@@ -4,7 +4,8 @@ Run folder layout (every stage can run alone from what the stage before it wrote
 
     <run>/config.json            the RunConfig used
     <run>/student/               distilled student (save_pretrained) + distill_report.json
-    <run>/prompt_student/        DP prompt tuned on the student (PEFT prompt-tuning adapter)
+    <run>/prompt_student/        DP prompt tuned on the student (PEFT prompt-tuning adapter; prompt.form = "deep":
+                                 post-fl's deep-prompt format, post_fl/core/deep_prompt.py)
     <run>/prompt_teacher/        prompt transferred to the teacher with POST (PEFT adapter)
     <run>/prompt_teacher_tuned/  non-private prompt tuned on the teacher itself (upper bound)
     <run>/stages/<stage>.json    what each stage measured (time, epsilon, losses)
@@ -24,7 +25,9 @@ from .core.config import RunConfig, config_from_dict
 from .core.data import Task
 from .core.jsonio import read_json, write_json
 from .core.models import ScoringModel
-from .core.prompt import SoftPrompt, init_from_text, init_from_vocab, load_prompt, save_prompt
+from .core.deep_prompt import (DeepPrompt, as_input_prompt, load_any_prompt, new_prompt, num_model_layers,
+                               save_any_prompt)
+from .core.prompt import SoftPrompt
 from .core.tasks import load_student, load_task, load_teacher
 from .method.evaluate import majority_class_accuracy
 from .privacy.randomness import NOT_PRIVATE_LABEL
@@ -35,17 +38,16 @@ STUDENT_DIR, PROMPT_STUDENT, PROMPT_TEACHER, PROMPT_TEACHER_TUNED = (
     "student", "prompt_student", "prompt_teacher", "prompt_teacher_tuned")
 
 
-def initial_prompt(cfg: RunConfig, model: ScoringModel, seed: int) -> SoftPrompt:
-    """The starting prompt from ``cfg.prompt``: random vocabulary embeddings or a text's embeddings."""
-    p = cfg.prompt
-    if p.init == "text":
-        return init_from_text(model.word_embeddings, model._ids(p.init_text), p.num_virtual_tokens)
-    return init_from_vocab(model.word_embeddings, p.num_virtual_tokens, torch.Generator().manual_seed(seed))
+def initial_prompt(cfg: RunConfig, model: ScoringModel, seed: int,
+                   form: str | None = None) -> SoftPrompt | DeepPrompt:
+    """The starting prompt from ``cfg.prompt``: random vocabulary embeddings or a text's embeddings, of form
+    ``form`` (default ``cfg.prompt.form``: an input prompt, or the deep prompt made from it)."""
+    return new_prompt(model, cfg.prompt, seed, form)
 
 
-def _save(prompt: SoftPrompt, run: Path, name: str, model: ScoringModel, **meta) -> Path:
+def _save(prompt: SoftPrompt | DeepPrompt, run: Path, name: str, model: ScoringModel, **meta) -> Path:
     cfg = model.backbone.config
-    return save_prompt(prompt, run / name, head=model.head, base_model=model.source,
+    return save_any_prompt(prompt, run / name, head=model.head, base_model=model.source,
                        num_layers=getattr(cfg, "num_hidden_layers", None),
                        num_attention_heads=getattr(cfg, "num_attention_heads", None),
                        metadata={"label_words": model.label_words, "template": model.template, **meta})
@@ -120,11 +122,12 @@ class Pipeline:
             self._student = load_student(path, self.cfg, self.task, self.teacher)
         return self._student
 
-    def prompt(self, name: str, model: ScoringModel) -> SoftPrompt:
+    def prompt(self, name: str, model: ScoringModel) -> SoftPrompt | DeepPrompt:
+        """The prompt saved as ``name`` (input or deep, by its file), checked against ``model``."""
         path = self.run / name
         if not path.exists():
             raise FileNotFoundError(f"{path}: missing; run the stage that writes it first")
-        return load_prompt(path, expected_dim=model.embedding_dim)[0]
+        return load_any_prompt(path, expected_dim=model.embedding_dim, expected_layers=num_model_layers(model))[0]
 
     def _stage(self, name: str, data: dict) -> dict:
         write_json(data, self.run / "stages" / f"{name}.json")
@@ -232,7 +235,8 @@ class Pipeline:
         from .method.tuning import tune_prompt
 
         cfg = replace(self.cfg.tune, dp=False)
-        prompt = initial_prompt(self.cfg, self.teacher, self.cfg.seed)
+        # an input prompt whatever prompt.form: the transferred prompt it bounds is one
+        prompt = initial_prompt(self.cfg, self.teacher, self.cfg.seed, form="input")
         result = tune_prompt(self.teacher, prompt, self.task.train, cfg, self.cfg.seed, progress=self.progress)
         _save(result.prompt, self.run, PROMPT_TEACHER_TUNED, self.teacher, stage="teacher-tune-nonprivate")
         return self._stage("tune_teacher", {"steps": result.steps, "mean_loss": result.mean_loss,
@@ -276,9 +280,9 @@ class Pipeline:
         correct["teacher_zero_shot_contextual"] = correct_of_scores(zero, y, contextual_calibration_bias(teacher))
         correct["student_zero_shot"] = correct_of_scores(scored("student zero-shot", student), y)
         correct["student_private_prompt"] = correct_of_scores(scored("student + DP prompt", student, student_prompt), y)
-        if student_prompt.dim == teacher.embedding_dim:
+        if student_prompt.dim == teacher.embedding_dim:  # a deep prompt's layer-0 slice
             correct["teacher_direct_prompt"] = correct_of_scores(scored("teacher + direct prompt", teacher,
-                                                                        student_prompt), y)
+                                                                        as_input_prompt(student_prompt)), y)
         if (self.run / PROMPT_TEACHER).exists():
             correct["teacher_transferred_prompt"] = correct_of_scores(
                 scored("teacher + transferred prompt", teacher, self.prompt(PROMPT_TEACHER, teacher)), y)

@@ -7,6 +7,8 @@
 * ``embedded`` -- the default model and data shipped in registry packages, the post-fl cache folder;
 * ``models`` -- a language model as a class scorer (head, template, verbalizer);
 * ``prompt`` -- the soft prompt, its Opacus grad sampler, the PEFT prompt-tuning format;
+* ``deep_prompt`` -- the deep prompt (a prompt at every layer): hooks, init from the model's states, its format;
+* ``backbone`` -- where a backbone's transformer layers are;
 * ``keyed_cache``, ``jsonio`` -- cache files named by a content key, strict JSON written atomically;
 * ``progress`` -- progress on a terminal and in a log, library noise switched off.
 
@@ -24,6 +26,9 @@ __getattr__, __all__ = lazy_exports(__name__, {
     "embedded": ("load_embedded_task", "cache_dir"),
     "models": ("ModelError", "EncodedBatch", "ScoringModel", "load_scoring_model"),
     "prompt": ("PromptError", "SoftPrompt", "init_from_vocab", "init_from_text", "save_prompt", "load_prompt"),
+    "deep_prompt": ("DeepPrompt", "as_input_prompt", "deep_prompt_from_input", "new_prompt", "prompt_with_weight",
+                    "save_deep_prompt", "load_deep_prompt", "load_any_prompt", "save_any_prompt"),
+    "backbone": ("transformer_layers",),
     "keyed_cache": ("read_keyed_tensors", "write_keyed_tensors"),
     "jsonio": ("jsonable", "read_json", "write_json"),
     "progress": ("progress_bar", "configure"),

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 EMBEDDED_DEFAULT = "embedded"
+PROMPT_FORMS = ("input", "deep")  # prompt.form: virtual tokens before the input | a prompt at every layer
 
 
 class ConfigError(ValueError):
@@ -111,13 +112,16 @@ class DataConfig:
 
 @dataclass
 class PromptConfig:
-    """The soft prompt: number of virtual tokens and how they are initialised."""
+    """The soft prompt: its form (input | deep: :mod:`post_fl.core.deep_prompt`), length and initialisation."""
 
     num_virtual_tokens: int = 10
     init: str = "vocab"  # "vocab" (random vocabulary embeddings) | "text"
     init_text: str = ""
+    form: str = "input"  # "input" | "deep"
 
     def validate(self) -> None:
+        if self.form not in PROMPT_FORMS:
+            raise ConfigError(f"prompt.form: expected one of {', '.join(PROMPT_FORMS)}, got {self.form!r}")
         if self.num_virtual_tokens < 1:
             raise ConfigError(f"prompt.num_virtual_tokens: expected >= 1, got {self.num_virtual_tokens}")
         if self.init not in ("vocab", "text"):
@@ -351,6 +355,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "distill.layer_selection": "even",
     "distill.sequence_length": 128,
     "distill.corpus_tokens": 200_000,
+    "prompt.form": "input",
 }
 # Settings that never change a result (caches of bit-identical values): fingerprints leave them out.
 RESULT_NEUTRAL_SETTINGS: tuple[str, ...] = ("eval.cache_zero_shot",)

@@ -22,6 +22,7 @@ outputs can be compared across them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ from typing import Sequence
 
 import torch
 from torch import nn
+
+from .deep_prompt import deep_prompt_hooks
 
 HEADS = ("causal", "masked", "embedding")
 EMBEDDING_SCALE = 20.0  # inverse temperature of cosine-similarity class scores
@@ -319,21 +322,29 @@ class ScoringModel(nn.Module):
     # ---------------------------------------------------------------- forward
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       prompt: nn.Module | None = None):
-        """Run the backbone's body with the soft prompt prepended to the input embeddings.
+        """Run the backbone's body with the prompt. ``prompt(input embeddings B x T x D)`` gives either the
+        prompted embeddings B x (P + T) x D (an input prompt, :class:`post_fl.core.prompt.SoftPrompt`) or
+        per-layer vectors B x L x P x D (a deep prompt, :class:`post_fl.core.deep_prompt.DeepPrompt`:
+        prepended at layer 0, put at the prompt positions of every later layer).
 
         Returns (last hidden states, attention mask with the prompt, number of virtual tokens).
         """
         embeds = self.backbone.get_input_embeddings()(input_ids)
-        n_prompt = 0
+        n_prompt, deep = 0, contextlib.nullcontext()
         if prompt is not None:
-            embeds = prompt(embeds)
+            out = prompt(embeds)
+            if out.dim() == 4:  # B x L x P x D: the tensor Opacus takes per-example gradients against
+                deep = deep_prompt_hooks(self.backbone, out)
+                out = torch.cat([out[:, 0].to(embeds.dtype), embeds], dim=1)
+            embeds = out
             n_prompt = embeds.shape[1] - input_ids.shape[1]
             attention_mask = torch.cat(
                 [attention_mask.new_ones((attention_mask.shape[0], n_prompt)), attention_mask], dim=1)
         kwargs = dict(inputs_embeds=embeds, attention_mask=attention_mask)
         if self.head == "causal":
             kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.backbone.base_model(**kwargs)
+        with deep:
+            out = self.backbone.base_model(**kwargs)
         return out.last_hidden_state, attention_mask, n_prompt
 
     def _pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor, n_prompt: int) -> torch.Tensor:

@@ -15,6 +15,9 @@ Because every example in a batch is prefixed by the same prompt, the per-example
 of the prompt is simply that example's gradient w.r.t. its own copy of the prompt, which
 the ordinary backward pass already computes. :func:`prompt_grad_sampler` hands exactly
 that to Opacus, so DP-SGD costs one backward pass and no per-sample machinery.
+
+This is the *input* prompt form; the deep form (a prompt at every layer, its own saved format) is
+:mod:`post_fl.core.deep_prompt`, whose :func:`~post_fl.core.deep_prompt.load_any_prompt` reads either.
 """
 
 from __future__ import annotations
@@ -96,6 +99,25 @@ def init_from_text(word_embeddings: torch.Tensor, token_ids: list[int], num_virt
     return SoftPrompt(word_embeddings[torch.tensor(ids)].detach())
 
 
+def write_prompt_files(directory: str | Path, tensors: dict[str, torch.Tensor], config: dict,
+                       provenance: dict) -> Path:
+    """Write a prompt directory: ``tensors`` to :data:`ADAPTER_WEIGHTS`, ``config`` to :data:`ADAPTER_CONFIG`,
+    ``provenance`` to :data:`PROVENANCE`. Each file goes to a temporary name and is then renamed, so a
+    crash never leaves half a prompt. Returns the directory."""
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp_w, tmp_c, tmp_p = (d / (name + ".tmp") for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, PROVENANCE))
+    save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}, str(tmp_w))
+    tmp_c.write_text(json.dumps(config, indent=2))
+    tmp_p.write_text(json.dumps(jsonable(provenance), indent=2, default=str))
+    tmp_w.replace(d / ADAPTER_WEIGHTS)
+    tmp_c.replace(d / ADAPTER_CONFIG)
+    tmp_p.replace(d / PROVENANCE)
+    return d
+
+
 def save_prompt(prompt: SoftPrompt | torch.Tensor, directory: str | Path, *, head: str,
                 base_model: str = "", num_layers: int | None = None, num_attention_heads: int | None = None,
                 metadata: dict[str, Any] | None = None) -> Path:
@@ -103,16 +125,12 @@ def save_prompt(prompt: SoftPrompt | torch.Tensor, directory: str | Path, *, hea
 
     Files are written to temporary names and renamed, so a crash never leaves half a prompt.
     """
-    from safetensors.torch import save_file
-
     weight = prompt.weight if isinstance(prompt, SoftPrompt) else prompt
     weight = weight.detach().to("cpu", torch.float32).contiguous()
     if weight.dim() != 2:
         raise PromptError(f"prompt must be 2-D (num_virtual_tokens, dim), got shape {tuple(weight.shape)}")
     if not torch.isfinite(weight).all():
         raise PromptError("refusing to save a prompt with NaN or Inf values")
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
     config = {
         "peft_type": "PROMPT_TUNING",
         "task_type": PEFT_TASK_TYPES.get(head, "FEATURE_EXTRACTION"),
@@ -127,25 +145,11 @@ def save_prompt(prompt: SoftPrompt | torch.Tensor, directory: str | Path, *, hea
         "base_model_name_or_path": base_model,
         "inference_mode": True,
     }
-    provenance = {"head": head, **(metadata or {})}
-    tmp_w, tmp_c, tmp_p = (d / (name + ".tmp") for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, PROVENANCE))
-    save_file({"prompt_embeddings": weight}, str(tmp_w))
-    tmp_c.write_text(json.dumps(config, indent=2))
-    tmp_p.write_text(json.dumps(jsonable(provenance), indent=2, default=str))
-    tmp_w.replace(d / ADAPTER_WEIGHTS)
-    tmp_c.replace(d / ADAPTER_CONFIG)
-    tmp_p.replace(d / PROVENANCE)
-    return d
+    return write_prompt_files(directory, {"prompt_embeddings": weight}, config, {"head": head, **(metadata or {})})
 
 
-def load_prompt(directory: str | Path, expected_dim: int | None = None) -> tuple[SoftPrompt, dict]:
-    """Read a prompt saved by :func:`save_prompt` (or by PEFT); check its size.
-
-    Returns (prompt, adapter config with the provenance, if any, under ``"post_fl"``).
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def read_prompt_config(directory: str | Path) -> dict:
+    """The :data:`ADAPTER_CONFIG` of a saved prompt directory (which must also hold :data:`ADAPTER_WEIGHTS`)."""
     d = Path(directory)
     cfg_path, w_path = d / ADAPTER_CONFIG, d / ADAPTER_WEIGHTS
     if not cfg_path.is_file():
@@ -156,12 +160,47 @@ def load_prompt(directory: str | Path, expected_dim: int | None = None) -> tuple
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as exc:
         raise PromptError(f"{cfg_path}: not valid JSON ({exc.msg})") from None
-    if config.get("peft_type") != "PROMPT_TUNING":
-        raise PromptError(f"{cfg_path}: peft_type is {config.get('peft_type')!r}, expected 'PROMPT_TUNING'")
+    if not isinstance(config, dict):
+        raise PromptError(f"{cfg_path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def read_prompt_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a saved prompt's :data:`ADAPTER_WEIGHTS`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    w_path = Path(directory) / ADAPTER_WEIGHTS
     try:
-        tensors = load_file(str(w_path))
+        return load_file(str(w_path))
     except (SafetensorError, OSError) as exc:
         raise PromptError(f"{w_path}: cannot read ({exc})") from None
+
+
+def read_provenance(directory: str | Path) -> dict | None:
+    """The post-fl provenance (:data:`PROVENANCE`) of a saved prompt, or None when there is none."""
+    p = Path(directory) / PROVENANCE
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise PromptError(f"{p}: not valid JSON ({exc.msg})") from None
+
+
+def load_prompt(directory: str | Path, expected_dim: int | None = None) -> tuple[SoftPrompt, dict]:
+    """Read a prompt saved by :func:`save_prompt` (or by PEFT); check its size.
+
+    Returns (prompt, adapter config with the provenance, if any, under ``"post_fl"``). A deep prompt
+    (``peft_type = "POST_FL_DEEP_PROMPT"``) is refused here; :func:`post_fl.core.deep_prompt.load_any_prompt`
+    reads either form.
+    """
+    d = Path(directory)
+    cfg_path, w_path = d / ADAPTER_CONFIG, d / ADAPTER_WEIGHTS
+    config = read_prompt_config(d)
+    if config.get("peft_type") != "PROMPT_TUNING":
+        raise PromptError(f"{cfg_path}: peft_type is {config.get('peft_type')!r}, expected 'PROMPT_TUNING'")
+    tensors = read_prompt_tensors(d)
     if "prompt_embeddings" not in tensors:
         raise PromptError(f"{w_path}: no tensor 'prompt_embeddings' (found {sorted(tensors)})")
     weight = tensors["prompt_embeddings"]
@@ -175,9 +214,7 @@ def load_prompt(directory: str | Path, expected_dim: int | None = None) -> tuple
                           f"{expected_dim}; it was tuned for another model")
     if not torch.isfinite(weight).all():
         raise PromptError(f"{w_path}: prompt_embeddings contains NaN or Inf")
-    if (d / PROVENANCE).is_file():
-        try:
-            config["post_fl"] = json.loads((d / PROVENANCE).read_text())
-        except json.JSONDecodeError as exc:
-            raise PromptError(f"{d / PROVENANCE}: not valid JSON ({exc.msg})") from None
+    provenance = read_provenance(d)
+    if provenance is not None:
+        config["post_fl"] = provenance
     return SoftPrompt(weight), config

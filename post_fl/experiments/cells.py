@@ -140,9 +140,7 @@ def _federated_run(ctx: SweepContext, cell: Cell) -> dict:
         server_prompt_rounds(server, transport)
         summary["accuracy"] = server.metrics[-1]["test_accuracy"]
         if cell.method == "rapt":
-            from ..core.prompt import SoftPrompt
-
-            prompt = SoftPrompt(torch.from_numpy(server.prompt.copy()))
+            prompt = server.prompt_module()
             test = server.test
             priv, _ = privatize_batch(server.student, server.student.encode(test.texts), eta,
                                       torch.Generator().manual_seed(cell.seed + 99))

@@ -99,6 +99,8 @@ def rapt_local_round(model, private: "RaptPrivateData", head, prompt_np: np.ndar
     from ..privacy.rapt import reconstruction_loss
 
     priv, targets, labels = private.batch, private.targets, private.labels
+    if np.ndim(prompt_np) != 2:
+        raise ValueError("RAPT cells tune input prompts only: set prompt.form = 'input' (a deep prompt was given)")
     prompt = SoftPrompt(torch.from_numpy(np.array(prompt_np, dtype=np.float32)))
     opt = torch.optim.Adam([{"params": prompt.parameters(), "lr": tune.lr},
                             {"params": head.parameters(), "lr": rapt_cfg.head_lr}])

@@ -8,7 +8,8 @@ clients can share the model's passes. Each round, for every DP-SGD step:
 2. the selected examples of all clients are concatenated (sorted by length, cut into
    micro-batches of at most ``micro_batch`` rows) and each example is prepended with *its
    client's* prompt: the prompts are a stacked ``K x V x D`` tensor and a micro-batch's prompt
-   tensor is ``P[client_of_example]`` (``M x V x D``), a leaf of the autograd graph;
+   tensor is ``P[client_of_example]`` (``M x V x D``), a leaf of the autograd graph (deep prompts:
+   ``K x L x V x D`` in units of their per-layer scales, put at every layer: :mod:`post_fl.core.deep_prompt`);
 3. one backward pass of the summed per-example loss gives the gradient w.r.t. that gathered
    tensor, whose row ``i`` is exactly example ``i``'s gradient w.r.t. its own prompt (no Opacus
    hooks needed);
@@ -75,7 +76,7 @@ OPACUS_NORM_EPS = 1e-6  # Opacus' clip factor min(1, C / (||g|| + 1e-6))
 class ClientOutcome:
     """One client's local training in a batched round (the fields of ``tuning.TuneResult``)."""
 
-    prompt: torch.Tensor  # the tuned prompt, V x D
+    prompt: torch.Tensor  # the tuned prompt, V x D (deep: L x V x D, in the units of its scales)
     update: np.ndarray  # tuned prompt minus the global prompt (float32)
     epsilon: float  # over the whole accountant history (inf when not private)
     delta: float
@@ -140,29 +141,32 @@ def _epsilon(history: tuple, delta: float, accountant: str) -> float:
 
 
 class _GatheredPrompt(nn.Module):
-    """Prepends row ``i`` of a per-example prompt tensor (M x V x D) to example ``i``'s embeddings."""
+    """Row ``i`` of per-example prompts for example ``i``: M x V x D prepended to the embeddings, or M x L x V x D
+    deep prompts in units of their per-layer ``scales``, put at every layer (:mod:`post_fl.core.deep_prompt`)."""
 
-    def __init__(self, prompts: torch.Tensor) -> None:
+    def __init__(self, prompts: torch.Tensor, scales: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.prompts = prompts
+        self.prompts, self.scales = prompts, scales
 
     def forward(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        if self.scales is not None:  # B x L x V x D per-layer vectors (ScoringModel.hidden_states)
+            return self.prompts * self.scales.to(self.prompts)[None, :, None, None]
         return torch.cat([self.prompts.to(inputs_embeds.dtype), inputs_embeds], dim=1)
 
 
-def per_example_prompt_grads(model: ScoringModel, prompts: torch.Tensor, batch: EncodedBatch,
-                             labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def per_example_prompt_grads(model: ScoringModel, prompts: torch.Tensor, batch: EncodedBatch, labels: torch.Tensor,
+                             scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example gradients of the cross-entropy loss w.r.t. each example's own prompt.
 
-    ``prompts`` is M x V x D (row i = the prompt of example i's client). Returns (M x V x D
-    gradients, M per-example losses) from one forward and one backward pass of the frozen model:
-    the loss is the *sum* of the per-example losses, so row i of its gradient w.r.t. the gathered
-    prompt tensor is example i's gradient and nothing else.
+    ``prompts`` is M x V x D (row i = the prompt of example i's client), or M x L x V x D deep prompts with
+    per-layer ``scales``. Returns (M x ``prompts``' row shape gradients, M per-example losses) from one forward
+    and one backward pass of the frozen model: the loss is the *sum* of the per-example losses, so row i of
+    its gradient w.r.t. the gathered prompt tensor is example i's gradient and nothing else.
     """
     leaf = prompts.detach().requires_grad_(True)
     width = int(batch.attention_mask.sum(1).max()) if len(batch) else 1
     trimmed = EncodedBatch(batch.input_ids[:, :width], batch.attention_mask[:, :width], batch.answer_index)
-    scores = model(trimmed, _GatheredPrompt(leaf))
+    scores = model(trimmed, _GatheredPrompt(leaf, scales))
     losses = nn.functional.cross_entropy(scores, labels, reduction="none")
     (grads,) = torch.autograd.grad(losses.sum(), leaf)
     return grads, losses.detach()
@@ -257,13 +261,14 @@ def train_clients_batched(model: ScoringModel, global_prompt: torch.Tensor | np.
                           total_steps: Mapping[int, int] | None = None,
                           insecure_seeds: Mapping[int, int] | None = None,
                           seeds: Mapping[int, int] | None = None,
-                          micro_batch: int = DEFAULT_MICRO_BATCH) -> BatchedRound:
+                          micro_batch: int = DEFAULT_MICRO_BATCH,
+                          scales: torch.Tensor | None = None) -> BatchedRound:
     """One round of local prompt tuning for every client in ``datasets`` at once, from ``global_prompt``.
 
     Client ``c``'s outcome equals ``tune_prompt(model, SoftPrompt(global_prompt), datasets[c], cfg,
     seed=seeds[c], accountant_history=histories[c], noise_multiplier=noise_multipliers[c],
-    total_steps=total_steps[c], insecure_seed=insecure_seeds[c])`` (see the module docstring);
-    missing mappings or keys mean ``tune_prompt``'s defaults (no history, sigma calibrated to
+    total_steps=total_steps[c], insecure_seed=insecure_seeds[c])`` (``DeepPrompt(global_prompt, scales)`` for a
+    deep L x V x D prompt); missing mappings or keys mean ``tune_prompt``'s defaults (no history, sigma calibrated to
     ``cfg.target_epsilon`` over this call's steps, fresh OS-entropy noise, seed 0).
     ``insecure_seeds`` (insecure_reproducible mode only, NOT private) must name every client or
     none. ``micro_batch`` bounds the rows of one forward/backward pass (memory), not the result.
@@ -284,10 +289,12 @@ def train_clients_batched(model: ScoringModel, global_prompt: torch.Tensor | np.
             if isinstance(s, bool) or not isinstance(s, int):
                 raise TypeError(f"insecure_seeds[{c}] must be an int, got {s!r}")
     base = torch.as_tensor(np.asarray(global_prompt, dtype=np.float32)).clone()
-    if base.dim() != 2:
-        raise ValueError(f"global prompt must be (num_virtual_tokens, dim), got shape {tuple(base.shape)}")
-    if base.shape[1] != model.embedding_dim:
-        raise ValueError(f"prompt has embedding size {base.shape[1]}, model expects {model.embedding_dim}")
+    scales = None if base.dim() != 3 or scales is None else torch.as_tensor(scales, dtype=torch.float32)
+    if base.dim() not in (2, 3) or (base.dim() == 3 and (scales is None or scales.shape != base.shape[:1])):
+        raise ValueError(f"global prompt must be (num_virtual_tokens, dim), or (num_layers, num_virtual_tokens, "
+                         f"dim) with one of scales per layer; got shape {tuple(base.shape)}")
+    if base.shape[-1] != model.embedding_dim:
+        raise ValueError(f"prompt has embedding size {base.shape[-1]}, model expects {model.embedding_dim}")
 
     # tokenize every client's data once; one padded table with per-client offsets
     encoded, plans = [], []
@@ -317,8 +324,8 @@ def train_clients_batched(model: ScoringModel, global_prompt: torch.Tensor | np.
         seed = insecure_seeds[c] if insecure_seeds is not None else None
         plans.append(_ClientPlan(row, n, cfg, sigma, _client_generator(cfg, seed, int(seeds.get(c, 0)))))
 
-    K, (V, D) = len(ids), base.shape
-    prompts = base.unsqueeze(0).repeat(K, 1, 1)
+    K, shape = len(ids), tuple(base.shape)
+    prompts = base.unsqueeze(0).repeat(K, *([1] * base.dim()))
     exp_avg, exp_avg_sq = torch.zeros_like(prompts), torch.zeros_like(prompts)
     state_bytes = 4 * prompts.numel() * prompts.element_size()  # + the per-step gradient sums
     beta1, beta2 = ADAM_BETAS
@@ -338,7 +345,8 @@ def train_clients_batched(model: ScoringModel, global_prompt: torch.Tensor | np.
             for lo in range(0, len(flat), micro_batch):
                 rows, who = flat[lo:lo + micro_batch], owner[lo:lo + micro_batch]
                 batch = EncodedBatch(input_ids[rows], attention[rows], answer[rows])
-                grads, losses = per_example_prompt_grads(model, prompts.index_select(0, who), batch, labels[rows])
+                grads, losses = per_example_prompt_grads(model, prompts.index_select(0, who), batch, labels[rows],
+                                                         scales)
                 if cfg.private:
                     grads = clip_per_example(grads, cfg.max_grad_norm)
                 grad_sum.index_add_(0, who, grads)
@@ -348,12 +356,12 @@ def train_clients_batched(model: ScoringModel, global_prompt: torch.Tensor | np.
                 del grads, losses
                 release_freed_memory()
         rows_active = torch.tensor([p.row for p in active], dtype=torch.long)
-        grads = torch.empty((len(active), V, D))
+        grads = torch.empty((len(active), *shape))
         for i, (p, idx) in enumerate(picks):
             if len(idx):
                 p.losses.append(float(loss_sum[p.row]) / len(idx))
             if cfg.private:  # (sum of clipped + N(0, (sigma C)^2)) / expected batch size, per client
-                noise = gaussian_noise(p.sigma * cfg.max_grad_norm, (V, D), p.generator)
+                noise = gaussian_noise(p.sigma * cfg.max_grad_norm, shape, p.generator)
                 grads[i] = (grad_sum[p.row] + noise) / p.expected_batch
             else:  # the batch-mean loss's gradient
                 grads[i] = grad_sum[p.row] / len(idx)

@@ -27,7 +27,7 @@ import torch
 from ..core.config import ConfigError, RunConfig
 from ..core.data import TextDataset, partition
 from ..core.models import ScoringModel
-from ..core.prompt import SoftPrompt
+from ..core.deep_prompt import prompt_with_weight
 from ..core.tasks import load_task
 from .config import FederatedConfig, derive_seed, user_noise_multiplier
 from .protocol import (BUDGET_EXHAUSTED, LEDGER_DIR_NAME, REFUSED_DATA_SETTINGS, REFUSED_INSECURE, REPLY_CODES,
@@ -344,7 +344,9 @@ def train_client(student: ScoringModel, global_prompt: np.ndarray, data: TextDat
         raise BudgetExhausted(ledger.epsilon(delta), math.inf, ledger.budget, delta)
     insecure = insecure_seed_for(run_cfg, server_round, client_id)
     torch.manual_seed(derive_seed(run_cfg.seed, server_round, 3, client_id))  # dropout etc.: not a DP mechanism
-    prompt = SoftPrompt(torch.from_numpy(np.array(global_prompt, dtype=np.float32)))
+    # an input prompt, or a deep prompt with the per-layer scales recomputed from the student and the run's
+    # (non-private) prompt settings, exactly as the server made them
+    prompt = prompt_with_weight(np.array(global_prompt, dtype=np.float32), student, run_cfg.prompt, run_cfg.seed)
     res = tune_prompt(student, prompt, data, tune, seed=derive_seed(run_cfg.seed, server_round, 4, client_id),
                       accountant_history=history, noise_multiplier=sigma if tune.private else None,
                       insecure_seed=insecure)

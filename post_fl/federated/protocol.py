@@ -16,6 +16,8 @@ Message schema (names shared by ``server_app`` and ``client_app``; only these cr
 
 * train instruction: ArrayRecord ``global-prompt`` {``prompt``}; ConfigRecord ``config``
   {``round``, ``model-hash``, ``clip``}. No seed: the server cannot predict a client's noise.
+  ``prompt`` is P x D, or L x P x D for ``prompt.form = "deep"``: a deep prompt's per-layer scales do
+  not travel, each client recomputes them from the student and the run's (non-private) prompt settings.
 * train reply: ArrayRecord ``prompt-update`` {``delta``}; MetricRecord ``metrics``
   {``round``} under DP (:data:`DP_REPLY_METRIC_KEYS`: nothing data-dependent besides the noised
   update), or {``round``, ``num-examples``, ``loss``, ``steps``, ``sample-rate``} in a non-DP run

@@ -23,7 +23,8 @@ import torch
 from ..core.config import ConfigError, RunConfig
 from ..core.jsonio import from_jsonable, jsonable, write_json
 from ..core.models import load_scoring_model
-from ..core.prompt import SoftPrompt, init_from_text, init_from_vocab, save_prompt
+from ..core.deep_prompt import DeepPrompt, as_input_prompt, new_prompt, save_any_prompt
+from ..core.prompt import SoftPrompt, save_prompt
 from ..core.tasks import load_task
 from ..privacy.randomness import NOT_PRIVATE_LABEL
 from .aggregate import (ClientUpdate, RoundFailedError, aggregate_updates, filter_updates, require_min_clients,
@@ -146,13 +147,15 @@ class FederatedServer:
         return bool(self.cfg.insecure_reproducible)
 
     def _initial_prompt(self) -> np.ndarray:
-        p = self.cfg.prompt
-        if p.init == "text":
-            sp = init_from_text(self.student.word_embeddings, self.student._ids(p.init_text), p.num_virtual_tokens)
-        else:
-            sp = init_from_vocab(self.student.word_embeddings, p.num_virtual_tokens,
-                                 torch.Generator().manual_seed(self.cfg.seed))
-        return sp.weight.detach().numpy().astype(np.float32).copy()
+        """The starting global prompt from the ``prompt`` settings and the seed: P x D, or L x P x D for
+        ``prompt.form = "deep"`` (whose per-layer scales every client recomputes the same way)."""
+        self._start = new_prompt(self.student, self.cfg.prompt, self.cfg.seed)
+        return self._start.weight.detach().numpy().astype(np.float32).copy()
+
+    def prompt_module(self) -> SoftPrompt | DeepPrompt:
+        """The current global prompt as a module: an input prompt, or a deep prompt in its starting units."""
+        weight = torch.from_numpy(self.prompt.copy())
+        return self._start.with_weight(weight) if isinstance(self._start, DeepPrompt) else SoftPrompt(weight)
 
     def fingerprint(self) -> str:
         """Hash of every setting that changes the result (not the output/checkpoint paths or resume flag)."""
@@ -163,6 +166,8 @@ class FederatedServer:
             fed.pop(k)
         if fed.get("user_dp_epsilon_against") == "":  # added later: its default keeps older checkpoints' fingerprints
             fed.pop("user_dp_epsilon_against")
+        if run["prompt"].get("form") == "input":  # likewise
+            run["prompt"].pop("form")
         return hashlib.sha256(json.dumps(jsonable([run, fed]), sort_keys=True).encode()).hexdigest()
 
     # ------------------------------------------------------------ rounds
@@ -307,8 +312,7 @@ class FederatedServer:
         """Test accuracy of the student with the current global prompt."""
         from ..method.evaluate import accuracy
 
-        return accuracy(self.student, self.test, SoftPrompt(torch.from_numpy(self.prompt.copy())),
-                        self.cfg.eval.batch_size)
+        return accuracy(self.student, self.test, self.prompt_module(), self.cfg.eval.batch_size)
 
     def user_epsilon_against_world(self) -> float:
         """User-level epsilon of the rounds so far against the world
@@ -408,7 +412,7 @@ class FederatedServer:
         from ..method.transfer import transfer_prompt
 
         bs = self.cfg.eval.batch_size
-        student_prompt = SoftPrompt(torch.from_numpy(self.prompt.copy()))
+        student_prompt = self.prompt_module()
         privacy = self.privacy_report()
         max_eps = privacy["sample_level"]["max_epsilon"]
         meta = {"stage": "federated-dp-tune", "rounds": self.round, "max_client_epsilon": max_eps,
@@ -418,8 +422,8 @@ class FederatedServer:
                 "template": self.student.template}
         if self.insecure:
             meta["not_private"] = NOT_PRIVATE_LABEL
-        save_prompt(student_prompt, self.run / "prompt_student", head=self.student.head,
-                    base_model=str(self.student_dir), metadata=meta)
+        save_any_prompt(student_prompt, self.run / "prompt_student", head=self.student.head,
+                        base_model=str(self.student_dir), metadata=meta)
         self.report("transferring the global prompt to the teacher on public data (POST)")
         tr = transfer_prompt(self.student, student_prompt, self.teacher, self.public, self.cfg.transfer,
                              self.cfg.seed, progress=True)
@@ -431,8 +435,8 @@ class FederatedServer:
         acc = {"student_zero_shot": accuracy(self.student, self.test, None, bs),
                "student_federated_prompt": accuracy(self.student, self.test, student_prompt, bs),
                "teacher_zero_shot": self._teacher_zero_shot_accuracy(bs)}
-        if student_prompt.dim == self.teacher.embedding_dim:
-            acc["teacher_direct_prompt"] = accuracy(self.teacher, self.test, student_prompt, bs)
+        if student_prompt.dim == self.teacher.embedding_dim:  # a deep prompt's layer-0 slice
+            acc["teacher_direct_prompt"] = accuracy(self.teacher, self.test, as_input_prompt(student_prompt), bs)
         acc["teacher_transferred_prompt"] = accuracy(self.teacher, self.test, tr.prompt, bs)
         results = {
             **({"not_private": NOT_PRIVATE_LABEL} if self.insecure else {}),

@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from ..core.config import RunConfig
+from ..core.deep_prompt import DeepPrompt, prompt_with_weight
 from ..core.models import ScoringModel
 from ..privacy.accounting import calibrate_noise_multiplier, planned_steps, resolve_delta, sample_rate
 from .aggregate import ClientUpdate
@@ -119,6 +120,8 @@ class BatchedTransport:
         if len(hashes) != 1:
             raise ValueError(f"round {server_round}: instructions name {len(hashes)} student hashes, expected one")
         student = self._student(hashes.pop())
+        # a deep prompt's per-layer scales, recomputed from the student as each client's train_client does
+        start = prompt_with_weight(prompt, student, self.cfg.prompt, self.cfg.seed)
         datasets, ledgers, sigmas, histories, insecure, seeds = {}, {}, {}, {}, {}, {}
         for cid in sorted(instructions):
             try:  # as train_client: refuse before any training, fail alone on bad data
@@ -155,7 +158,8 @@ class BatchedTransport:
         result = train_clients_batched(student, prompt, datasets, tune, histories=histories,
                                        noise_multipliers=sigmas if tune.private else None,
                                        insecure_seeds=insecure if any_insecure else None, seeds=seeds,
-                                       micro_batch=self.micro_batch)
+                                       micro_batch=self.micro_batch,
+                                       scales=start.scales if isinstance(start, DeepPrompt) else None)
         self.last_round = result
         for cid in sorted(datasets):
             res, ins = result.clients[cid], instructions[cid]

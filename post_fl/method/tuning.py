@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..core.config import TuneConfig
 from ..core.data import DataError, TextDataset
+from ..core.deep_prompt import DeepPrompt
 from ..core.models import ScoringModel
 from ..core.prompt import SoftPrompt
 from ..privacy.accounting import (calibrate_noise_multiplier, planned_steps, quiet_accountant, resolve_delta,
@@ -49,13 +50,14 @@ _RNG_NOTE = [False]  # the one-time explanation of Opacus' secure_mode has been 
 
 
 class PromptedClassifier(nn.Module):
-    """Frozen scoring model + trainable soft prompt; maps token tensors to class scores.
+    """Frozen scoring model + trainable prompt (input or deep); maps token tensors to class scores.
 
     This is the module Opacus wraps: its only trainable submodule is the prompt, whose
-    per-example gradients come from ``prompt.prompt_grad_sampler``.
+    per-example gradients come from the grad sampler registered for its class
+    (``post_fl.core.prompt`` for :class:`SoftPrompt`, ``post_fl.core.deep_prompt`` for :class:`DeepPrompt`).
     """
 
-    def __init__(self, model: ScoringModel, prompt: SoftPrompt) -> None:
+    def __init__(self, model: ScoringModel, prompt: SoftPrompt | DeepPrompt) -> None:
         super().__init__()
         self.model = model
         self.prompt = prompt
@@ -71,7 +73,7 @@ class PromptedClassifier(nn.Module):
 class TuneResult:
     """What one tuning call produced: the prompt and how much privacy it cost."""
 
-    prompt: SoftPrompt
+    prompt: SoftPrompt | DeepPrompt
     epsilon: float  # spent so far, over the whole accountant history (inf when not private)
     delta: float
     noise_multiplier: float
@@ -122,11 +124,11 @@ def _trim(input_ids: torch.Tensor, attention_mask: torch.Tensor):
     return input_ids[:, :width], attention_mask[:, :width]
 
 
-def tune_prompt(model: ScoringModel, prompt: SoftPrompt, data: TextDataset, cfg: TuneConfig, seed: int = 0,
+def tune_prompt(model: ScoringModel, prompt: SoftPrompt | DeepPrompt, data: TextDataset, cfg: TuneConfig, seed: int = 0,
                 accountant_history: list | None = None, noise_multiplier: float | None = None,
                 total_steps: int | None = None, progress: bool = False,
                 insecure_seed: int | None = None) -> TuneResult:
-    """Train ``prompt`` on ``data`` for ``cfg.epochs`` epochs, with DP-SGD when ``cfg.private``.
+    """Train ``prompt`` (input or deep) on ``data`` for ``cfg.epochs`` epochs, with DP-SGD when ``cfg.private``.
 
     ``accountant_history`` continues an earlier accountant (federated rounds);
     ``noise_multiplier`` fixes sigma (else it is calibrated so that ``total_steps`` steps,
