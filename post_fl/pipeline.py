@@ -7,6 +7,7 @@ Run folder layout (every stage can run alone from what the stage before it wrote
     <run>/prompt_student/        DP prompt tuned on the student (PEFT prompt-tuning adapter; prompt.form = "deep":
                                  post-fl's deep-prompt format, post_fl/core/deep_prompt.py)
     <run>/prompt_teacher/        prompt transferred to the teacher with POST (PEFT adapter)
+    <run>/transfer_curve.csv     transfer loss per check (training, held-out public text) + .png plot
     <run>/prompt_teacher_tuned/  non-private prompt tuned on the teacher itself (upper bound)
     <run>/stages/<stage>.json    what each stage measured (time, epsilon, losses)
     <run>/results.json           every accuracy, epsilon/delta and costs, for people and plots
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 STUDENT_DIR, PROMPT_STUDENT, PROMPT_TEACHER, PROMPT_TEACHER_TUNED = (
     "student", "prompt_student", "prompt_teacher", "prompt_teacher_tuned")
+TRANSFER_CURVE_CSV, TRANSFER_CURVE_PNG = "transfer_curve.csv", "transfer_curve.png"
 
 
 def initial_prompt(cfg: RunConfig, model: ScoringModel, seed: int,
@@ -223,10 +225,20 @@ class Pipeline:
                                  self.cfg.seed, progress=self.progress)
         tuned = self.stage_result("tune")
         _save(result.prompt, self.run, PROMPT_TEACHER, self.teacher, stage="post-transfer",
-              epsilon=tuned.get("epsilon"), delta=tuned.get("delta"), alpha=self.cfg.transfer.alpha)
-        return self._stage("transfer", {"first_loss": result.first_loss, "last_loss": result.last_loss,
-                                        "losses": result.losses, "steps": len(result.losses),
-                                        "public_examples": result.public_examples, "seconds": result.seconds})
+              epsilon=tuned.get("epsilon"), delta=tuned.get("delta"), alpha=result.alpha_used,
+              best_step=result.best_step)
+        self._write_transfer_curve(result)
+        return self._stage("transfer", result.summary())
+
+    def _write_transfer_curve(self, result) -> None:
+        """``transfer_curve.csv`` and ``transfer_curve.png``: the loss per check and the selected step."""
+        from .experiments.plots import plot_transfer_curve
+        from .method.transfer import write_curve_csv
+
+        write_curve_csv(result.curve, self.run / TRANSFER_CURVE_CSV)
+        if result.curve:
+            plot_transfer_curve(result.curve, self.run / TRANSFER_CURVE_PNG, result.best_step,
+                                f"POST transfer (alpha = {result.alpha_used:.2f}; selected step {result.best_step})")
 
     def tune_teacher(self) -> dict:
         """Baseline: a non-private prompt tuned on the teacher itself (the costly upper bound POST avoids)."""
@@ -327,7 +339,7 @@ class Pipeline:
                      "labels": self.task.train.label_names},
             "models": {"teacher": teacher.describe(), "student": student.describe()},
             "distill": self.stage_result("distill"),
-            "transfer": {k: v for k, v in self.stage_result("transfer").items() if k != "losses"},
+            "transfer": {k: v for k, v in self.stage_result("transfer").items() if k not in ("losses", "curve")},
             "cost": cost,
             "zero_shot_score_cache": cache_states,  # per unprompted pass: "hit" | "miss" | "off"
             "seed": self.cfg.seed,

@@ -87,6 +87,8 @@ def test_rounds_results_and_privacy(fed_root, tmp_path):
     prompt, cfg = load_prompt(run / "prompt_teacher", expected_dim=32)
     assert cfg["peft_type"] == "PROMPT_TUNING" and prompt.num_virtual_tokens == 4
     assert (run / "checkpoint" / F.CHECKPOINT_FILE).is_file()
+    assert (run / "transfer_curve.csv").is_file() and results["transfer"]["alpha_used"] == 0.5
+    assert 0 <= results["transfer"]["best_step"] <= results["transfer"]["steps"]
 
 
 def test_bad_updates_are_rejected_and_round_continues(fed_root, tmp_path, caplog):

@@ -58,6 +58,13 @@ def test_stages_run_one_by_one_from_the_run_folder(tmp_path, tiny_dirs, files):
     results = json.loads((run / "results.json").read_text())
     assert "teacher_transferred_prompt" in results["accuracy"]
     assert "teacher_tuned_prompt_nonprivate" not in results["accuracy"]
+    # the transfer's curve: a check at step 0 and at the last step (3), the step selected on held-out public text
+    lines = (run / "transfer_curve.csv").read_text().splitlines()
+    assert lines[0] == "step,train_loss,heldout_loss,validation_accuracy" and len(lines) == 3
+    assert (run / "transfer_curve.png").read_bytes()[:4] == b"\x89PNG"
+    stage = json.loads((run / "stages" / "transfer.json").read_text())
+    assert stage["best_step"] in (0, 3) and stage["alpha_used"] == 0.5 and stage["heldout_examples"] == 2
+    assert results["transfer"]["best_step"] == stage["best_step"] and "curve" not in results["transfer"]
 
 
 def test_a_run_folder_refuses_a_different_config(tmp_path, tiny_dirs, files, capsys):

@@ -9,9 +9,11 @@ so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,30 +269,36 @@ class TransferConfig:
 
     Loss = ``alpha`` * T^2 KL on the prompt-induced change of the outputs
     + (1 - ``alpha``) * T^2 KL on the prompted outputs, at the answer position. ``space`` says which
-    outputs: ``vocab`` (the whole vocabulary, as in POST's ``mix_transfer``) or ``classes`` (the
-    verbalizer's class scores only, so the teacher is not pulled towards the student's distribution
-    over the words no class reads).
+    outputs: ``vocab`` (the vocabulary, as in POST's ``mix_transfer``; cached targets keep ``target_top_k``
+    tokens per text, 0 = all) or ``classes`` (the verbalizer's class scores only, so the teacher is not
+    pulled towards the student's distribution over the words no class reads). ``alpha``: a number (paper: 0.5)
+    or ``"auto"`` (post-fl's label-free rule). The prompt returned is the one of the lowest loss on
+    ``heldout_fraction`` of the public texts, checked every ``eval_every`` steps (no labels; 0 = the last).
     """
 
     steps: int = 50  # sized so that the main job fits 15 min on 2 CPU cores with the SmolLM2 teacher
     batch_size: int = 16
     lr: float = 0.01
-    alpha: float = 0.5
+    alpha: float | str = 0.5  # a number in [0, 1] or "auto"
     temperature: float = 2.0
     init: str = "student"  # "student" (start from the student's prompt) | "vocab"
     space: str = "vocab"  # "vocab" (POST: vocabulary logits at the answer position) | "classes" (verbalizer scores)
+    target_top_k: int = 256  # vocab space: tokens per text kept of the cached targets; 0 = the whole vocabulary
+    eval_every: int = 10  # steps between held-out loss checks
+    heldout_fraction: float = 0.05  # public texts held out to select the step (label-free); 0 = the last step
 
     def validate(self) -> None:
-        if self.steps < 0:
-            raise ConfigError(f"transfer.steps: expected >= 0, got {self.steps}")
-        if self.space not in ("vocab", "classes"):
-            raise ConfigError(f"transfer.space: expected 'vocab' or 'classes', got {self.space!r}")
-        if not 0 <= self.alpha <= 1:
-            raise ConfigError(f"transfer.alpha: expected in [0, 1], got {self.alpha}")
-        if self.temperature <= 0:
-            raise ConfigError(f"transfer.temperature: expected > 0, got {self.temperature}")
-        if self.init not in ("student", "vocab"):
-            raise ConfigError(f"transfer.init: expected student|vocab, got {self.init!r}")
+        alpha_ok = self.alpha == "auto" or not isinstance(self.alpha, str) and 0 <= self.alpha <= 1
+        for name, ok, expected in (
+                ("steps", self.steps >= 0, ">= 0"), ("batch_size", self.batch_size >= 1, ">= 1"),
+                ("lr", self.lr > 0, "> 0"), ("alpha", alpha_ok, 'a number in [0, 1] or "auto"'),
+                ("temperature", self.temperature > 0, "> 0"), ("init", self.init in ("student", "vocab"), "student|vocab"),
+                ("space", self.space in ("vocab", "classes"), "'vocab' or 'classes'"),
+                ("target_top_k", self.target_top_k >= 0, ">= 0 (0 = the whole vocabulary)"),
+                ("eval_every", self.eval_every >= 1, ">= 1"),
+                ("heldout_fraction", 0 <= self.heldout_fraction < 1, "0 <= fraction < 1 (0 = no hold-out)")):
+            if not ok:
+                raise ConfigError(f"transfer.{name}: expected {expected}, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -356,6 +364,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "distill.sequence_length": 128,
     "distill.corpus_tokens": 200_000,
     "prompt.form": "input",
+    "transfer.target_top_k": 0, "transfer.heldout_fraction": 0.0, "transfer.eval_every": 10,  # exact, last step
 }
 # Settings that never change a result (caches of bit-identical values): fingerprints leave them out.
 RESULT_NEUTRAL_SETTINGS: tuple[str, ...] = ("eval.cache_zero_shot",)
@@ -401,6 +410,11 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
+    if origin in (typing.Union, types.UnionType):  # e.g. float | str: the first member the value fits
+        for member in typing.get_args(annotation):
+            with contextlib.suppress(ConfigError):
+                return _coerce(value, member, key)
+        raise ConfigError(f"{key}: expected {' or '.join(a.__name__ for a in typing.get_args(annotation))}, got {value!r}")
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a table, got {value!r}")

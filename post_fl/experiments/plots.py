@@ -1,6 +1,6 @@
-"""Plots of a privacy-utility sweep (matplotlib, Agg canvas; no display needed).
+"""Plots of a privacy-utility sweep and of one run's transfer (matplotlib, Agg canvas; no display needed).
 
-Both functions take the rows of a sweep's results.csv (dicts of strings, as
+The sweep plots take the rows of a sweep's results.csv (dicts of strings, as
 :func:`post_fl.experiments.report.read_results` gives) and write one PNG:
 
 * :func:`plot_accuracy_vs_epsilon`: one panel per number of clients, test accuracy against
@@ -11,7 +11,8 @@ Both functions take the rows of a sweep's results.csv (dicts of strings, as
   clients (1 = single site).
 
 Points are the mean over seeds, bars the min..max over seeds. The caption states how the ε
-axis is shared by DP-SGD methods and RAPT (different units).
+axis is shared by DP-SGD methods and RAPT (different units). :func:`plot_transfer_curve` draws one
+run's POST transfer curve (training and held-out loss per check; ``post-fl transfer`` writes it).
 """
 
 from __future__ import annotations
@@ -277,3 +278,41 @@ def clients_experiment_figure(rows: list[dict], method: str = "post",
                "both columns; 1 client (single site, no partitioning) is drawn in every row. Horizontal lines: "
                "the reference methods (no private training).")
     return fig, caption
+
+
+def plot_transfer_curve(curve: list[dict], path: str | Path, best_step: int | None = None, title: str = "") -> Path:
+    """The POST transfer curve (:attr:`post_fl.method.transfer.TransferResult.curve`) as a PNG: training and
+    held-out public-text loss per check, the selected step, and the validation accuracy on a second axis
+    when it was reported (reported only, never used to select). Returns the path."""
+    def points(key: str) -> tuple[list, list]:
+        rows = [r for r in curve if r.get(key) is not None and not math.isnan(_f(r[key]))]
+        return [r["step"] for r in rows], [_f(r[key]) for r in rows]
+
+    fig = Figure(figsize=(6.4, 4.8))
+    ax = fig.add_subplot(1, 1, 1)
+    fig.subplots_adjust(left=0.12, right=0.86, top=0.78)
+    for key, label, style in (("train_loss", "training batches (mean since the last check)", dict(color="tab:blue")),
+                              ("heldout_loss", "held-out public texts (selects the step)",
+                               dict(color="tab:orange", marker="o"))):
+        xs, ys = points(key)
+        if xs:
+            ax.plot(xs, ys, label=label, **style)
+    if best_step is not None:
+        ax.axvline(best_step, color="0.3", linestyle="--", linewidth=1, label=f"selected: step {best_step}")
+    ax.set_xlabel("transfer step")
+    ax.set_ylabel("POST transfer loss")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    xs, ys = points("validation_accuracy")
+    if xs:
+        ax2 = ax.twinx()
+        ax2.plot(xs, ys, color="tab:green", marker="s", markersize=4, linestyle=":")
+        ax2.set_ylabel("teacher validation accuracy (reported only)", color="tab:green")
+        handles += [ax2.lines[-1]]
+        labels += ["validation accuracy (not used to select)"]
+    if handles:  # above the axes, clear of both axes' lines
+        fig.legend(handles, labels, fontsize=7, loc="upper center", ncol=2, bbox_to_anchor=(0.5, 0.93), frameon=False)
+    fig.suptitle(title or "POST transfer: loss per step", y=0.98)
+    caption = ("Loss = alpha KL on the prompts' change + (1 - alpha) KL on the prompted outputs, on public text only. "
+               "The prompt kept is the one of the lowest held-out loss (no labels; costs no epsilon).")
+    return _save(fig, Path(path), caption)

@@ -409,7 +409,7 @@ class FederatedServer:
     def finish(self) -> dict:
         """Transfer the global prompt to the teacher (POST, public data), evaluate everything, write results."""
         from ..method.evaluate import accuracy
-        from ..method.transfer import transfer_prompt
+        from ..method.transfer import transfer_prompt, write_curve_csv
 
         bs = self.cfg.eval.batch_size
         student_prompt = self.prompt_module()
@@ -431,7 +431,8 @@ class FederatedServer:
         save_prompt(tr.prompt, self.run / "prompt_teacher", head=self.teacher.head, base_model=self.teacher.source,
                     num_layers=getattr(tcfg, "num_hidden_layers", None),
                     num_attention_heads=getattr(tcfg, "num_attention_heads", None),
-                    metadata={**meta, "stage": "post-transfer", "alpha": self.cfg.transfer.alpha})
+                    metadata={**meta, "stage": "post-transfer", "alpha": tr.alpha_used, "best_step": tr.best_step})
+        write_curve_csv(tr.curve, self.run / "transfer_curve.csv")
         acc = {"student_zero_shot": accuracy(self.student, self.test, None, bs),
                "student_federated_prompt": accuracy(self.student, self.test, student_prompt, bs),
                "teacher_zero_shot": self._teacher_zero_shot_accuracy(bs)}
@@ -443,8 +444,7 @@ class FederatedServer:
             "accuracy": acc,
             "rounds": self.metrics,
             "privacy": privacy,
-            "transfer": {"first_loss": tr.first_loss, "last_loss": tr.last_loss, "steps": len(tr.losses),
-                         "public_examples": tr.public_examples, "seconds": tr.seconds},
+            "transfer": {k: v for k, v in tr.summary().items() if k not in ("losses", "curve")},
             "data": {"train": len(self.train), "test": len(self.test), "public": len(self.public),
                      "labels": self.train.label_names, "clients": self.fed.num_clients,
                      "partitioning": self.fed.partitioning},

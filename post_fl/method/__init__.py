@@ -6,7 +6,8 @@ DP-SGD), transfer the prompt to the teacher on public data, evaluate against the
 * ``distill`` -- the distillation loop (losses, stopping at a target agreement, report);
 * ``student_cache`` -- the distilled student saved and cached by (teacher, settings, corpus);
 * ``tuning`` -- soft-prompt tuning, plain or DP-SGD (Opacus);
-* ``transfer`` -- POST's transfer loss and loop, public data only;
+* ``transfer`` -- POST's transfer loss and loop, public data only, label-free checkpoint selection;
+* ``transfer_targets`` -- the transfer's fixed student/teacher targets, computed once (top-k of the vocabulary);
 * ``evaluate`` -- accuracy, intervals, paired differences, calibrated and contextual zero-shot;
 * ``score_cache`` -- unprompted class scores kept for reruns.
 
@@ -21,7 +22,9 @@ __getattr__, __all__ = lazy_exports(__name__, {
     "distill": ("DistillReport", "distill_student"),
     "student_cache": ("cached_or_distilled_student", "save_student", "public_distillation_split"),
     "tuning": ("TuneResult", "PromptedClassifier", "tune_prompt"),
-    "transfer": ("TransferResult", "transfer_prompt", "post_transfer_loss"),
+    "transfer": ("TransferResult", "transfer_prompt", "post_transfer_loss", "auto_alpha", "heldout_split",
+                 "write_curve_csv", "BestCheckpoint"),
+    "transfer_targets": ("TransferTargets", "compute_targets"),
     "evaluate": ("accuracy", "class_scores", "predict", "accuracy_summary", "fit_class_bias",
                  "contextual_calibration_bias", "majority_class_accuracy", "paired_difference"),
     "score_cache": ("cached_zero_shot_scores",),
