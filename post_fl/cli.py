@@ -1,5 +1,7 @@
-"""``post-fl``: the command line of the single-site pipeline and the evaluation harness.
+"""``post-fl``: the command line of the federated job, the single-site pipeline and the evaluation harness.
 
+    post-fl federate   [--engine batched|flower] [--users N] [--rounds R] [--partitioning P] + run's options
+                                                                              many simulated users + results
     post-fl run        [--config F] [--output-dir D] [--set key=value ...]   all stages + results table
     post-fl distill    same options                                           stage 1 only
     post-fl tune       ...                                                    stage 2 (DP prompt tuning)
@@ -85,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="POST: privacy-preserving soft-prompt transfer. A prompt is tuned with DP-SGD on a small "
                     "model distilled from a large one, then transferred to the large model on public data only.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _federate_arguments(sub.add_parser("federate", help=FEDERATE_HELP, description=FEDERATE_HELP))
     p = sub.add_parser("run", help="run every stage (distill, DP tune, transfer, baselines, evaluate) "
                                    "and print a results table; resumes after the last completed stage")
     _common(p)
@@ -96,6 +99,60 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("show-config", help="print every setting with its default value and what it means (TOML)")
     _sweep_arguments(sub.add_parser("sweep", help=SWEEP_HELP, description=SWEEP_HELP))
     return parser
+
+
+FEDERATE_HELP = ("the federated job: distil (cached), N simulated users each tune the prompt with DP-SGD on "
+                 "their part of the private data for R rounds, the server aggregates, POST transfers the "
+                 "global prompt to the teacher on public data, evaluation -> results table, results.json, "
+                 "rounds.csv, federated.png (default folder runs/federated; resumes after the last round)")
+
+
+def _federate_arguments(p: argparse.ArgumentParser) -> None:
+    _common(p)
+    p.add_argument("--engine", choices=("batched", "flower"), default="batched",
+                   help="batched (default): every sampled user's DP-SGD in shared passes of the student, in this "
+                        "process; flower: Flower's Simulation Engine with the real ServerApp/ClientApp and messages "
+                        "(SecAgg+ with federated.secagg = true); both run the same round loop")
+    p.add_argument("--users", type=int, default=None, metavar="N",
+                   help="simulated users, each holding a part of the private training set "
+                        "(federated.num_clients; default 20)")
+    p.add_argument("--rounds", type=int, default=None, metavar="R", help="federated rounds (federated.rounds; "
+                                                                         "default 8)")
+    p.add_argument("--partitioning", choices=("iid", "dirichlet", "pathological"), default=None,
+                   help="how the private training set is split among the users (federated.partitioning; default "
+                        "iid; federated.dirichlet_alpha / federated.classes_per_client set the skew)")
+    p.add_argument("--flower-backend", choices=("ray", "inprocess"), default="ray",
+                   help="with --engine flower: ray (Flower's Simulation Engine, default) or inprocess (the same "
+                        "apps and messages over an in-process grid, no Ray; tests and debugging)")
+
+
+def run_federate_command(args, argv: list[str] | None, engines: dict | None) -> int:
+    """``post-fl federate``: resolve the settings, run (or resume) the job, print the results table."""
+    from .federate import RoundsStopped, federate_configs, run_federate, summary_lines
+
+    flower = (engines or {}).get("flower")
+    if args.engine == "flower" and flower is None:  # the Flower glue runs it; post_fl never imports the glue
+        import subprocess
+
+        return subprocess.call([sys.executable, "-m", "simulation.federate",
+                                *(argv if argv is not None else sys.argv[1:])])
+    overrides = parse_overrides(args.overrides)
+    for key, value in (("seed", args.seed), ("output_dir", args.output_dir and str(args.output_dir)),
+                       ("insecure_reproducible", args.insecure_reproducible or None)):
+        if value is not None:
+            overrides[key] = value
+    run_cfg, fed = federate_configs(args.config, overrides, args.users, args.rounds, args.partitioning)
+    try:
+        results = run_federate(run_cfg, fed, args.engine, flower, args.flower_backend, progress=not args.quiet,
+                               emit=(lambda line: None) if args.quiet else lambda line: print(line, flush=True))
+    except RoundsStopped as exc:
+        print(f"post-fl federate: error: {exc}", file=sys.stderr)
+        return 1
+    run = Path(run_cfg.output_dir)
+    print_results(results, run)
+    for line in summary_lines(results, run):
+        print(line)
+    return 0
 
 
 SWEEP_HELP = ("privacy-utility sweep: accuracy of zero-shot / direct / POST / teacher-DP / RAPT over clients, "
@@ -209,8 +266,9 @@ def print_results(results: dict, run_dir: Path) -> None:
                       f"{cost['tune_time_ratio_teacher_over_student']:.2f}x the student's time")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``post-fl`` command."""
+def main(argv: list[str] | None = None, engines: dict | None = None) -> int:
+    """Entry point of the ``post-fl`` command; ``engines`` = {"flower": ...} when the Flower glue calls it
+    (``python -m simulation.federate``)."""
     import os
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -228,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "sweep":
             return run_sweep_command(args)
+        if args.command == "federate":
+            return run_federate_command(args, argv, engines)
         from .pipeline import Pipeline
 
         cfg = resolve_config(args)

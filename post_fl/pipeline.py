@@ -320,7 +320,7 @@ class Pipeline:
         tune, tune_t = self.stage_result("tune"), self.stage_result("tune_teacher")
         cost = {"student_parameters": student.describe()["parameters"],
                 "teacher_parameters": teacher.describe()["parameters"]}
-        if tune and tune_t:
+        if tune.get("seconds_per_epoch") and tune_t:  # a federated job's tune record has no epoch time
             cost["student_tune_seconds_per_epoch"] = tune["seconds_per_epoch"]
             cost["teacher_tune_seconds_per_epoch"] = tune_t["seconds_per_epoch"]
             cost["tune_time_ratio_teacher_over_student"] = tune_t["seconds_per_epoch"] / tune["seconds_per_epoch"]

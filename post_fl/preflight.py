@@ -247,6 +247,83 @@ def check_federated(run_cfg: RunConfig, fed_cfg, partitions: bool = False) -> No
         raise PreflightError(problems, "federated run")
 
 
+def users_problems(run_cfg: RunConfig, fed_cfg) -> list[str]:
+    """``post-fl federate``'s simulated users: enough private examples for every user, a partitioning that
+    leaves nobody below ``federated.min_partition_size``, and an epsilon budget that allows each user's DP-SGD
+    steps (a noise multiplier Opacus can calibrate) and the user-level target. Each problem names its setting
+    and the value expected."""
+    from .core.config import ConfigError
+    from .core.data import partition
+    from .core.tasks import load_task
+    from .federated.config import user_noise_multiplier
+    from .privacy.accounting import calibrate_noise_multiplier, planned_steps
+
+    train = load_task(run_cfg).train
+    n, users, least = len(train), fed_cfg.num_clients, fed_cfg.min_partition_size
+    if users * least > n:
+        return [f"federated.num_clients (--users) = {users}: the private training set has {n} examples "
+                f"(data.max_train_examples = {run_cfg.data.max_train_examples}) and every user needs "
+                f"federated.min_partition_size = {least}; expected at most {n // least} users"]
+    try:
+        parts = partition(train, users, fed_cfg.partitioning, fed_cfg.dirichlet_alpha, fed_cfg.classes_per_client,
+                          run_cfg.seed, least)
+    except ValueError as exc:
+        why = str(exc).rstrip(".")
+        return [f"federated.partitioning = {fed_cfg.partitioning!r} with {users} users: {why}; expected a split that "
+                f"gives every user at least federated.min_partition_size = {least} example(s)"]
+    problems = []
+    tune = run_cfg.tune
+    for size in sorted({len(p) for p in parts}) if tune.private else ():
+        steps = fed_cfg.rounds * planned_steps(tune, size)
+        try:
+            calibrate_noise_multiplier(tune, size, steps)
+        except ConfigError as exc:  # tune.delta >= 1 / size
+            problems.append(str(exc))
+            break
+        except ValueError:  # Opacus: "The privacy budget is too low."
+            problems.append(f"tune.target_epsilon = {tune.target_epsilon:g} allows no DP-SGD step: a user with "
+                            f"{size} examples takes {steps} steps over {fed_cfg.rounds} rounds, and no noise "
+                            "multiplier up to 1e6 keeps them within it; expected a larger epsilon (e.g. 1 or more)")
+            break
+    if fed_cfg.user_dp:
+        try:
+            user_noise_multiplier(fed_cfg)
+        except ValueError as exc:
+            problems.append(f"federated.user_dp_target_epsilon = {fed_cfg.user_dp_target_epsilon:g} allows no "
+                            f"round ({exc}); expected a larger user-level epsilon")
+    return problems
+
+
+def check_federate(run_cfg: RunConfig, fed_cfg, engine: str, run_dir: str | Path | None = None) -> None:
+    """Check everything ``post-fl federate`` will read before any stage: data, teacher (and a given student),
+    the users' partitions and budgets (:func:`users_problems`), the engine, and the run folder (a saved config
+    or a round checkpoint written with other settings). Raises :class:`PreflightError` listing every problem."""
+    from .federated.checkpoint import read_checkpoint
+    from .federated.server import FederatedServer
+
+    run = Path(run_dir or run_cfg.output_dir)
+    names, words, problems = data_problems(run_cfg)
+    problems += model_problems(run_cfg, names, words)
+    if fed_cfg.secagg and engine != "flower":
+        problems.append("federated.secagg = true: the client-batched engine aggregates in the clear; expected "
+                        "--engine flower (SecAgg+ on Flower's Simulation Engine) or federated.secagg = false")
+    if names is not None and not problems:
+        problems += users_problems(run_cfg, fed_cfg)
+    problems += run_folder_problems(run_cfg, run)
+    server = FederatedServer(run_cfg, fed_cfg, run)
+    if fed_cfg.resume and server.checkpoint_path.is_file():
+        try:
+            state, _ = read_checkpoint(server.checkpoint_path)
+            if state.get("fingerprint") != server.fingerprint():
+                problems.append(f"{server.checkpoint_path} holds rounds of a run with other settings; expected the "
+                                "same settings to resume it, another --output-dir, or federated.resume = false")
+        except (OSError, ValueError, KeyError) as exc:
+            problems.append(f"{server.checkpoint_path}: unreadable checkpoint ({exc}); expected the file a "
+                            "completed round wrote, or another --output-dir")
+    if problems:
+        raise PreflightError(problems, "federated run")
+
+
 _SITES_CHECKED: set[tuple] = set()
 
 

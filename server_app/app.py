@@ -278,8 +278,10 @@ def _one_log_view() -> None:
     logging.getLogger("post_fl").setLevel(logging.WARNING)  # post_fl's own info lines duplicate the report
 
 
-def make_server_app(run_config: dict[str, Any] | None = None, after_round=None) -> ServerApp:
-    """A ServerApp; ``run_config`` (flat) overrides ``context.run_config`` (``run_simulation`` passes none)."""
+def make_server_app(run_config: dict[str, Any] | None = None, after_round=None, finish: bool = True) -> ServerApp:
+    """A ServerApp; ``run_config`` (flat) overrides ``context.run_config`` (``run_simulation`` passes none).
+    ``after_round(r)`` runs once round r is checkpointed; ``finish = False`` stops after the rounds (``post-fl
+    federate --engine flower`` transfers and evaluates in its own process: :mod:`simulation.federate`)."""
     app = ServerApp()
 
     @app.main()
@@ -291,7 +293,7 @@ def make_server_app(run_config: dict[str, Any] | None = None, after_round=None) 
 
         check_federated(run_cfg, fed)  # every server-side input checked before any work; all problems at once
         server = fl.FederatedServer(run_cfg, fed, report=lambda m: log(INFO, "[post-fl] %s", m))
-        fl.run_federated(server, GridTransport(grid, server, fed), after_round)
+        fl.run_federated(server, GridTransport(grid, server, fed), after_round, finish)
 
     return app
 

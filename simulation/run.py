@@ -27,24 +27,30 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def simulate(run_config: dict[str, Any], num_supernodes: int, num_cpus: int = 2, cpus_per_client: float = 1.0,
+def run_apps(server_app, client_app, num_supernodes: int, num_cpus: int = 2, cpus_per_client: float = 1.0,
              verbose: bool = False) -> None:
-    """Run the ServerApp and ``num_supernodes`` virtual ClientApps with ``flwr.simulation.run_simulation``."""
+    """Run ``server_app`` and ``num_supernodes`` virtual ``client_app`` s on Flower's Simulation Engine (Ray)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.simulation import run_simulation
 
+    backend = {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+               "init_args": {"num_cpus": num_cpus, "num_gpus": 0, "include_dashboard": False,
+                             "logging_level": "error", "log_to_driver": True}}
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_supernodes, backend_name="ray",
+                   backend_config=backend, verbose_logging=verbose)
+
+
+def simulate(run_config: dict[str, Any], num_supernodes: int, num_cpus: int = 2, cpus_per_client: float = 1.0,
+             verbose: bool = False) -> None:
+    """Run the ServerApp and ``num_supernodes`` virtual ClientApps with ``flwr.simulation.run_simulation``."""
     from client_app.app import make_client_app
     from server_app.app import make_server_app
 
     run_config = {"federated.num_clients": num_supernodes, **run_config}
-    backend = {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
-               "init_args": {"num_cpus": num_cpus, "num_gpus": 0, "include_dashboard": False,
-                             "logging_level": "error", "log_to_driver": True}}
-    run_simulation(server_app=make_server_app(run_config), client_app=make_client_app(run_config),
-                   num_supernodes=num_supernodes, backend_name="ray", backend_config=backend,
-                   verbose_logging=verbose)
+    run_apps(make_server_app(run_config), make_client_app(run_config), num_supernodes, num_cpus, cpus_per_client,
+             verbose)
     out = run_config.get("output_dir", "runs/default")
     if not os.path.isfile(os.path.join(out, "results.json")):
         raise RuntimeError(f"simulation did not finish: no {out}/results.json (see the log above)")

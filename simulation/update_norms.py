@@ -1,6 +1,6 @@
 """How large honest prompt updates are relative to the initial prompt (to choose ``max_update_norm_factor``).
 
-    python -m simulation.update_norms --config simulation/configs/embedded.toml -c federated.num_clients=10
+    python -m simulation.update_norms --config simulation/configs/minilm-tweets.toml -c federated.num_clients=10
 
 Runs one federated round in-process (no Flower) with no norm bound and no clipping, and prints each
 sampled client's update L2 norm divided by the L2 norm of the initial prompt ``P_0``. The default

@@ -10,7 +10,7 @@ PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 # keys whose app value differs from the library default on purpose, and why
 INTENTIONAL = {
     "output_dir": "federated runs go to their own folder",
-    "data.max_test_examples": "the server evaluates every round: a smaller held-out set",
+    "federated.eval_every": "as post-fl federate: the test split is scored after the last round",
     "model.label_words": "Flower run-configs have no tables: a 'label:word,...' string",
 }
 

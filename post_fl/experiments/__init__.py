@@ -31,6 +31,6 @@ __getattr__, __all__ = lazy_exports(__name__, {
     "report": ("CSV_COLUMNS", "EPSILON_AXIS_NOTE", "read_results", "finished_keys", "append_row", "write_report",
                "markdown_table", "clients_tables", "migrate_columns", "report_context", "with_row_interval"),
     "plots": ("plot_accuracy_vs_epsilon", "plot_accuracy_vs_clients", "plot_clients_experiment",
-              "clients_experiment_figure", "plot_transfer_curve"),
+              "clients_experiment_figure", "plot_transfer_curve", "plot_federated_run"),
     "sweep": ("run_sweep",),
 })

@@ -1,4 +1,4 @@
-"""Plots of a privacy-utility sweep and of one run's transfer (matplotlib, Agg canvas; no display needed).
+"""Plots of a sweep, of one run's transfer and of a federated run (matplotlib, Agg canvas; no display needed).
 
 The sweep plots take the rows of a sweep's results.csv (dicts of strings, as
 :func:`post_fl.experiments.report.read_results` gives) and write one PNG:
@@ -12,7 +12,9 @@ The sweep plots take the rows of a sweep's results.csv (dicts of strings, as
 
 Points are the mean over seeds, bars the min..max over seeds. The caption states how the ε
 axis is shared by DP-SGD methods and RAPT (different units). :func:`plot_transfer_curve` draws one
-run's POST transfer curve (training and held-out loss per check; ``post-fl transfer`` writes it).
+run's POST transfer curve (training and held-out loss per check; ``post-fl transfer`` writes it);
+:func:`plot_federated_run` one federated run's validation accuracy by round and final accuracies (``post-fl
+federate`` writes it).
 """
 
 from __future__ import annotations
@@ -315,4 +317,44 @@ def plot_transfer_curve(curve: list[dict], path: str | Path, best_step: int | No
     fig.suptitle(title or "POST transfer: loss per step", y=0.98)
     caption = ("Loss = alpha KL on the prompts' change + (1 - alpha) KL on the prompted outputs, on public text only. "
                "The prompt kept is the one of the lowest held-out loss (no labels; costs no epsilon).")
+    return _save(fig, Path(path), caption)
+
+
+def plot_federated_run(rounds: list[dict], accuracy: dict, intervals: dict, path: str | Path, title: str = "",
+                       caption: str = "") -> Path:
+    """One federated run (``post-fl federate``) as a PNG: left, the validation accuracy of the student with the
+    global prompt after each round (``rounds``: rows of ``rounds.csv``, round 0 = the initial prompt); right,
+    every final test accuracy of ``accuracy`` as a bar with its 95% Wilson interval from ``intervals``
+    (``results.json``'s ``accuracy_intervals``). Returns the path."""
+    fig = Figure(figsize=(11.0, 4.8))
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    fig.subplots_adjust(left=0.07, right=0.98, top=0.86, wspace=0.62)
+    points = [(int(_f(r["round"])), _f(r.get("validation_accuracy"))) for r in rounds]
+    points = [(x, y) for x, y in points if not math.isnan(y)]
+    if points:
+        left.plot([x for x, _ in points], [y for _, y in points], color=METHOD_STYLE["post"]["color"], marker="o",
+                  label="student + global prompt")
+        left.set_xticks(sorted({x for x, _ in points}))
+    else:
+        left.text(0.5, 0.5, "no validation split", ha="center", transform=left.transAxes)
+    left.set_xlabel("round (0 = initial prompt)")
+    left.set_ylabel("validation accuracy")
+    left.set_title("validation accuracy by round (monitoring only)", fontsize=10)
+    left.grid(alpha=0.3)
+    names = list(accuracy)
+    ys = list(range(len(names)))[::-1]
+    values = [_f(accuracy[n]) for n in names]
+    lo = [max(0.0, v - _f(intervals.get(n, {}).get("ci95", [v, v])[0])) for n, v in zip(names, values)]
+    hi = [max(0.0, _f(intervals.get(n, {}).get("ci95", [v, v])[1]) - v) for n, v in zip(names, values)]
+    colors = ["tab:blue" if n == "teacher_transferred_prompt" else "tab:orange" if "prompt" in n else "0.6"
+              for n in names]
+    right.barh(ys, values, xerr=[lo, hi], color=colors, capsize=3)
+    right.set_yticks(ys, [n.replace("_", " ") for n in names], fontsize=8)
+    for y, v in zip(ys, values):
+        right.text(0.01, y, f"{v:.3f}", va="center", fontsize=7, color="white")
+    right.set_xlim(0, 1)
+    right.set_xlabel("test accuracy (bars: 95% Wilson interval)")
+    right.set_title("final accuracies", fontsize=10)
+    right.grid(alpha=0.3, axis="x")
+    fig.suptitle(title or "federated POST run")
     return _save(fig, Path(path), caption)

@@ -406,6 +406,22 @@ class FederatedServer:
                              f"({len(self.test)}, {self.teacher.num_classes}) for this run's test split")
         return float((scores.argmax(-1) == torch.tensor(self.test.labels)).float().mean())
 
+    def save_student_prompt(self, privacy: dict | None = None) -> dict:
+        """Save the global prompt as ``<run>/prompt_student`` (the federated DP prompt on the student) with its
+        privacy metadata (``privacy``: :meth:`privacy_report`, computed when not given); returns the metadata."""
+        privacy = privacy if privacy is not None else self.privacy_report()
+        meta = {"stage": "federated-dp-tune", "rounds": self.round,
+                "max_client_epsilon": privacy["sample_level"]["max_epsilon"],
+                "user_epsilon_against_world": self.user_epsilon_against_world(),
+                "user_epsilon_against_server": self.user_epsilon_against_server(),
+                "label_words": self.student.label_words,
+                "template": self.student.template}
+        if self.insecure:
+            meta["not_private"] = NOT_PRIVATE_LABEL
+        save_any_prompt(self.prompt_module(), self.run / "prompt_student", head=self.student.head,
+                        base_model=str(self.student_dir), metadata=meta)
+        return meta
+
     def finish(self) -> dict:
         """Transfer the global prompt to the teacher (POST, public data), evaluate everything, write results."""
         from ..method.evaluate import accuracy
@@ -414,16 +430,7 @@ class FederatedServer:
         bs = self.cfg.eval.batch_size
         student_prompt = self.prompt_module()
         privacy = self.privacy_report()
-        max_eps = privacy["sample_level"]["max_epsilon"]
-        meta = {"stage": "federated-dp-tune", "rounds": self.round, "max_client_epsilon": max_eps,
-                "user_epsilon_against_world": self.user_epsilon_against_world(),
-                "user_epsilon_against_server": self.user_epsilon_against_server(),
-                "label_words": self.student.label_words,
-                "template": self.student.template}
-        if self.insecure:
-            meta["not_private"] = NOT_PRIVATE_LABEL
-        save_any_prompt(student_prompt, self.run / "prompt_student", head=self.student.head,
-                        base_model=str(self.student_dir), metadata=meta)
+        meta = self.save_student_prompt(privacy)
         self.report("transferring the global prompt to the teacher on public data (POST)")
         tr = transfer_prompt(self.student, student_prompt, self.teacher, self.public, self.cfg.transfer,
                              self.cfg.seed, progress=True)
@@ -463,11 +470,13 @@ class FederatedServer:
 
 
 def run_federated(server: FederatedServer, transport: Transport,
-                  after_round: Callable[[int], None] | None = None) -> dict:
+                  after_round: Callable[[int], None] | None = None, finish: bool = True) -> dict:
     """The round loop: sample, send, aggregate, evaluate, checkpoint; then transfer and write results.
 
     Starts after the last checkpointed round. ``after_round(r)`` is called once round r is
-    checkpointed (progress hooks; tests use it to interrupt a run).
+    checkpointed (progress hooks; tests use it to interrupt a run). With ``finish = False`` it stops
+    after the rounds (the last one checkpointed) and returns ``{"rounds": ...}``: ``post-fl federate``
+    transfers and evaluates with the single-site stages (:mod:`post_fl.federate`).
     """
     server.prepare()
     ids = transport.client_ids()
@@ -486,5 +495,5 @@ def run_federated(server: FederatedServer, transport: Transport,
         server.complete_round(rnd, sampled, replies)
         if after_round is not None:
             after_round(rnd)
-    return server.finish()
+    return server.finish() if finish else {"rounds": server.metrics}
 
