@@ -40,6 +40,7 @@ from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
 from post_fl import federated as fl
+from post_fl.core.compute import resolve_compute
 
 
 def client_id(context: Context) -> int:
@@ -124,21 +125,21 @@ def make_client_app(run_config: dict[str, Any] | None = None, mods: list | None 
             fl.check_run_matches_site(run_cfg, site)
             check_site_file(site.data_path, site.labels, site.text_column, site.label_column)
         model_hash = str(msg.content.config_records[fl.TRAIN_CONFIG_RECORD]["model-hash"])
-        has = fl.cached_student(model_hash, fl.cache_root(fed)) is not None
+        has = fl.cached_student(model_hash, fl.cache_root(fed), resolve_compute(run_cfg.compute)) is not None
         reply = ConfigRecord({"client-id": cid, "has-model": bool(has), "cache-key": fl.cache_key()})
         return Message(RecordDict({fl.HELLO_RECORD: reply}), reply_to=msg)
 
     @app.query("model")
     def receive_model(msg: Message, context: Context) -> Message:
         """Install the student sent by the server into the node's cache (verified against its content hash)."""
-        _, fed = _configs(context, run_config)
+        run_cfg, fed = _configs(context, run_config)
         cfg = msg.content.config_records[fl.STUDENT_FILES_RECORD]
         weights = {k: v.numpy() for k, v in msg.content.array_records[fl.STUDENT_WEIGHTS_RECORD].items()}
         files = {k[len("file:"):]: v for k, v in cfg.items() if k.startswith("file:")}
         import json
 
         package = fl.StudentPackage(str(cfg["model-hash"]), weights, files, json.loads(str(cfg["spec"])))
-        fl.install_student(package, fl.cache_root(fed))
+        fl.install_student(package, fl.cache_root(fed), resolve_compute(run_cfg.compute))
         return Message(RecordDict({fl.REPLY_STATUS_RECORD: ConfigRecord(
             {"status": "ok", "model-hash": package.model_hash})}), reply_to=msg)
 
@@ -151,7 +152,7 @@ def make_client_app(run_config: dict[str, Any] | None = None, mods: list | None 
         node_config = dict(context.node_config)
         legacy = "fitins.config" in msg.content.config_records  # SecAgg+ speaks FitIns/FitRes
         ins = msg.content.config_records["fitins.config" if legacy else fl.TRAIN_CONFIG_RECORD]
-        student = fl.cached_student(str(ins["model-hash"]), fl.cache_root(fed))
+        student = fl.cached_student(str(ins["model-hash"]), fl.cache_root(fed), resolve_compute(run_cfg.compute))
         if student is None:
             return _status(msg, {"status": fl.NEED_MODEL, "cache-key": fl.cache_key()})
         if legacy:

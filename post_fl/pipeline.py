@@ -129,7 +129,8 @@ class Pipeline:
         path = self.run / name
         if not path.exists():
             raise FileNotFoundError(f"{path}: missing; run the stage that writes it first")
-        return load_any_prompt(path, expected_dim=model.embedding_dim, expected_layers=num_model_layers(model))[0]
+        prompt = load_any_prompt(path, expected_dim=model.embedding_dim, expected_layers=num_model_layers(model))[0]
+        return prompt.to(model.device)  # where the model computes (post_fl.core.compute)
 
     def _stage(self, name: str, data: dict) -> dict:
         write_json(data, self.run / "stages" / f"{name}.json")

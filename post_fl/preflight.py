@@ -92,11 +92,13 @@ def _embedded_labels(task: str):
 
 
 def model_problems(cfg: RunConfig, names: Sequence[str] | None, words: dict) -> list[str]:
-    """Check the teacher (and a given student): directory, config, tokenizer and verbalizer, no weights read."""
+    """Check the device and precision asked for (``[compute]``), then the teacher (and a given student): directory,
+    config, tokenizer and verbalizer, no weights read."""
+    from .core.compute import compute_problems
     from .core.models import check_scoring_setup, resolve_model_path
 
     m = cfg.model
-    problems: list[str] = []
+    problems: list[str] = compute_problems(cfg.compute)
     head = m.head
     try:
         if names is None:  # labels unknown (bad data): check only that the model is there

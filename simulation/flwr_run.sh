@@ -91,4 +91,12 @@ default = "local"
 address = "127.0.0.1:$PORT"
 insecure = true
 TOML
-"$BIN/flwr" run . local --stream --federation-config "num-supernodes=$N" -c "$CFG" ${REST[@]+"${REST[@]}"}
+# A GPU share per virtual client where CUDA GPUs are present (POST_FL_GPUS_PER_CLIENT overrides the share,
+# simulation.run.GPU_FRACTION by default); without GPUs nothing is added and Flower's defaults hold.
+FED="num-supernodes=$N"
+read -r SHARE GPUS < <("$BIN/python" -c 'import sys; sys.path.insert(0, "."); from simulation.run import client_gpus
+import os; v = os.environ.get("POST_FL_GPUS_PER_CLIENT"); s, n = client_gpus(float(v) if v else None); print(s, n)')
+if [ "${GPUS:-0}" -gt 0 ]; then
+  FED="$FED client-resources-num-gpus=$SHARE init-args-num-gpus=$GPUS"
+fi
+"$BIN/flwr" run . local --stream --federation-config "$FED" -c "$CFG" ${REST[@]+"${REST[@]}"}

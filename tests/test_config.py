@@ -2,7 +2,8 @@ import math
 
 import pytest
 
-from post_fl.core.config import ConfigError, RunConfig, config_from_dict, dumps_config, load_config, unflatten
+from post_fl.core.config import ConfigError, RunConfig, config_from_dict, load_config, unflatten
+from post_fl.core.config_help import dumps_config
 
 
 def test_defaults_validate_and_round_trip_through_toml(tmp_path):

@@ -192,7 +192,8 @@ def test_federated_preflight_refuses_partitions_that_leave_a_client_empty(tmp_pa
 
 
 def test_preflight_command_for_the_simulation_scripts(tmp_path, tiny_dirs, files, capsys):
-    from post_fl.core.config import RunConfig, toml_value as _toml_value
+    from post_fl.core.config import RunConfig
+    from post_fl.core.config_help import toml_value as _toml_value
     from post_fl.federated.config import FederatedConfig, flatten_configs
     from post_fl.preflight import main as preflight_main
 

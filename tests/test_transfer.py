@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from post_fl.core.config import ConfigError, TransferConfig, config_from_dict, dumps_config, load_config
+from post_fl.core.config import ConfigError, TransferConfig, config_from_dict, load_config
+from post_fl.core.config_help import dumps_config
 from post_fl.core.data import DataError, TextDataset
 from post_fl.core.models import load_scoring_model
 from post_fl.core.prompt import SoftPrompt, init_from_vocab

@@ -1,7 +1,8 @@
 """The core every other layer builds on: settings, data, models, prompts, caches, progress.
 
 * ``config`` -- typed settings of a run (one place), read from TOML / ``--set``; ``config_help`` says what
-  each means (``post-fl show-config``);
+  each means (``post-fl show-config``) and writes the config as TOML;
+* ``compute`` -- the device and precision a run computes with, resolved once from ``[compute]``;
 * ``data`` -- data files, label rules, sentence splitting, partitions among clients;
 * ``tasks`` -- a run's task and models read from its config (:func:`load_task`), :class:`PreflightError`;
 * ``embedded`` -- the default model and data shipped in registry packages, the post-fl cache folder;
@@ -19,8 +20,9 @@ from .exports import lazy_exports
 
 __getattr__, __all__ = lazy_exports(__name__, {
     "config": ("ConfigError", "RunConfig", "ModelConfig", "DataConfig", "PromptConfig", "TuneConfig",
-               "DistillConfig", "TransferConfig", "EvalConfig", "load_config", "config_from_dict", "dumps_config"),
-    "config_help": ("dumps_config_with_help",),
+               "DistillConfig", "TransferConfig", "EvalConfig", "ComputeConfig", "load_config", "config_from_dict"),
+    "config_help": ("dumps_config", "dumps_config_with_help"),
+    "compute": ("Compute", "DeviceError", "resolve_compute", "pass_rows"),
     "data": ("DataError", "TextDataset", "Task", "read_text_file", "write_text_file", "partition"),
     "tasks": ("PreflightError", "load_task", "load_teacher", "load_student"),
     "embedded": ("load_embedded_task", "cache_dir"),

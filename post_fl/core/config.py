@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import re
 import tomllib
 import types
 import typing
@@ -314,6 +315,33 @@ class EvalConfig:
             raise ConfigError(f"eval.batch_size: expected >= 1, got {self.batch_size}")
 
 
+DTYPE_CHOICES = ("auto", "float32", "bfloat16")
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+
+
+@dataclass
+class ComputeConfig:
+    """Where a run computes: the device and the precision of its frozen models (:mod:`post_fl.core.compute`).
+
+    ``device``: auto (CUDA, then MPS, then CPU) | cpu | cuda | cuda:N | mps. ``dtype`` of the frozen teacher and
+    student: auto (bfloat16 on a CUDA GPU that supports it, float32 elsewhere) | float32 | bfloat16; prompts,
+    optimiser state, losses and DP clipping and noise stay float32. ``batch_size``: rows per pass where a batch
+    bounds only memory; 0 = auto.
+    """
+
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 0
+
+    def validate(self) -> None:
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ConfigError(f"compute.device: expected auto|cpu|cuda|cuda:N|mps, got {self.device!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ConfigError(f"compute.dtype: expected one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
+        if self.batch_size < 0:
+            raise ConfigError(f"compute.batch_size: expected >= 0 (0 = auto), got {self.batch_size}")
+
+
 @dataclass
 class RunConfig:
     """A whole single-site POST run: every stage's settings plus one seed.
@@ -335,6 +363,7 @@ class RunConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
     def validate(self) -> "RunConfig":
         """Check every section; raise :class:`ConfigError` naming the first bad key."""
@@ -365,6 +394,8 @@ LEGACY_VALUES: dict[str, Any] = {
     "distill.corpus_tokens": 200_000,
     "prompt.form": "input",
     "transfer.target_top_k": 0, "transfer.heldout_fraction": 0.0, "transfer.eval_every": 10,  # exact, last step
+    # "auto" is the CPU in float32 on a machine without a GPU, where every figure so far was recorded
+    "compute.device": "auto", "compute.dtype": "auto", "compute.batch_size": 0,
 }
 # Settings that never change a result (caches of bit-identical values): fingerprints leave them out.
 RESULT_NEUTRAL_SETTINGS: tuple[str, ...] = ("eval.cache_zero_shot",)
@@ -516,34 +547,3 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
             raise ConfigError(f"{path}: {exc}") from None
         raise
 
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return "inf" if math.isinf(value) else repr(value)
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f'"{k}" = {toml_value(v)}' for k, v in value.items()) + " }"
-    raise ConfigError(f"cannot write {value!r} as TOML")
-
-
-def dumps_config(cfg: RunConfig) -> str:
-    """The config as TOML text, each section with the first line of its docstring as a comment."""
-    lines = []
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if not dataclasses.is_dataclass(value):
-            lines.append(f"{f.name} = {toml_value(value)}")
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
-            doc = (type(value).__doc__ or "").strip().splitlines()[0]
-            lines += ["", f"# {doc}", f"[{f.name}]"]
-            lines += [f"{k.name} = {toml_value(getattr(value, k.name))}" for k in dataclasses.fields(value)]
-    return "\n".join(lines) + "\n"

@@ -1,4 +1,5 @@
-"""What each setting of :class:`post_fl.core.config.RunConfig` means, for ``post-fl show-config``.
+"""What each setting of :class:`post_fl.core.config.RunConfig` means, for ``post-fl show-config``, and the config
+as TOML text (:func:`dumps_config`, :func:`dumps_config_with_help`).
 
 ``FIELD_HELP`` is keyed ``"section.key"`` (``"seed"`` for top-level keys); a test checks that
 every field of :class:`RunConfig` has an entry, so a new setting cannot ship unexplained.
@@ -7,8 +8,10 @@ every field of :class:`RunConfig` has an entry, so a new setting cannot ship une
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import Any
 
-from .config import RunConfig, toml_value
+from .config import ConfigError, RunConfig
 
 FIELD_HELP: dict[str, str] = {
     "seed": "the one seed of every non-private random choice (initialisation, splits, batches); DP noise never uses it",
@@ -104,6 +107,15 @@ FIELD_HELP: dict[str, str] = {
     "eval.batch_size": "texts per batch when scoring test examples",
     "eval.teacher_prompt_tuning": "true = also tune a non-private prompt on the teacher (the costly upper bound)",
     "eval.cache_zero_shot": "true = keep the unprompted (zero-shot) class scores of teacher and student on the test and validation texts in the post-fl cache, so reruns skip those passes",
+    # compute
+    "compute.device": "where every stage computes: auto (a CUDA GPU, else Apple MPS, else the CPU) | cpu | cuda | "
+                      "cuda:N | mps; a device that is not there is refused before any stage runs",
+    "compute.dtype": "precision of the frozen teacher and student: auto (bfloat16 on a CUDA GPU that supports it, "
+                     "float32 on a CPU or MPS) | float32 | bfloat16 (also on a CPU with AMX / avx512_bf16: faster, "
+                     "scores differ slightly); prompts, optimiser state, losses and DP noise stay float32",
+    "compute.batch_size": "rows per forward pass where a batch bounds only memory (evaluation, transfer targets, the "
+                          "teacher's pass for distillation, client-batched micro-batches); 0 = auto: the stages' own "
+                          "settings on a CPU, at least 256 on a GPU",
 }
 
 
@@ -141,4 +153,36 @@ def dumps_config_with_help(cfg: RunConfig) -> str:
             lines += ["", f"# [{f.name}]: {doc}", f"[{f.name}]"]
             for g in dataclasses.fields(value):
                 add(f"{f.name}.{g.name}", g.name, getattr(value, g.name))
+    return "\n".join(lines) + "\n"
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else repr(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f'"{k}" = {toml_value(v)}' for k, v in value.items()) + " }"
+    raise ConfigError(f"cannot write {value!r} as TOML")
+
+
+def dumps_config(cfg: RunConfig) -> str:
+    """The config as TOML text, each section with the first line of its docstring as a comment."""
+    lines = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if not dataclasses.is_dataclass(value):
+            lines.append(f"{f.name} = {toml_value(value)}")
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            doc = (type(value).__doc__ or "").strip().splitlines()[0]
+            lines += ["", f"# {doc}", f"[{f.name}]"]
+            lines += [f"{k.name} = {toml_value(getattr(value, k.name))}" for k in dataclasses.fields(value)]
     return "\n".join(lines) + "\n"

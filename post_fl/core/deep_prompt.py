@@ -85,7 +85,13 @@ class DeepPrompt(nn.Module):
         if not (torch.isfinite(scales).all() and (scales > 0).all()):
             raise PromptError("deep prompt scales must be finite and > 0")
         self.weight = nn.Parameter(weight.detach().clone().float())
-        self.scales = scales.clone()  # plain tensor: Opacus refuses buffers in trainable modules
+        self.scales = scales.to(self.weight.device, copy=True)  # plain tensor: Opacus refuses buffers in trainable modules
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to(device)`` and the like move ``scales`` with ``weight`` (it is not a parameter or buffer)."""
+        out = super()._apply(fn, recurse)
+        self.scales = self.scales.to(self.weight.device)
+        return out
 
     @property
     def num_layers(self) -> int:
@@ -131,8 +137,8 @@ def _register_opacus_grad_sampler() -> None:
     def deep_prompt_grad_sampler(layer: DeepPrompt, activations, backprops: torch.Tensor) -> dict:
         """Per-example gradient of ``weight``: the gradient w.r.t. the example's own copy (B, L, P, D) times
         ``scales`` (copies = weight * scales)."""
-        scales = layer.scales.to(backprops.device, backprops.dtype)
-        return {layer.weight: (backprops * scales[None, :, None, None]).to(layer.weight.dtype)}
+        scales = layer.scales.to(backprops.device, layer.weight.dtype)
+        return {layer.weight: backprops.to(layer.weight.dtype) * scales[None, :, None, None]}
 
 
 try:  # Opacus is a core dependency, but the module is usable without it.
@@ -214,7 +220,7 @@ def num_model_layers(model) -> int:
 
 # ---------------------------------------------------------------- making deep prompts
 def _rms(x: torch.Tensor) -> torch.Tensor:
-    return x.double().pow(2).mean().sqrt().float()
+    return x.detach().cpu().double().pow(2).mean().sqrt().float()  # on the CPU: MPS has no float64
 
 
 @torch.no_grad()
@@ -241,7 +247,7 @@ def layer_input_states(model, soft: SoftPrompt, text: str = NEUTRAL_TEXT) -> tup
         for h in handles:
             h.remove()
     p = soft.num_virtual_tokens
-    embeds = model.backbone.get_input_embeddings()(batch.input_ids)[0].detach()
+    embeds = model.backbone.get_input_embeddings()(batch.input_ids.to(model.device))[0].detach()
     states = [soft.weight.detach().to(embeds.dtype)] + [seen[i][0, :p] for i in range(1, len(layers))]
     rms = [_rms(embeds)] + [_rms(seen[i][0, p:]) for i in range(1, len(layers))]
     return torch.stack(states).float(), torch.stack(rms).float()
@@ -250,6 +256,7 @@ def layer_input_states(model, soft: SoftPrompt, text: str = NEUTRAL_TEXT) -> tup
 def deep_prompt_from_input(model, soft: SoftPrompt, text: str = NEUTRAL_TEXT) -> DeepPrompt:
     """The deep prompt equivalent to input prompt ``soft`` on ``model`` (module docstring, initialisation)."""
     states, rms = layer_input_states(model, soft, text)
+    rms = rms.to(states.device)
     return DeepPrompt(states / rms[:, None, None], rms)
 
 
@@ -274,7 +281,7 @@ def prompt_with_weight(weight, model, cfg: PromptConfig, seed: int) -> SoftPromp
     depend only on the model and the non-private prompt settings, so a federated client and the server get
     the same ones without sending them.
     """
-    w = torch.as_tensor(weight, dtype=torch.float32)
+    w = torch.as_tensor(weight, dtype=torch.float32).to(model.device)  # where the model computes
     if cfg.form == "input":
         if w.dim() != 2:
             raise PromptError(f"prompt.form = 'input' expects a (num_virtual_tokens, dim) prompt, got shape "

@@ -31,6 +31,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .compute import CPU, Compute, dtype_name, model_device
 from .deep_prompt import deep_prompt_hooks
 
 HEADS = ("causal", "masked", "embedding")
@@ -155,18 +156,20 @@ def detect_head(config) -> str:
     return "embedding"
 
 
-def _load_backbone(path: str, head: str):
+def _load_backbone(path: str, head: str, compute: Compute = CPU):
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
     cls = {"causal": AutoModelForCausalLM, "masked": AutoModelForMaskedLM, "embedding": AutoModel}[head]
     try:
-        return cls.from_pretrained(path, dtype=torch.float32)
+        return cls.from_pretrained(path, dtype=compute.dtype).to(compute.device)
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path}: cannot load as a {head} model ({exc})") from None
 
 
 class ScoringModel(nn.Module):
     """A frozen HF model + tokenizer + verbalizer that maps (prompted) texts to class scores."""
+
+    compute: Compute | None = None  # where load_scoring_model put it (post_fl.core.compute); None = built directly
 
     def __init__(self, backbone: nn.Module, tokenizer, head: str, label_names: Sequence[str],
                  label_words: dict[str, list[str]] | None = None, template: str = "",
@@ -313,6 +316,11 @@ class ScoringModel(nn.Module):
     def num_classes(self) -> int:
         return len(self.label_names)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the backbone's weights are: every input is moved there (:mod:`post_fl.core.compute`)."""
+        return model_device(self.backbone)
+
     def train(self, mode: bool = True) -> "ScoringModel":
         """Keep the frozen backbone in eval mode (no dropout) whatever the caller asks."""
         super().train(mode)
@@ -329,6 +337,7 @@ class ScoringModel(nn.Module):
 
         Returns (last hidden states, attention mask with the prompt, number of virtual tokens).
         """
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         embeds = self.backbone.get_input_embeddings()(input_ids)
         n_prompt, deep = 0, contextlib.nullcontext()
         if prompt is not None:
@@ -348,8 +357,8 @@ class ScoringModel(nn.Module):
         return out.last_hidden_state, attention_mask, n_prompt
 
     def _pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor, n_prompt: int) -> torch.Tensor:
-        mask = attention_mask[:, n_prompt:].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden[:, n_prompt:] * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        mask = attention_mask[:, n_prompt:].unsqueeze(-1).to(hidden.device, torch.float32)
+        pooled = (hidden[:, n_prompt:].float() * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         return nn.functional.normalize(pooled, dim=-1)
 
     def reset_label_cache(self) -> None:
@@ -376,11 +385,11 @@ class ScoringModel(nn.Module):
     def answer_logits_from_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor, n_prompt: int,
                                   answer_index: torch.Tensor) -> torch.Tensor:
         """:meth:`answer_logits` from the outputs of :meth:`hidden_states` (for callers that also need
-        the hidden states, e.g. RAPT's reconstruction head)."""
+        the hidden states, e.g. RAPT's reconstruction head). Float32 whatever the model's dtype."""
         if self.head == "embedding":
             return EMBEDDING_SCALE * self._pool(hidden, attention_mask, n_prompt) @ self.label_embeddings().T
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        return self._lm_head(hidden[rows, answer_index + n_prompt])
+        return self._lm_head(hidden[rows, answer_index.to(hidden.device) + n_prompt]).float()
 
     def text_positions(self, batch: EncodedBatch) -> torch.Tensor:
         """A 0/1 mask (B x T) of the positions holding the text's own tokens: not the special tokens,
@@ -407,6 +416,7 @@ class ScoringModel(nn.Module):
         return {"source": self.source, "head": self.head, "model_type": cfg.model_type,
                 "num_layers": getattr(cfg, "num_hidden_layers", None), "hidden_size": self.embedding_dim,
                 "parameters": sum(p.numel() for p in self.backbone.parameters()),
+                "device": str(self.device), "dtype": dtype_name(self.word_embeddings.dtype),
                 "label_words": self.label_words, "template": self.template}
 
 
@@ -421,11 +431,14 @@ def load_tokenizer(path: str):
 
 
 def load_scoring_model(name_or_dir: str, label_names: Sequence[str], label_words: dict | None = None,
-                       head: str = "auto", template: str = "", max_length: int = 64) -> ScoringModel:
-    """Load any HF model directory or name (or ``"embedded"``) as a frozen :class:`ScoringModel`."""
+                       head: str = "auto", template: str = "", max_length: int = 64,
+                       compute: Compute | None = None) -> ScoringModel:
+    """Load any HF model directory or name (or ``"embedded"``) as a frozen :class:`ScoringModel`, on ``compute``'s
+    device in its dtype (default: float32 on the CPU); the model keeps ``compute`` as ``model.compute``."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     path, config, chosen = _config_and_head(name_or_dir, head)
-    backbone = _load_backbone(path, chosen)
-    tokenizer = load_tokenizer(path)
-    return ScoringModel(backbone, tokenizer, chosen, label_names, label_words, template, max_length,
-                        source=name_or_dir)
+    backbone = _load_backbone(path, chosen, compute or CPU)
+    model = ScoringModel(backbone, load_tokenizer(path), chosen, label_names, label_words, template, max_length,
+                         source=name_or_dir)
+    model.compute = compute or CPU
+    return model

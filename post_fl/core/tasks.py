@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from .compute import resolve_compute
 from .config import EMBEDDED_DEFAULT, RunConfig
 from .data import (SENTENCE_WORDS, DataError, Task, TextDataset, dataset_from_scan, read_text_file, scan_text_file,
                    split_sentences, training_label_names)
@@ -95,13 +96,15 @@ def read_train_file(cfg: RunConfig):
 
 
 def load_teacher(cfg: RunConfig, task: Task) -> ScoringModel:
-    """The teacher (the provider's large LM) as a frozen scoring model."""
+    """The teacher (the provider's large LM) as a frozen scoring model, on the device and in the precision of
+    ``cfg.compute`` (:func:`post_fl.core.compute.resolve_compute`)."""
     m = cfg.model
-    return load_scoring_model(m.teacher, task.train.label_names, task.label_words, m.head, m.template, m.max_length)
+    return load_scoring_model(m.teacher, task.train.label_names, task.label_words, m.head, m.template, m.max_length,
+                              compute=resolve_compute(cfg.compute))
 
 
 def load_student(path: str | Path, cfg: RunConfig, task: Task, teacher: ScoringModel) -> ScoringModel:
-    """A saved student, scored with the teacher's head, template and verbalizer."""
+    """A saved student, scored with the teacher's head, template and verbalizer, placed as ``cfg.compute`` says."""
     return load_scoring_model(str(path), task.train.label_names, teacher.label_words, teacher.head,
-                              teacher.template, teacher.max_length)
+                              teacher.template, teacher.max_length, compute=resolve_compute(cfg.compute))
 

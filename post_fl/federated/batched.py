@@ -27,11 +27,15 @@ Non-private tuning (``tune.private`` false) follows ``tune_prompt``'s plain path
 shuffled batches of ``batch_size``, the batch-mean loss, no clipping, no noise.
 
 Randomness: each client's Poisson sampler and noise share one generator from
-:func:`post_fl.privacy.randomness.dp_torch_generator` (fresh OS entropy per client per call), as in
+:func:`post_fl.privacy.randomness.dp_torch_generator` (fresh OS entropy per client per call; on a GPU
+a second one there draws the noise: :func:`post_fl.method.tuning.dp_sgd_generators`), as in
 ``tune_prompt``. Only when a client is given an ``insecure_seed`` (``insecure_reproducible``
 mode, NOT private) is its generator seeded, with the stream ``tune_prompt`` uses, and it then
 consumes it in the same order as Opacus' ``DPDataLoader`` and ``DPOptimizer`` do: a client's
 released prompt equals ``tune_prompt(..., insecure_seed=s)``'s (``tests/test_batched.py``).
+
+Device: every client's prompt, Adam moments, gradient sum, data and noise live on the model's device;
+``micro_batch`` is at least 256 rows on a GPU (:func:`post_fl.core.compute.pass_rows`).
 
 Memory: the activations of one micro-batch (fixed by ``micro_batch``, not by K), the tokenized
 data of all clients, and per client its prompt, Adam's two moments and a gradient sum (four
@@ -58,13 +62,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.compute import pass_rows
 from ..core.config import TuneConfig
 from ..core.data import DataError, TextDataset
 from ..core.models import EncodedBatch, ScoringModel
-from ..method.tuning import DP_SGD_STREAM, encode_dataset
+from ..method.tuning import dp_sgd_generators, encode_dataset
 from ..privacy.accounting import (calibrate_noise_multiplier, epsilon_from_history, planned_steps, resolve_delta,
                                   sample_rate)
-from ..privacy.randomness import dp_torch_generator
 
 DEFAULT_MICRO_BATCH = 64
 ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, as tune_prompt uses them
@@ -181,19 +185,20 @@ def clip_per_example(grads: torch.Tensor, max_norm: float) -> torch.Tensor:
 
 def sum_by_client(grads: torch.Tensor, client_index: torch.Tensor, num_clients: int) -> torch.Tensor:
     """Sum the rows of ``grads`` (M x V x D) into ``num_clients`` per-client sums (K x V x D)."""
-    out = torch.zeros((num_clients, *grads.shape[1:]), dtype=grads.dtype)
+    out = torch.zeros((num_clients, *grads.shape[1:]), dtype=grads.dtype, device=grads.device)
     return out.index_add_(0, client_index, grads)
 
 
 def gaussian_noise(std: float, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
     """N(0, std^2) noise drawn as Opacus' DPOptimizer draws it in secure_mode (one discarded draw,
-    then the mean of four Gaussians scaled back to ``std``), from ``generator``."""
+    then the mean of four Gaussians scaled back to ``std``), from ``generator``, on its device."""
+    device = generator.device
     if std == 0:
-        return torch.zeros(shape)
-    torch.normal(mean=0, std=std, size=(1, 1), generator=generator)
-    total = torch.zeros(shape)
+        return torch.zeros(shape, device=device)
+    torch.normal(mean=0, std=std, size=(1, 1), generator=generator, device=device)
+    total = torch.zeros(shape, device=device)
     for _ in range(4):
-        total += torch.normal(mean=0, std=std, size=shape, generator=generator)
+        total += torch.normal(mean=0, std=std, size=shape, generator=generator, device=device)
     return total / 2
 
 
@@ -213,12 +218,12 @@ def extend_history(history: list, noise_multiplier: float, q: float, steps: int)
 class _ClientPlan:
     """One client's fixed quantities for a round and its batch schedule (Poisson or shuffled)."""
 
-    def __init__(self, row: int, n: int, cfg: TuneConfig, sigma: float, generator: torch.Generator) -> None:
+    def __init__(self, row: int, n: int, cfg: TuneConfig, sigma: float, generators: tuple) -> None:
         self.row, self.n = row, n
+        self.generator, self.noise_generator = generators  # one generator on the CPU (dp_sgd_generators)
         self.steps = planned_steps(cfg, n)
         self.q = sample_rate(cfg, n)
         self.sigma = sigma
-        self.generator = generator
         self.private = cfg.private
         loader_len = math.ceil(n / min(cfg.batch_size, n))  # len(DataLoader(batch_size=min(b, n)))
         self.batch = min(cfg.batch_size, n)
@@ -246,12 +251,12 @@ class _ClientPlan:
         return torch.tensor(self._perm[k * self.batch:(k + 1) * self.batch], dtype=torch.long)
 
 
-def _client_generator(cfg: TuneConfig, insecure_seed: int | None, seed: int) -> torch.Generator:
-    """The generator ``tune_prompt`` would use for this client (DP: OS entropy or insecure seed;
-    plain tuning: the non-private shuffle seed)."""
+def _client_generators(cfg: TuneConfig, insecure_seed: int | None, seed: int, device: torch.device):
+    """The (sampler, noise) generators ``tune_prompt`` would use for this client (plain tuning: its shuffle seed)."""
     if cfg.private:
-        return dp_torch_generator(insecure_seed, DP_SGD_STREAM)
-    return torch.Generator().manual_seed(seed)
+        return dp_sgd_generators(insecure_seed, device)
+    g = torch.Generator().manual_seed(seed)
+    return g, g
 
 
 def train_clients_batched(model: ScoringModel, global_prompt: torch.Tensor | np.ndarray,
@@ -288,8 +293,9 @@ def train_clients_batched(model: ScoringModel, global_prompt: torch.Tensor | np.
             s = insecure_seeds[c]
             if isinstance(s, bool) or not isinstance(s, int):
                 raise TypeError(f"insecure_seeds[{c}] must be an int, got {s!r}")
-    base = torch.as_tensor(np.asarray(global_prompt, dtype=np.float32)).clone()
-    scales = None if base.dim() != 3 or scales is None else torch.as_tensor(scales, dtype=torch.float32)
+    device, micro_batch = model.device, pass_rows(micro_batch, model)  # one device for every client
+    base = torch.as_tensor(np.asarray(global_prompt, dtype=np.float32)).to(device, copy=True)
+    scales = None if base.dim() != 3 or scales is None else torch.as_tensor(scales, dtype=torch.float32).to(device)
     if base.dim() not in (2, 3) or (base.dim() == 3 and (scales is None or scales.shape != base.shape[:1])):
         raise ValueError(f"global prompt must be (num_virtual_tokens, dim), or (num_layers, num_virtual_tokens, "
                          f"dim) with one of scales per layer; got shape {tuple(base.shape)}")
@@ -307,10 +313,10 @@ def train_clients_batched(model: ScoringModel, global_prompt: torch.Tensor | np.
     def padded(t: torch.Tensor, value: int) -> torch.Tensor:
         return nn.functional.pad(t, (0, width - t.shape[1]), value=value)
 
-    input_ids = torch.cat([padded(t[0], pad) for t in encoded])
-    attention = torch.cat([padded(t[1], 0) for t in encoded])
-    answer = torch.cat([t[2] for t in encoded])
-    labels = torch.cat([t[3] for t in encoded])
+    input_ids = torch.cat([padded(t[0], pad) for t in encoded]).to(device)
+    attention = torch.cat([padded(t[1], 0) for t in encoded]).to(device)
+    answer = torch.cat([t[2] for t in encoded]).to(device)
+    labels = torch.cat([t[3] for t in encoded]).to(device)
     lengths = attention.sum(1)
     data_bytes = sum(t.numel() * t.element_size() for t in (input_ids, attention, answer, labels))
     offsets = np.cumsum([0] + [len(t[0]) for t in encoded])
@@ -322,7 +328,7 @@ def train_clients_batched(model: ScoringModel, global_prompt: torch.Tensor | np.
             sigma = float(noise_multipliers[c]) if noise_multipliers.get(c) is not None else \
                 float(calibrate_noise_multiplier(cfg, n, total_steps.get(c) or planned_steps(cfg, n)))
         seed = insecure_seeds[c] if insecure_seeds is not None else None
-        plans.append(_ClientPlan(row, n, cfg, sigma, _client_generator(cfg, seed, int(seeds.get(c, 0)))))
+        plans.append(_ClientPlan(row, n, cfg, sigma, _client_generators(cfg, seed, int(seeds.get(c, 0)), device)))
 
     K, shape = len(ids), tuple(base.shape)
     prompts = base.unsqueeze(0).repeat(K, *([1] * base.dim()))
@@ -335,8 +341,8 @@ def train_clients_batched(model: ScoringModel, global_prompt: torch.Tensor | np.
     for step in range(max_steps):
         active = [p for p in plans if step < p.steps]
         picks = [(p, p.batch_indices(step)) for p in active]
-        flat = torch.cat([idx + int(offsets[p.row]) for p, idx in picks])
-        owner = torch.cat([torch.full((len(idx),), p.row, dtype=torch.long) for p, idx in picks])
+        flat = torch.cat([idx + int(offsets[p.row]) for p, idx in picks]).to(device)
+        owner = torch.cat([torch.full((len(idx),), p.row, dtype=torch.long) for p, idx in picks]).to(device)
         grad_sum = torch.zeros_like(prompts)
         loss_sum = torch.zeros(K, dtype=torch.float64)
         if len(flat):
@@ -350,18 +356,18 @@ def train_clients_batched(model: ScoringModel, global_prompt: torch.Tensor | np.
                 if cfg.private:
                     grads = clip_per_example(grads, cfg.max_grad_norm)
                 grad_sum.index_add_(0, who, grads)
-                loss_sum.index_add_(0, who, losses.double())
+                loss_sum.index_add_(0, who.cpu(), losses.cpu().double())  # float64 on the CPU (MPS has none)
                 rows_done += len(rows)
                 micro += 1
                 del grads, losses
                 release_freed_memory()
-        rows_active = torch.tensor([p.row for p in active], dtype=torch.long)
-        grads = torch.empty((len(active), *shape))
+        rows_active = torch.tensor([p.row for p in active], dtype=torch.long, device=device)
+        grads = torch.empty((len(active), *shape), device=device)
         for i, (p, idx) in enumerate(picks):
             if len(idx):
                 p.losses.append(float(loss_sum[p.row]) / len(idx))
             if cfg.private:  # (sum of clipped + N(0, (sigma C)^2)) / expected batch size, per client
-                noise = gaussian_noise(p.sigma * cfg.max_grad_norm, shape, p.generator)
+                noise = gaussian_noise(p.sigma * cfg.max_grad_norm, shape, p.noise_generator)
                 grads[i] = (grad_sum[p.row] + noise) / p.expected_batch
             else:  # the batch-mean loss's gradient
                 grads[i] = grad_sum[p.row] / len(idx)
@@ -377,7 +383,7 @@ def train_clients_batched(model: ScoringModel, global_prompt: torch.Tensor | np.
     seconds = time.perf_counter() - start
 
     out: dict[int, ClientOutcome] = {}
-    base_np = base.numpy()
+    base_np = base.cpu().numpy()
     for c, p in zip(ids, plans):
         delta = resolve_delta(cfg, p.n)
         if cfg.private:
@@ -385,7 +391,7 @@ def train_clients_batched(model: ScoringModel, global_prompt: torch.Tensor | np.
             epsilon = _epsilon(tuple(history), delta, cfg.accountant)
         else:
             history, epsilon = [tuple(h) for h in (histories.get(c) or [])], math.inf
-        tuned = prompts[p.row].clone()
+        tuned = prompts[p.row].to("cpu", copy=True)  # the reply is made on the CPU
         out[c] = ClientOutcome(prompt=tuned, update=tuned.numpy().astype(np.float32) - base_np, epsilon=epsilon,
                                delta=delta, noise_multiplier=p.sigma, sample_rate=p.q, steps=p.steps,
                                examples=p.n,

@@ -22,10 +22,9 @@ import torch
 
 from ..core.config import ConfigError, RunConfig
 from ..core.jsonio import from_jsonable, jsonable, write_json
-from ..core.models import load_scoring_model
 from ..core.deep_prompt import DeepPrompt, as_input_prompt, new_prompt, save_any_prompt
 from ..core.prompt import SoftPrompt, save_prompt
-from ..core.tasks import load_task
+from ..core.tasks import load_student, load_task, load_teacher
 from ..privacy.randomness import NOT_PRIVATE_LABEL
 from .aggregate import (ClientUpdate, RoundFailedError, aggregate_updates, filter_updates, require_min_clients,
                         sum_updates, update_norm)
@@ -107,11 +106,10 @@ class FederatedServer:
             return
         self.run.mkdir(parents=True, exist_ok=True)
         task = load_task(self.cfg)
-        self.train, self.test, self.public, label_words = task.train, task.test, task.public, dict(task.label_words)
+        self.train, self.test, self.public = task.train, task.test, task.public
         self.distill_corpus = task.distill_corpus
         m = self.cfg.model
-        self.teacher = load_scoring_model(m.teacher, self.train.label_names, label_words, m.head, m.template,
-                                          m.max_length)
+        self.teacher = load_teacher(self.cfg, task)  # on the device and in the precision of cfg.compute
         self.student_dir = Path(m.student) if m.student else self.run / "student"
         if not (self.student_dir / STUDENT_WEIGHTS_FILE).is_file() and not m.student:
             from ..method.distill import distill_student
@@ -122,8 +120,7 @@ class FederatedServer:
             student, rep = distill_student(self.teacher, public_train, self.cfg.distill, self.cfg.seed, held_out,
                                            progress=True, corpus=self.distill_corpus)  # post_fl.core.progress: bar / log lines / quiet
             save_student(student, self.student_dir, rep)
-        self.student = load_scoring_model(str(self.student_dir), self.train.label_names, self.teacher.label_words,
-                                          self.teacher.head, self.teacher.template, self.teacher.max_length)
+        self.student = load_student(self.student_dir, self.cfg, task, self.teacher)
         self.package = pack_student(self.student_dir, self.student)
         self.model_hash = self.package.model_hash
         if self.fed.user_dp:
@@ -150,11 +147,11 @@ class FederatedServer:
         """The starting global prompt from the ``prompt`` settings and the seed: P x D, or L x P x D for
         ``prompt.form = "deep"`` (whose per-layer scales every client recomputes the same way)."""
         self._start = new_prompt(self.student, self.cfg.prompt, self.cfg.seed)
-        return self._start.weight.detach().numpy().astype(np.float32).copy()
+        return self._start.weight.detach().cpu().numpy().astype(np.float32).copy()
 
     def prompt_module(self) -> SoftPrompt | DeepPrompt:
         """The current global prompt as a module: an input prompt, or a deep prompt in its starting units."""
-        weight = torch.from_numpy(self.prompt.copy())
+        weight = torch.from_numpy(self.prompt.copy()).to(self.student.device)  # where the student computes
         return self._start.with_weight(weight) if isinstance(self._start, DeepPrompt) else SoftPrompt(weight)
 
     def fingerprint(self) -> str:

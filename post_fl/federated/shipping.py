@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.compute import Compute, resolve_compute
 from ..core.models import ScoringModel, load_scoring_model
 from .config import FederatedConfig
 from .protocol import STUDENT_WEIGHTS_FILE, STUDENT_SPEC_FILE
@@ -84,27 +85,28 @@ def cache_key() -> str:
     return _CACHE_KEY
 
 
-def _load_cached_dir(d: Path, model_hash: str) -> ScoringModel:
+def _load_cached_dir(d: Path, model_hash: str, compute: Compute | None = None) -> ScoringModel:
     spec = json.loads((d / STUDENT_SPEC_FILE).read_text())
     model = load_scoring_model(str(d), spec["label_names"], spec["label_words"], spec["head"], spec["template"],
-                               spec["max_length"])
+                               spec["max_length"], compute=compute or resolve_compute())  # the client's device
     _STUDENTS[model_hash] = model
     log.info("student %s loaded in process %s", model_hash[:12], os.getpid())
     return model
 
 
-def cached_student(model_hash: str, root: Path) -> ScoringModel | None:
-    """The student with this hash from the process cache, else from the disk cache (verified), else None."""
+def cached_student(model_hash: str, root: Path, compute: Compute | None = None) -> ScoringModel | None:
+    """The student with this hash from the process cache, else from the disk cache (verified; loaded as ``compute``
+    says, default ``auto``), else None."""
     if model_hash in _STUDENTS:
         return _STUDENTS[model_hash]
     d = root / model_hash
     if (d / STUDENT_SPEC_FILE).is_file() and (d / STUDENT_WEIGHTS_FILE).is_file():
         if state_hash(read_student_weights(d)) == model_hash:
-            return _load_cached_dir(d, model_hash)
+            return _load_cached_dir(d, model_hash, compute)
     return None
 
 
-def install_student(package: StudentPackage, root: Path) -> ScoringModel:
+def install_student(package: StudentPackage, root: Path, compute: Compute | None = None) -> ScoringModel:
     """Write a received student into the disk cache (atomically, after checking its hash) and load it once."""
     from safetensors.torch import save_file
 
@@ -130,5 +132,5 @@ def install_student(package: StudentPackage, root: Path) -> ScoringModel:
             import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
-    return _load_cached_dir(final, package.model_hash)
+    return _load_cached_dir(final, package.model_hash, compute)
 

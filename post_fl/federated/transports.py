@@ -13,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..core.compute import resolve_compute
 from ..core.config import RunConfig
 from ..core.deep_prompt import DeepPrompt, prompt_with_weight
 from ..core.models import ScoringModel
@@ -46,10 +47,10 @@ class LocalTransport:
         out = RoundReplies()
         root = cache_root(self.fed)
         for cid, ins in instructions.items():
-            student = cached_student(ins["model-hash"], root)
+            student = cached_student(ins["model-hash"], root, resolve_compute(self.cfg.compute))
             if student is None:  # the client would reply need-model; the server sends the package
                 self.model_sends += 1
-                student = install_student(self.server.package, root)
+                student = install_student(self.server.package, root, resolve_compute(self.cfg.compute))
             try:  # as in Flower, a client that raises gives an error reply, not a dead run
                 data = client_partition(self.cfg, self.fed, cid)
                 ledger = open_ledger(self.cfg, data, cid) if self.cfg.tune.private else None
@@ -103,10 +104,10 @@ class BatchedTransport:
 
     def _student(self, model_hash: str) -> ScoringModel:
         root = cache_root(self.fed)
-        student = cached_student(model_hash, root)
+        student = cached_student(model_hash, root, resolve_compute(self.cfg.compute))  # one device, every client
         if student is None:  # one process: the student is installed once, as for one Flower worker
             self.model_sends += 1
-            student = install_student(self.server.package, root)
+            student = install_student(self.server.package, root, resolve_compute(self.cfg.compute))
         return student
 
     def train_round(self, server_round: int, prompt: np.ndarray, instructions: dict[int, dict]):

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core.compute import pass_rows
 from ..core.config import DistillConfig
 from ..core.data import DataError, TextDataset
 from ..core.models import ScoringModel
@@ -114,6 +115,7 @@ def class_agreement(a: ScoringModel, b: ScoringModel, texts: list[str], batch_si
 def agreement_with_outputs(student: ScoringModel, held: TeacherOutputs, batch_size: int = 32) -> tuple[float, float]:
     """(class-prediction agreement, next-token top-1 agreement) of ``student`` with the teacher's cached outputs."""
     same_class, same_tok, n_tok = 0, 0, 0
+    batch_size = pass_rows(batch_size, student)
     for s in range(0, len(held), batch_size):
         sl = slice(s, s + batch_size)
         att = held.attention_mask[sl]
@@ -158,10 +160,14 @@ def distill_student(teacher: ScoringModel, public: TextDataset, cfg: DistillConf
     else:
         train_out, train_cache = teacher_outputs(teacher, public.texts, cfg, seed, cache_dir, progress)
     held_out_out, _ = teacher_outputs(teacher, held_texts, cfg, seed + 1, cache_dir, progress)
+    device = teacher.device  # the student trains where the teacher is, on the cached outputs moved there once
+    train_out, held_out_out = train_out.to(device), held_out_out.to(device)
     teacher_seconds = time.perf_counter() - start
     backbone, kept = make_student(teacher.backbone, student_layers(teacher, cfg), cfg.layer_selection)
+    backbone.float()  # trained in float32 whatever the teacher's precision (post_fl.core.compute)
     student = ScoringModel(backbone, teacher.tokenizer, teacher.head, teacher.label_names, teacher.label_words,
                            teacher.template, teacher.max_length, source=f"distilled from {teacher.source}")
+    student.compute = teacher.compute
     val_teacher = None
     if validation is not None and len(validation):
         from .evaluate import predict
@@ -275,13 +281,14 @@ def _trainable_state(backbone: nn.Module) -> dict[str, torch.Tensor]:
 def _distill_loss(student: ScoringModel, teacher: ScoringModel, out: TeacherOutputs, idx: torch.Tensor,
                   cfg: DistillConfig) -> torch.Tensor:
     """The distillation loss of one batch of cached teacher outputs (see the module docstring)."""
+    idx = idx.to(out.input_ids.device)
     att = out.attention_mask[idx]
     w = int(att.sum(1).max())
     ids, att, targets = out.input_ids[idx, :w], att[:, :w], out.lm_targets[idx, :w]
     pos = out.positions[idx]
     used = pos >= 0
     s_hidden, _, _ = student.hidden_states(ids, att)
-    rows = torch.arange(len(idx)).unsqueeze(1).expand_as(pos)
+    rows = torch.arange(len(idx), device=idx.device).unsqueeze(1).expand_as(pos)
     r, c = rows[used], pos[used]
     s_h = s_hidden[r, c]
     t_h = out.hidden[idx][used].float()
@@ -295,7 +302,7 @@ def _distill_loss(student: ScoringModel, teacher: ScoringModel, out: TeacherOutp
             loss = loss + cfg.alpha_lm * nn.functional.cross_entropy(s_logits, tgt, ignore_index=-100)
     if cfg.alpha_class > 0 and teacher.head != "embedding" and cfg.objective == "template":
         answer = pos[:, 0]
-        b = torch.arange(len(idx))
+        b = torch.arange(len(idx), device=idx.device)
         s_class = torch.log_softmax(student.class_scores(vocab_logits(student, s_hidden[b, answer])), -1)
         loss = loss + cfg.alpha_class * nn.functional.kl_div(s_class, out.class_logp[idx], log_target=True,
                                                               reduction="batchmean")

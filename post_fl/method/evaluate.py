@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from ..core.compute import pass_rows
 from ..core.data import DataError, TextDataset
 from ..core.models import ScoringModel
 from ..core.prompt import SoftPrompt
@@ -30,12 +31,14 @@ CONTENT_FREE_INPUTS = ("N/A", "", "[MASK]")
 @torch.no_grad()
 def class_scores(model: ScoringModel, texts: list[str], prompt: SoftPrompt | None = None,
                  batch_size: int = 32) -> torch.Tensor:
-    """Verbalizer class scores (N x C) of each text, in input order.
+    """Verbalizer class scores (N x C, float32, on the CPU) of each text, in input order.
 
-    Texts are batched in order of length so that little padding is computed (same scores as any order).
+    Texts are batched in order of length so that little padding is computed (same scores as any order), in
+    batches of ``batch_size`` (on a GPU at least :data:`post_fl.core.compute.GPU_PASS_ROWS`: :func:`pass_rows`).
     """
     if not texts:
         return torch.empty((0, model.num_classes))
+    batch_size = pass_rows(batch_size, model)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = torch.empty((len(texts), model.num_classes))
     from ..core.progress import progress_bar
@@ -43,7 +46,7 @@ def class_scores(model: ScoringModel, texts: list[str], prompt: SoftPrompt | Non
     with progress_bar(len(texts), desc="evaluate") as bar:  # silent for short loops and when quiet
         for i in range(0, len(order), batch_size):
             idx = order[i: i + batch_size]
-            out[idx] = model(model.encode([texts[j] for j in idx]), prompt).float()
+            out[idx] = model(model.encode([texts[j] for j in idx]), prompt).float().cpu()
             bar.update(len(idx))
     return out
 
@@ -176,7 +179,7 @@ def contextual_calibration_bias(model: ScoringModel, prompt: SoftPrompt | None =
 
     Adding it to log_softmax(scores) divides each class probability by its content-free probability.
     """
-    probs = torch.softmax(model(model.encode(list(inputs)), prompt).float(), dim=-1).mean(0)
+    probs = torch.softmax(model(model.encode(list(inputs)), prompt).float().cpu(), dim=-1).mean(0)
     return -torch.log(probs.clamp_min(1e-12))
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.compute import pass_rows
 from ..core.data import DataError
 from ..core.keyed_cache import read_keyed_tensors, write_keyed_tensors
 from ..core.models import ScoringModel
@@ -30,7 +31,7 @@ def zero_shot_cache_key(model: ScoringModel, texts: list[str], batch_size: int) 
     """sha256 of (model weights hash, task settings, texts, batch size): what the unprompted scores depend on."""
     settings = {"format": SCORE_CACHE_FORMAT, "head": model.head, "template": model.template,
                 "max_length": model.max_length, "label_names": model.label_names,
-                "label_words": model.label_words, "batch_size": batch_size}
+                "label_words": model.label_words, "batch_size": pass_rows(batch_size, model)}  # the rows scored at once
     blob = json.dumps({"model": teacher_hash(model), "texts": corpus_hash(texts), "settings": settings},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()

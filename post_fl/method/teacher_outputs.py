@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
+from ..core.compute import pass_rows
 from ..core.config import DistillConfig
 from ..core.data import DataError
 from ..core.keyed_cache import read_keyed_tensors, write_keyed_tensors
@@ -31,10 +32,12 @@ CACHE_FORMAT = 2  # bump when the cached tensors change meaning
 
 
 def vocab_logits(model: ScoringModel, hidden: torch.Tensor) -> torch.Tensor:
-    """Vocabulary logits of ``hidden``: the model's LM head, or for an encoder the projection on its word embeddings."""
+    """Vocabulary logits (float32) of ``hidden``: the model's LM head, or for an encoder the projection on its word
+    embeddings; ``hidden`` is cast to the model's dtype first (float32 cached states on a bfloat16 teacher)."""
+    weights = model.word_embeddings
     if model.head == "embedding":
-        return hidden @ model.word_embeddings.T
-    return model._lm_head(hidden)
+        return (hidden.to(weights.dtype) @ weights.T).float()
+    return model._lm_head(hidden.to(weights.dtype)).float()
 
 
 @dataclass
@@ -61,6 +64,10 @@ class TeacherOutputs:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: v.contiguous() for k, v in asdict(self).items()}
+
+    def to(self, device: torch.device | str) -> "TeacherOutputs":
+        """The same outputs on ``device`` (distillation keeps them where the student trains)."""
+        return TeacherOutputs(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
 def teacher_hash(model: ScoringModel) -> str:
@@ -176,7 +183,7 @@ def _compute_lm_outputs(teacher: ScoringModel, ids: torch.Tensor, att: torch.Ten
     hidden = torch.zeros((n, width, teacher.embedding_dim), dtype=torch.float16)
     class_logp = torch.zeros((n, teacher.num_classes))
     top1 = torch.full((n, width), -1, dtype=torch.long)
-    bs = max(1, cfg.teacher_batch_size // 4)  # rows are longer than templated texts
+    bs = max(1, pass_rows(cfg.teacher_batch_size, teacher) // 4)  # rows are longer than templated texts
     bar = None
     if progress:
         from ..core.progress import progress_bar
@@ -185,11 +192,12 @@ def _compute_lm_outputs(teacher: ScoringModel, ids: torch.Tensor, att: torch.Ten
     for s in range(0, n, bs):
         sl = slice(s, s + bs)
         h, _, _ = teacher.hidden_states(ids[sl], att[sl])
-        hidden[sl] = (h * att[sl].unsqueeze(-1)).to(torch.float16)
+        a = att[sl].to(h.device)  # computed where the teacher is, kept on the CPU (and in the cache file)
+        hidden[sl] = (h * a.unsqueeze(-1)).to(torch.float16).cpu()
         logits = vocab_logits(teacher, h)
-        top1[sl] = torch.where(att[sl].bool(), logits.argmax(-1), torch.full_like(att[sl], -1))
+        top1[sl] = torch.where(a.bool(), logits.argmax(-1), torch.full_like(a, -1)).cpu()
         class_logp[sl] = torch.log_softmax(
-            teacher.class_scores(teacher.answer_logits_from_hidden(h, att[sl], 0, answer[sl])), -1)
+            teacher.class_scores(teacher.answer_logits_from_hidden(h, a, 0, answer[sl])), -1).cpu()
         if bar is not None:
             bar.update(min(bs, n - s))
     if bar is not None:
@@ -289,7 +297,7 @@ def _compute_teacher_outputs(teacher: ScoringModel, texts: list[str], cfg: Disti
     class_logp = torch.zeros((n, teacher.num_classes))
     top1 = torch.full((n, width), -1, dtype=torch.long)
     order = sorted(range(n), key=lambda i: int(full.attention_mask[i].sum()))
-    bs = max(1, cfg.teacher_batch_size)
+    bs = max(1, pass_rows(cfg.teacher_batch_size, teacher))
     bar = None
     if progress:
         from ..core.progress import progress_bar
@@ -300,13 +308,13 @@ def _compute_teacher_outputs(teacher: ScoringModel, texts: list[str], cfg: Disti
         w = int(full.attention_mask[idx].sum(1).max())
         ids, att = inputs[idx, :w], full.attention_mask[idx, :w]
         h, _, _ = teacher.hidden_states(ids, att)
-        pos = positions[idx].clamp(min=0)
-        rows = torch.arange(len(idx)).unsqueeze(1)
-        hidden[idx] = h[rows, pos].to(torch.float16) * (positions[idx] >= 0).unsqueeze(-1)
+        att, pos = att.to(h.device), positions[idx].to(h.device)  # computed on the teacher's device, kept on the CPU
+        rows = torch.arange(len(idx), device=h.device).unsqueeze(1)
+        hidden[idx] = (h[rows, pos.clamp(min=0)].to(torch.float16) * (pos >= 0).unsqueeze(-1)).cpu()
         logits = vocab_logits(teacher, h)
-        top1[idx, :w] = torch.where(att.bool(), logits.argmax(-1), torch.full_like(att, -1))
+        top1[idx, :w] = torch.where(att.bool(), logits.argmax(-1), torch.full_like(att, -1)).cpu()
         class_logp[idx] = torch.log_softmax(
-            teacher.class_scores(teacher.answer_logits_from_hidden(h, att, 0, full.answer_index[idx])), -1)
+            teacher.class_scores(teacher.answer_logits_from_hidden(h, att, 0, full.answer_index[idx])), -1).cpu()
         if bar is not None:
             bar.update(len(idx))
     if bar is not None:

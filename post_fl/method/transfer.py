@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core.compute import pass_rows
 from ..core.config import TransferConfig
 from ..core.data import DataError, TextDataset
 from ..core.models import ScoringModel
@@ -164,6 +165,10 @@ def transfer_prompt(student: ScoringModel, student_prompt: SoftPrompt, teacher: 
         raise DataError("prompt transfer needs a non-empty public dataset")
     if student.head != teacher.head:
         raise ValueError(f"student head {student.head!r} differs from teacher head {teacher.head!r}")
+    device = teacher.device  # the fixed targets, the encoded texts and the prompt all live there
+    if student.device != device or next(student_prompt.parameters()).device != device:
+        raise ValueError(f"transfer needs student ({student.device}), its prompt "
+                         f"({next(student_prompt.parameters()).device}) and teacher ({device}) on one device")
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     prompt = _initial_prompt(student_prompt, teacher, cfg.init, gen)
@@ -176,10 +181,11 @@ def transfer_prompt(student: ScoringModel, student_prompt: SoftPrompt, teacher: 
     draws = [train_rows[torch.randperm(len(train_rows), generator=gen)[:batch]] for _ in range(cfg.steps)]
     used = torch.unique(torch.cat([*draws, held_rows]))  # sorted: the texts whose targets the loop needs
     texts = [public.texts[i] for i in used.tolist()]
-    s_enc = student.encode(texts)
-    t_enc = teacher.encode(texts) if teacher.tokenizer is not student.tokenizer else s_enc
+    s_enc = student.encode(texts).to(device)
+    t_enc = teacher.encode(texts).to(device) if teacher.tokenizer is not student.tokenizer else s_enc
+    rows_per_pass = pass_rows(cfg.batch_size, teacher)  # memory-bound passes: larger on a GPU
     targets = compute_targets(student, student_prompt, teacher, s_enc, t_enc, cfg.space, cfg.target_top_k,
-                              cfg.temperature, cfg.batch_size)
+                              cfg.temperature, rows_per_pass)
     if alpha is None:
         alpha = auto_alpha(targets.agreement(), teacher.num_classes)
     seconds_targets = time.perf_counter() - start
@@ -198,7 +204,7 @@ def transfer_prompt(student: ScoringModel, student_prompt: SoftPrompt, teacher: 
 
     def check(step: int) -> None:
         since = losses[curve[-1]["step"]:] if curve else []
-        held_loss = _mean_loss(loss_on, held, cfg.batch_size) if len(held) else None
+        held_loss = _mean_loss(loss_on, held, rows_per_pass) if len(held) else None
         acc = None
         if validation is not None:  # reported only: never looked at by the selection below
             from .evaluate import accuracy

@@ -10,7 +10,9 @@ client ever took, not over one call.
 
 Randomness: the Poisson batch sampler and the Gaussian noise draw from one generator of
 :func:`post_fl.privacy.randomness.dp_torch_generator`, seeded from fresh OS entropy on every call
-(``insecure_seed=None``); only the non-private shuffle of plain tuning follows ``seed``.
+(``insecure_seed=None``); only the non-private shuffle of plain tuning follows ``seed``. On a GPU (the
+model's device, :mod:`post_fl.core.compute`) the noise is drawn there, from a second OS-entropy generator
+on that device (:func:`dp_sgd_generators`), while the sampler draws on the CPU.
 Opacus' ``secure_mode`` needs ``torchcsprng``, which has no build for the pinned torch, so the
 engine runs with it off and its "Secure RNG turned off" warning (which assumes a seeded,
 predictable generator) is replaced by one accurate log line; the optimiser still draws its noise
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 
 # stream id of DP-SGD in the insecure (seeded) mode of post_fl.privacy.randomness
 DP_SGD_STREAM = 11
+NOISE_STREAM = 1  # sub-stream of DP-SGD's noise generator on an accelerator (insecure mode only)
 _RNG_NOTE = [False]  # the one-time explanation of Opacus' secure_mode has been logged
 
 
@@ -119,6 +122,17 @@ def _privacy_engine(accountant: str, insecure: bool):
     return engine
 
 
+def dp_sgd_generators(insecure_seed: int | None, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+    """(Poisson sampler's generator, noise generator) of one DP-SGD run, both OS-entropy seeded (insecure mode:
+    from ``insecure_seed``). On the CPU they are one generator; on an accelerator the noise generator lives on
+    ``device``, because Opacus draws noise with ``torch.normal(device=<parameter's device>, generator=...)``,
+    which needs a generator of that device, while the sampler's ``torch.rand`` stays on the CPU."""
+    sampler = dp_torch_generator(insecure_seed, DP_SGD_STREAM)
+    if torch.device(device).type == "cpu":
+        return sampler, sampler
+    return sampler, dp_torch_generator(insecure_seed, DP_SGD_STREAM, NOISE_STREAM, device=device)
+
+
 def _trim(input_ids: torch.Tensor, attention_mask: torch.Tensor):
     width = int(attention_mask.sum(1).max()) if len(attention_mask) else 1
     return input_ids[:, :width], attention_mask[:, :width]
@@ -148,9 +162,13 @@ def tune_prompt(model: ScoringModel, prompt: SoftPrompt | DeepPrompt, data: Text
         raise ValueError(f"prompt has embedding size {prompt.dim}, model expects {model.embedding_dim}")
     if insecure_seed is not None and (isinstance(insecure_seed, bool) or not isinstance(insecure_seed, int)):
         raise TypeError(f"insecure_seed must be None or an int, got {insecure_seed!r}")
+    device = model.device  # where the model computes: the prompt, each batch and the DP noise go there
+    if prompt.weight.device != device:
+        raise ValueError(f"the prompt is on {prompt.weight.device} but the model on {device}; make it on the "
+                         "model's device (prompt.to(model.device))")
     # non-private tuning shuffles with the run's seed; DP-SGD samples its Poisson batches from the DP generator
-    generator = dp_torch_generator(insecure_seed, DP_SGD_STREAM) if cfg.private else \
-        torch.Generator().manual_seed(seed)
+    generator, noise_generator = dp_sgd_generators(insecure_seed, device) if cfg.private else \
+        (torch.Generator().manual_seed(seed), None)
     dataset = encode_dataset(model, data)
     n = len(dataset)
     steps = planned_steps(cfg, n)
@@ -166,11 +184,11 @@ def tune_prompt(model: ScoringModel, prompt: SoftPrompt | DeepPrompt, data: Text
             calibrate_noise_multiplier(cfg, n, total_steps or steps)
         engine = _privacy_engine(cfg.accountant, insecure_seed is not None)
         engine.accountant.history = list(history)
-        # one DP generator for both the Poisson sampler (the loader's generator, which Opacus' DPDataLoader
-        # keeps) and the noise: never the config seed, never a server-sent seed
+        # DP generators for the Poisson sampler (the loader's generator, which Opacus' DPDataLoader keeps) and
+        # the noise (the same one on the CPU): never the config seed, never a server-sent seed
         net, optimizer, loader = engine.make_private(
             module=net, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
-            max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, noise_generator=generator)
+            max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, noise_generator=noise_generator)
         optimizer.secure_mode = True  # noise as the mean of 4 Gaussians (floating-point attack resistant)
     net.train()
     start = time.perf_counter()  # training time only: not tokenization or noise calibration
@@ -188,10 +206,12 @@ def tune_prompt(model: ScoringModel, prompt: SoftPrompt | DeepPrompt, data: Text
                 break
             optimizer.zero_grad(set_to_none=True)
             if len(labels) == 0:  # an empty Poisson batch: the step still adds noise
-                prompt.weight.grad_sample = torch.zeros((0, *prompt.weight.shape))
+                prompt.weight.grad_sample = torch.zeros((0, *prompt.weight.shape), device=device)
                 optimizer.step()
             else:
                 input_ids, attention_mask = _trim(input_ids, attention_mask)
+                input_ids, attention_mask, answer_index, labels = (
+                    t.to(device) for t in (input_ids, attention_mask, answer_index, labels))
                 loss = loss_fn(net(input_ids, attention_mask, answer_index), labels)
                 with warnings.catch_warnings():
                     # Opacus' grad sampler hooks the soft-prompt module with a full backward hook; that module

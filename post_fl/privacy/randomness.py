@@ -42,11 +42,13 @@ def _mix(insecure_seed: int, stream: tuple[int, ...]) -> int:
     return int(words.generate_state(2, np.uint64)[0] & np.uint64(0x7FFFFFFFFFFFFFFF))
 
 
-def dp_torch_generator(insecure_seed: int | None = None, *stream: int) -> torch.Generator:
-    """A torch generator for a privacy mechanism: OS-entropy seeded, or (insecure mode only) from
+def dp_torch_generator(insecure_seed: int | None = None, *stream: int,
+                       device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator on ``device`` (where its noise is drawn: a CUDA generator for noise added to CUDA
+    tensors, as Opacus requires) for a privacy mechanism: OS-entropy seeded, or (insecure mode only) from
     ``insecure_seed`` and the ``stream`` ids that tell mechanisms, rounds and clients apart."""
     seed = fresh_seed(63) if insecure_seed is None else _mix(insecure_seed, stream)
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def dp_numpy_rng(insecure_seed: int | None = None, *stream: int) -> np.random.Generator:
