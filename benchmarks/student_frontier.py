@@ -133,13 +133,13 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     keys = [("student_zero_shot", "student zero-shot"), ("student_nondp", "student + non-DP prompt"),
-            ("student_dp", "student + DP prompt (eps 8)"), ("transferred", "teacher + POST-transferred DP prompt")]
+            ("student_dp", "student + DP prompt (eps 8)"), ("transferred", "teacher + POST-transferred DP prompt"),
+            ("transferred_nondp", "teacher + POST-transferred non-DP prompt")]
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows) + 2), 4.2))
     width = 0.8 / len(keys)
     for k, (key, label) in enumerate(keys):
-        xs = [i + (k - (len(keys) - 1) / 2) * width for i in range(len(rows))]
-        ys = [r.get(key) if r.get(key) is not None else 0.0 for r in rows]
-        ax.bar(xs, ys, width, label=label)
+        pts = [(i + (k - (len(keys) - 1) / 2) * width, r[key]) for i, r in enumerate(rows) if r.get(key) is not None]
+        ax.bar([x for x, _ in pts], [y for _, y in pts], width, label=label)  # a point not measured: no bar
     teacher = [r["teacher_zero_shot"] for r in rows if r.get("teacher_zero_shot") is not None]
     if teacher:
         ax.axhline(teacher[0], color="k", ls="--", lw=1, label="teacher zero-shot")

@@ -215,7 +215,9 @@ class Pipeline:
                                     "noise_multiplier": result.noise_multiplier, "sample_rate": result.sample_rate,
                                     "steps": result.steps, "examples": result.examples,
                                     "mean_loss": result.mean_loss, "seconds": result.seconds,
-                                    "seconds_per_epoch": result.seconds / max(self.cfg.tune.epochs, 1e-9)})
+                                    "seconds_per_epoch": result.seconds / max(self.cfg.tune.epochs, 1e-9),
+                                    "seconds_per_example": result.seconds / max(self.cfg.tune.epochs * result.examples,
+                                                                                 1e-9)})
 
     def transfer(self) -> dict:
         """Stage 3: POST transfer of the student prompt to the teacher on public data only."""
@@ -242,19 +244,28 @@ class Pipeline:
                                 f"POST transfer (alpha = {result.alpha_used:.2f}; selected step {result.best_step})")
 
     def tune_teacher(self) -> dict:
-        """Baseline: a non-private prompt tuned on the teacher itself (the costly upper bound POST avoids)."""
-        from dataclasses import replace
+        """Baseline: a non-private prompt tuned on the teacher itself (the costly upper bound POST avoids).
 
-        from .method.tuning import tune_prompt
+        Its recipe is ``eval.teacher_tune_*`` (an input prompt: the transferred prompt it bounds is one).
+        With ``eval.cache_teacher_prompt`` it is kept in the post-fl cache under a key of (teacher weights,
+        the training texts and labels it sees, the recipe, the seed), so reruns at other epsilons copy it.
+        """
+        from .core.embedded import cache_dir
+        from .method.reference_prompt import cached_teacher_prompt, store_teacher_prompt, tune_teacher_prompt
 
-        cfg = replace(self.cfg.tune, dp=False)
-        # an input prompt whatever prompt.form: the transferred prompt it bounds is one
+        e, out = self.cfg.eval, self.run / PROMPT_TEACHER_TUNED
+        train = self.task.train.head(e.teacher_tune_examples) if e.teacher_tune_examples else self.task.train
+        root = cache_dir() / "teacher-prompts" if e.cache_teacher_prompt else None
+        cached, key = cached_teacher_prompt(root, out, self.teacher, train, self.cfg.prompt, e, self.cfg.seed)
+        if cached is not None:
+            return self._stage("tune_teacher", cached)
         prompt = initial_prompt(self.cfg, self.teacher, self.cfg.seed, form="input")
-        result = tune_prompt(self.teacher, prompt, self.task.train, cfg, self.cfg.seed, progress=self.progress)
+        result = tune_teacher_prompt(self.teacher, prompt, train, e, self.cfg.seed, progress=self.progress)
         _save(result.prompt, self.run, PROMPT_TEACHER_TUNED, self.teacher, stage="teacher-tune-nonprivate")
-        return self._stage("tune_teacher", {"steps": result.steps, "mean_loss": result.mean_loss,
-                                            "seconds": result.seconds,
-                                            "seconds_per_epoch": result.seconds / max(cfg.epochs, 1e-9)})
+        stage = {"steps": result.steps, "examples": result.examples, "mean_loss": result.mean_loss,
+                 "seconds": result.seconds, "seconds_per_epoch": result.seconds / e.teacher_tune_epochs,
+                 "seconds_per_example": result.seconds / (e.teacher_tune_epochs * result.examples)}
+        return self._stage("tune_teacher", store_teacher_prompt(root, key, out, stage))
 
     def evaluate(self) -> dict:
         """Stage 4: test accuracy of every baseline, epsilon spent and costs, into results.json."""
@@ -325,6 +336,10 @@ class Pipeline:
             cost["student_tune_seconds_per_epoch"] = tune["seconds_per_epoch"]
             cost["teacher_tune_seconds_per_epoch"] = tune_t["seconds_per_epoch"]
             cost["tune_time_ratio_teacher_over_student"] = tune_t["seconds_per_epoch"] / tune["seconds_per_epoch"]
+        if tune.get("seconds_per_example") and tune_t.get("seconds_per_example"):
+            # per example: the two prompts may see different numbers of examples (eval.teacher_tune_*)
+            cost["tune_time_ratio_per_example_teacher_over_student"] = (tune_t["seconds_per_example"]
+                                                                        / tune["seconds_per_example"])
         results = {
             "accuracy": acc,
             "accuracy_intervals": intervals,  # per accuracy: n, stderr, 95% Wilson interval

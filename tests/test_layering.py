@@ -29,7 +29,7 @@ RANK = {**{layer: i for i, layer in enumerate(LAYERS)}, "glue": len(LAYERS)}  # 
 MAX_LINES = 400
 # modules longer than MAX_LINES that hold one idea each (and the most lines they may grow to)
 ONE_IDEA = {
-    "post_fl.core.config": ("the typed settings of a run and how they are read", 550),
+    "post_fl.core.config": ("the typed settings of a run and how they are read", 600),
     "post_fl.core.data": ("the task's data: examples, files and their label rules, partitions", 450),
     "post_fl.core.models": ("a language model as a class scorer", 450),
     "post_fl.privacy.rapt": ("RAPT's local mechanisms", 450),

@@ -241,3 +241,21 @@ def test_quiet_silences_the_libraries(tmp_path, tiny_dirs, files):
         assert transformers.utils.logging.get_verbosity() == transformers.logging.ERROR
     finally:
         progress.configure(quiet=False)
+
+
+def test_the_teacher_prompt_is_cached_by_teacher_data_and_recipe(tmp_path, tiny_dirs, files):
+    from safetensors.torch import load_file
+
+    def tune(run, *extra):
+        assert main(["tune-teacher"] + _args(tiny_dirs, files, run, kind="causal") + list(extra)) == 0
+        stage = json.loads((run / "stages" / "tune_teacher.json").read_text())
+        return stage, load_file(str(run / "prompt_teacher_tuned" / "adapter_model.safetensors"))["prompt_embeddings"]
+
+    first, w1 = tune(tmp_path / "a")
+    again, w2 = tune(tmp_path / "b")
+    other, w3 = tune(tmp_path / "c", "--set", "eval.teacher_tune_lr=0.2")
+    assert (first["cache"], again["cache"], other["cache"]) == ("miss", "hit", "miss")
+    assert (w1 == w2).all() and not (w1 == w3).all()
+    assert again["seconds_per_example"] == first["seconds_per_example"] > 0
+    off, _ = tune(tmp_path / "d", "--set", "eval.cache_teacher_prompt=false")
+    assert off["cache"] == "off"

@@ -75,7 +75,7 @@ class DataConfig:
     test_text_column: str = ""  # text column of the test file; "" = text_column
     public_text_column: str = ""  # text column of the public file; "" = text_column
     # CPU-sized defaults (a 2-core machine runs the whole pipeline in minutes); 0 = all
-    max_train_examples: int = 2000
+    max_train_examples: int = 0
     max_test_examples: int = 1000
     max_public_examples: int = 2000
     # what one public example is: "text" (a row of the public file, or an IMDB review cut to 600 characters)
@@ -120,7 +120,7 @@ class PromptConfig:
     num_virtual_tokens: int = 10
     init: str = "vocab"  # "vocab" (random vocabulary embeddings) | "text"
     init_text: str = ""
-    form: str = "input"  # "input" | "deep"
+    form: str = "deep"  # "deep" (a prompt at every layer: steers a small student) | "input"
 
     def validate(self) -> None:
         if self.form not in PROMPT_FORMS:
@@ -144,9 +144,9 @@ class TuneConfig:
     most ``target_epsilon``.
     """
 
-    epochs: float = 1.0
-    batch_size: int = 16
-    lr: float = 0.05
+    epochs: float = 3.0
+    batch_size: int = 64
+    lr: float = 0.01
     dp: bool = True
     target_epsilon: float = 8.0
     delta: float = 0.0
@@ -175,7 +175,7 @@ class TuneConfig:
         return self.dp and math.isfinite(self.target_epsilon)
 
 
-DISTILL_OBJECTIVES = ("template", "lm")
+DISTILL_OBJECTIVES = ("auto", "template", "lm")
 LAYER_SELECTIONS = ("even", "ends")
 
 
@@ -198,14 +198,14 @@ class DistillConfig:
     ``keep_best`` the student ends with the weights of its best held-out agreement check.
     """
 
-    objective: str = "template"  # "template": the task template, answer + sampled positions | "lm": raw text, every position
-    layer_selection: str = "even"  # "even": evenly spaced, first and last kept | "ends": first half and last half (POST)
-    num_layers: int = 0  # 0 = a fifth of the teacher's layers, at least 1 (6 of SmolLM2's 30)
+    objective: str = "auto"  # "lm": raw text, every position (auto for causal LMs) | "template": the task template
+    layer_selection: str = "ends"  # "ends": first half and last half (POST) | "even": evenly spaced, first and last
+    num_layers: int = 0  # 0 = a third of the teacher's layers, at least 1 (10 of SmolLM2's 30)
     sequence_length: int = 128  # objective "lm": tokens per packed sequence of public text
     corpus_tokens: int = 200_000  # objective "lm": at most this many tokens of public text are distilled on
-    steps: int = 3000  # at most this many steps (the target or the time budget usually stops it first)
-    batch_size: int = 16
-    lr: float = 5e-4
+    steps: int = 200  # the budget, in steps (reproducible from the seed)
+    batch_size: int = 8
+    lr: float = 3e-4
     lr_schedule: str = "linear"  # "linear": warm up, then decay to 0 at the time budget or step limit; "constant"
     warmup_steps: int = 20
     keep_best: bool = True  # end with the weights of the best held-out class agreement check, not the last step
@@ -216,8 +216,8 @@ class DistillConfig:
     alpha_class: float = 1.0
     mlm_probability: float = 0.15
     positions_per_text: int = 8  # distilled positions per text besides the answer position
-    target_agreement: float = 0.9  # class agreement on held-out public text that ends training
-    time_budget_s: float = 600.0  # seconds of student training that end it (the teacher's one pass is extra)
+    target_agreement: float = 1.0  # class agreement on held-out public text that ends training early (1 = never)
+    time_budget_s: float = math.inf  # optional cap in seconds of student training (inf = none: steps decide)
     eval_every: int = 50
     teacher_batch_size: int = 32
     cache: bool = True
@@ -277,7 +277,7 @@ class TransferConfig:
     ``heldout_fraction`` of the public texts, checked every ``eval_every`` steps (no labels; 0 = the last).
     """
 
-    steps: int = 50  # sized so that the main job fits 15 min on 2 CPU cores with the SmolLM2 teacher
+    steps: int = 200
     batch_size: int = 16
     lr: float = 0.01
     alpha: float | str = 0.5  # a number in [0, 1] or "auto"
@@ -309,10 +309,22 @@ class EvalConfig:
     batch_size: int = 32
     teacher_prompt_tuning: bool = True  # the costly non-private upper bound
     cache_zero_shot: bool = True  # keep unprompted test/validation scores in the post-fl cache for reruns
+    # the teacher's own (non-private, input) prompt: its recipe, and a cache of it keyed by teacher, data and recipe
+    teacher_tune_examples: int = 2000  # training examples it sees (0 = all)
+    teacher_tune_epochs: float = 1.0
+    teacher_tune_lr: float = 0.05
+    teacher_tune_batch_size: int = 16
+    cache_teacher_prompt: bool = True
 
     def validate(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError(f"eval.batch_size: expected >= 1, got {self.batch_size}")
+        for name in ("batch_size", "teacher_tune_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"eval.{name}: expected >= 1, got {getattr(self, name)}")
+        for name in ("teacher_tune_epochs", "teacher_tune_lr"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"eval.{name}: expected > 0, got {getattr(self, name)}")
+        if self.teacher_tune_examples < 0:
+            raise ConfigError(f"eval.teacher_tune_examples: expected >= 0 (0 = all), got {self.teacher_tune_examples}")
 
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
@@ -398,7 +410,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "compute.device": "auto", "compute.dtype": "auto", "compute.batch_size": 0,
 }
 # Settings that never change a result (caches of bit-identical values): fingerprints leave them out.
-RESULT_NEUTRAL_SETTINGS: tuple[str, ...] = ("eval.cache_zero_shot",)
+RESULT_NEUTRAL_SETTINGS: tuple[str, ...] = ("eval.cache_zero_shot", "eval.cache_teacher_prompt")
 
 
 def identifying_settings(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:

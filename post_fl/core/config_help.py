@@ -105,6 +105,11 @@ FIELD_HELP: dict[str, str] = {
                                  "is returned (no labels, no epsilon); 0 = the last step's prompt",
     # eval
     "eval.batch_size": "texts per batch when scoring test examples",
+    "eval.teacher_tune_examples": "teacher's own prompt: training examples it sees (0 = all)",
+    "eval.teacher_tune_epochs": "teacher's own prompt: epochs",
+    "eval.teacher_tune_lr": "teacher's own prompt: learning rate (Adam; an input prompt)",
+    "eval.teacher_tune_batch_size": "teacher's own prompt: batch size",
+    "eval.cache_teacher_prompt": "true = keep the teacher's own prompt in the post-fl cache (keyed by teacher, data, recipe)",
     "eval.teacher_prompt_tuning": "true = also tune a non-private prompt on the teacher (the costly upper bound)",
     "eval.cache_zero_shot": "true = keep the unprompted (zero-shot) class scores of teacher and student on the test and validation texts in the post-fl cache, so reruns skip those passes",
     # compute

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -45,7 +45,7 @@ from ..core.compute import pass_rows
 from ..core.config import DistillConfig
 from ..core.data import DataError, TextDataset
 from ..core.models import ScoringModel
-from .student import make_student, student_layers
+from .student import distill_objective, make_student, student_layers
 from .teacher_outputs import TeacherOutputs, teacher_lm_outputs, teacher_outputs, vocab_logits
 from .transfer import kl_at_temperature
 
@@ -78,6 +78,7 @@ class DistillReport:
     curve: list[dict] = field(default_factory=list)  # {"step", "seconds", "agreement"} at each check
     best_step: int = 0  # the step whose weights the student ends with (keep_best: its best held-out check)
     lm_loss_applied: bool = True
+    objective: str = ""  # "lm" | "template": the objective used (distill.objective resolved)
 
     @property
     def parameter_ratio(self) -> float:
@@ -150,6 +151,7 @@ def distill_student(teacher: ScoringModel, public: TextDataset, cfg: DistillConf
     """
     if len(public) == 0:
         raise DataError("distillation needs a non-empty public dataset")
+    cfg = replace(cfg, objective=distill_objective(teacher, cfg))
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
@@ -181,7 +183,8 @@ def distill_student(teacher: ScoringModel, public: TextDataset, cfg: DistillConf
                            steps=0, seconds=0.0, agreement_before=agree0, next_token_agreement_before=tok0,
                            validation_agreement_before=val_before if val_teacher is not None else None,
                            target_agreement=cfg.target_agreement, teacher_output_seconds=teacher_seconds,
-                           teacher_output_cache=train_cache, lm_loss_applied=teacher.head != "embedding")
+                           teacher_output_cache=train_cache, lm_loss_applied=teacher.head != "embedding",
+                           objective=cfg.objective)
     report.curve.append({"step": 0, "seconds": 0.0, "agreement": agree0, "next_token_agreement": tok0})
     if teacher.head == "embedding" and (cfg.alpha_lm > 0 or cfg.alpha_class > 0):
         log.warning("distill.alpha_lm / alpha_class ignored: an encoder without an LM head has no LM or "

@@ -60,5 +60,13 @@ def student_with_layers(teacher: nn.Module, keep: list[int]) -> nn.Module:
 
 
 def student_layers(teacher: ScoringModel, cfg: DistillConfig) -> int:
-    """How many layers the student keeps: ``cfg.num_layers``, or a fifth of the teacher's (at least 1) when 0."""
-    return cfg.num_layers or max(1, round(teacher.backbone.config.num_hidden_layers / 5))
+    """How many layers the student keeps: ``cfg.num_layers``, or a third of the teacher's (at least 1) when 0."""
+    return cfg.num_layers or max(1, round(teacher.backbone.config.num_hidden_layers / 3))
+
+
+def distill_objective(teacher: ScoringModel, cfg: DistillConfig) -> str:
+    """The distillation objective ``cfg.objective`` names: ``"auto"`` is language-model KD (``"lm"``) for a
+    causal LM teacher and template KD (``"template"``) for any other head."""
+    if cfg.objective != "auto":
+        return cfg.objective
+    return "lm" if teacher.head == "causal" else "template"

@@ -14,6 +14,7 @@ from ..core.config import DistillConfig, identifying_settings
 from ..core.data import DataError, TextDataset
 from ..core.models import ScoringModel
 from .distill import DistillReport, distill_student
+from .student import distill_objective
 from .teacher_outputs import CACHE_FORMAT, corpus_hash, task_settings, teacher_hash
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ def student_cache_key(teacher: ScoringModel, public: TextDataset, held_out: Text
     key = {"format": CACHE_FORMAT, "teacher": teacher_hash(teacher), "distill": settings, "seed": seed,
            "task": task_settings(teacher), "corpus": corpus_hash(public.texts),
            "held_out": corpus_hash(held_out.texts) if held_out is not None else ""}
-    if cfg.objective == "lm" and corpus is not None:
+    if distill_objective(teacher, cfg) == "lm" and corpus is not None:
         key["lm_corpus"] = corpus_hash(corpus.texts)
     blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()

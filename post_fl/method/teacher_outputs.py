@@ -28,7 +28,7 @@ from ..core.data import DataError
 from ..core.keyed_cache import read_keyed_tensors, write_keyed_tensors
 from ..core.models import EncodedBatch, ScoringModel
 
-CACHE_FORMAT = 2  # bump when the cached tensors change meaning
+CACHE_FORMAT = 3  # bump when the cached tensors or the meaning of a distillation setting change (3: num_layers = 0 is a third)
 
 
 def vocab_logits(model: ScoringModel, hidden: torch.Tensor) -> torch.Tensor:
