@@ -121,7 +121,8 @@ def test_loaders_put_every_model_and_prompt_where_compute_says(monkeypatch, tmp_
 
     placed = Compute(META, torch.float32)
     monkeypatch.setattr(tasks, "resolve_compute", lambda cfg: placed)
-    cfg = load_config(None, _settings(tiny_dirs, files))
+    # an input prompt: making a deep one runs the model, which a meta model cannot (no values)
+    cfg = load_config(None, {**_settings(tiny_dirs, files), "prompt.form": "input"})
     task = tasks.load_task(cfg)
     teacher = tasks.load_teacher(cfg, task)
     student = tasks.load_student(tiny_dirs["causal"], cfg, task, teacher)
