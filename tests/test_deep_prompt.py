@@ -231,10 +231,14 @@ def test_broken_deep_prompt_files_name_the_file_and_field(tmp_path):
 
 
 def test_prompt_form_setting_is_checked_and_builds_the_form(tiny_dirs):
-    with pytest.raises(ConfigError, match="prompt.form: expected one of input, deep, got 'prefix'"):
+    with pytest.raises(ConfigError, match="prompt.form: expected one of auto, input, deep, got 'prefix'"):
         PromptConfig(form="prefix").validate()
-    assert RunConfig().prompt.form == "input"
+    assert RunConfig().prompt.form == "auto"
     m = load_scoring_model(tiny_dirs["causal"], LABELS)
+    # auto: deep on a causal LM (what the student frontier measured), input on the other heads
+    assert isinstance(new_prompt(m, PromptConfig(num_virtual_tokens=2), seed=3), DeepPrompt)
+    assert isinstance(new_prompt(load_scoring_model(tiny_dirs["masked"], LABELS), PromptConfig(num_virtual_tokens=2),
+                                 seed=3), SoftPrompt)
     cfg = PromptConfig(num_virtual_tokens=2, form="deep")
     deep = new_prompt(m, cfg, seed=3)
     assert isinstance(deep, DeepPrompt) and deep.weight.shape == (4, 2, 32)
@@ -248,7 +252,7 @@ def test_prompt_form_setting_is_checked_and_builds_the_form(tiny_dirs):
     with pytest.raises(PromptError, match=r"prompt.form = 'deep' expects .* \(4, 2, 32\)"):
         prompt_with_weight(moved[0], m, cfg, seed=3)
     with pytest.raises(PromptError, match="prompt.form = 'input' expects"):
-        prompt_with_weight(moved, m, PromptConfig(num_virtual_tokens=2), seed=3)
+        prompt_with_weight(moved, m, PromptConfig(num_virtual_tokens=2, form="input"), seed=3)
 
 
 def test_the_pipeline_tunes_a_deep_student_prompt_and_gives_the_teacher_input_prompts(tmp_path, tiny_dirs):

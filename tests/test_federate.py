@@ -115,7 +115,7 @@ def test_both_engines_account_the_same_epsilon_with_fresh_noise(fed_root, tmp_pa
 @pytest.mark.parametrize("args, message", [
     (["--users", "0"], "federated.num_clients: expected >= 1, got 0"),
     (["--users", "200"], "federated.num_clients (--users) = 200: the private training set has 87 examples "
-                         "(data.max_train_examples = 2000) and every user needs federated.min_partition_size = 2; "
+                         "(data.max_train_examples = 0) and every user needs federated.min_partition_size = 2; "
                          "expected at most 43 users"),
     (["--users", "80", "--partitioning", "pathological", "--set", "federated.min_partition_size=1"],
      "federated.partitioning = 'pathological' with 80 users: Label: 1 is needed to be assigned to more partitions "

@@ -243,8 +243,10 @@ def test_quiet_silences_the_libraries(tmp_path, tiny_dirs, files):
         progress.configure(quiet=False)
 
 
-def test_the_teacher_prompt_is_cached_by_teacher_data_and_recipe(tmp_path, tiny_dirs, files):
+def test_the_teacher_prompt_is_cached_by_teacher_data_and_recipe(tmp_path, tiny_dirs, files, monkeypatch):
     from safetensors.torch import load_file
+
+    monkeypatch.setenv("POST_FL_CACHE", str(tmp_path / "cache"))  # not the suite's shared cache
 
     def tune(run, *extra):
         assert main(["tune-teacher"] + _args(tiny_dirs, files, run, kind="causal") + list(extra)) == 0

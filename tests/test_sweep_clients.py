@@ -186,6 +186,9 @@ class BiasedTeacher:
     def encode(self, texts):
         return list(texts)
 
+    def parameters(self):  # a stub model without weights: it computes on the CPU (post_fl.core.compute)
+        return iter(())
+
     def __call__(self, batch, prompt=None):
         return torch.tensor([[0.0, 1.5 + (1.0 if "good" in t else -1.0)] for t in batch])
 

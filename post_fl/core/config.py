@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 EMBEDDED_DEFAULT = "embedded"
-PROMPT_FORMS = ("input", "deep")  # prompt.form: virtual tokens before the input | a prompt at every layer
+PROMPT_FORMS = ("auto", "input", "deep")  # prompt.form: virtual tokens before the input | a prompt at every layer
 
 
 class ConfigError(ValueError):
@@ -120,7 +120,7 @@ class PromptConfig:
     num_virtual_tokens: int = 10
     init: str = "vocab"  # "vocab" (random vocabulary embeddings) | "text"
     init_text: str = ""
-    form: str = "deep"  # "deep" (a prompt at every layer: steers a small student) | "input"
+    form: str = "auto"  # "deep" (a prompt at every layer; auto for causal LMs) | "input" (auto otherwise)
 
     def validate(self) -> None:
         if self.form not in PROMPT_FORMS:

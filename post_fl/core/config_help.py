@@ -51,7 +51,8 @@ FIELD_HELP: dict[str, str] = {
     "prompt.num_virtual_tokens": "length of the soft prompt (virtual tokens prepended to the input)",
     "prompt.init": "how the prompt starts: vocab (random vocabulary embeddings) | text (embeddings of init_text)",
     "prompt.init_text": "the text whose token embeddings start the prompt when prompt.init = 'text'",
-    "prompt.form": "input = virtual tokens before the input (PEFT prompt tuning) | deep = a prompt at every layer "
+    "prompt.form": "auto = deep for a causal LM, input otherwise | input = virtual tokens before the input (PEFT "
+                   "prompt tuning) | deep = a prompt at every layer "
                    "of the student (steers a few-layer student more); the teacher gets its layer-0 slice",
     # tune
     "tune.epochs": "passes over the private training set (fractions allowed); per round when federated",
