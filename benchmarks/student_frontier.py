@@ -139,7 +139,10 @@ def plot(rows: list[dict], path: Path) -> None:
     width = 0.8 / len(keys)
     for k, (key, label) in enumerate(keys):
         pts = [(i + (k - (len(keys) - 1) / 2) * width, r[key]) for i, r in enumerate(rows) if r.get(key) is not None]
-        ax.bar([x for x, _ in pts], [y for _, y in pts], width, label=label)  # a point not measured: no bar
+        if not pts:  # a measure no point has: no bar and no legend entry
+            continue
+        ax.bar([x for x, _ in pts], [y for _, y in pts], width, label=label,  # a point not measured: no bar
+               color=("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")[k])
     teacher = [r["teacher_zero_shot"] for r in rows if r.get("teacher_zero_shot") is not None]
     if teacher:
         ax.axhline(teacher[0], color="k", ls="--", lw=1, label="teacher zero-shot")
