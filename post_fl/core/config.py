@@ -184,15 +184,16 @@ class DistillConfig:
     """Knowledge distillation of the student from the teacher (DistilBERT-style), on cached teacher outputs.
 
     The student keeps the teacher's width and embeddings and takes ``num_layers`` of its
-    layers (evenly spaced). Loss = ``alpha_kd`` * T^2 KL(teacher || student) on vocabulary logits at
+    layers (``layer_selection``). ``objective`` "lm" distils at every position of packed raw public
+    text (no class term); "template" as follows. Loss = ``alpha_kd`` * T^2 KL(teacher || student) on vocabulary logits at
     temperature ``temperature`` + ``alpha_class`` * KL on the verbalizer's classes at the answer position
     + ``alpha_lm`` * LM loss + ``alpha_cos`` * (1 - cos) on last-layer hidden states, at the answer
     position and ``positions_per_text`` sampled positions of each public text. The teacher runs once
     over the public text (batches of ``teacher_batch_size``); with ``cache`` its outputs and the
     distilled student are kept under the post-fl cache directory, keyed by the teacher's weights, the
-    corpus and these settings, so a rerun skips distillation. Training stops when the class agreement
-    with the teacher on held-out public text reaches ``target_agreement`` (checked every
-    ``eval_every`` steps), after ``time_budget_s`` seconds of training, or after ``steps`` steps.
+    corpus and these settings, so a rerun skips distillation. Training runs ``steps`` steps; it may
+    end early when the class agreement with the teacher on held-out public text reaches
+    ``target_agreement`` (checked every ``eval_every`` steps) or after the optional ``time_budget_s``.
     With ``lr_schedule = "linear"`` the learning rate warms up over ``warmup_steps`` and then falls
     linearly to 0 as training nears whichever of the time budget and the step limit comes first; with
     ``keep_best`` the student ends with the weights of its best held-out agreement check.
@@ -236,7 +237,7 @@ class DistillConfig:
         if self.positions_per_text < 0:
             raise ConfigError(f"distill.positions_per_text: expected >= 0, got {self.positions_per_text}")
         if self.num_layers < 0:
-            raise ConfigError(f"distill.num_layers: expected >= 0 (0 = a fifth of the teacher's), got {self.num_layers}")
+            raise ConfigError(f"distill.num_layers: expected >= 0 (0 = a third of the teacher's), got {self.num_layers}")
         if self.steps < 0:
             raise ConfigError(f"distill.steps: expected >= 0, got {self.steps}")
         if self.batch_size < 1:

@@ -70,7 +70,7 @@ FIELD_HELP: dict[str, str] = {
     "distill.layer_selection": "\"even\" = evenly spaced teacher layers; \"ends\" = the first half and the last half",
     "distill.sequence_length": "objective lm: tokens per packed sequence of public text",
     "distill.corpus_tokens": "objective lm: at most this many tokens of public text (whole public texts, packed)",
-    "distill.num_layers": "teacher layers the student keeps (evenly spaced); 0 = a fifth of the teacher's, at least 1",
+    "distill.num_layers": "teacher layers the student keeps (see distill.layer_selection); 0 = a third of the teacher's, at least 1",
     "distill.steps": "at most this many distillation steps (target agreement or time budget usually stop it first)",
     "distill.batch_size": "public texts per distillation step",
     "distill.lr": "peak learning rate of the student (AdamW)",

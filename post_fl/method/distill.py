@@ -22,10 +22,10 @@ the KD logits are the hidden states projected on the frozen word embeddings (a t
 and the LM and class terms do not apply. The teacher runs once over the public text
 (:mod:`post_fl.method.teacher_outputs`); every step here costs only the student.
 
-**Training stops at a target, not a step count**: every ``eval_every`` steps the student's class
-predictions on held-out public text are compared with the teacher's; training ends when their
-agreement reaches ``target_agreement``, when ``time_budget_s`` has passed, or after ``steps`` steps,
-whichever comes first (``steps = 0`` keeps the layer-copied student untrained). The report gives both
+**Training runs for ``steps`` steps** (reproducible from the seed); every ``eval_every`` steps the
+student's class predictions on held-out public text are compared with the teacher's, and training may
+end early when their agreement reaches ``target_agreement`` (default 1.0: never) or when the optional
+wall-clock cap ``time_budget_s`` (default inf: off) has passed (``steps = 0`` keeps the layer-copied student untrained). The report gives both
 agreement measures (next-token top-1 on held-out public text; class predictions on held-out public
 text and, when given, on the task's validation split). The distilled student is saved and cached by
 :mod:`post_fl.method.student_cache`.
