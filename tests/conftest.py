@@ -88,6 +88,17 @@ def tiny_dirs(tmp_path_factory):
 
 
 @pytest.fixture
+def files(tmp_path):
+    """(train.csv, test.jsonl, public.csv): 48 / 24 / 40 generated sentiment rows (seeds 1, 2, 3)."""
+    from post_fl.core.data import write_text_file
+
+    train = write_text_file(make_sentiment(48, seed=1), tmp_path / "train.csv")
+    test = write_text_file(make_sentiment(24, seed=2), tmp_path / "test.jsonl")
+    public = write_text_file(make_sentiment(40, seed=3), tmp_path / "public.csv")
+    return train, test, public
+
+
+@pytest.fixture
 def sentiment():
     return make_sentiment(64, seed=1)
 

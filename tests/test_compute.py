@@ -16,7 +16,6 @@ import torch
 from post_fl.core import compute as C
 from post_fl.core.compute import Compute, DeviceError, misplaced, pass_rows, resolve_compute
 from post_fl.core.config import ComputeConfig, ConfigError, RunConfig, config_from_dict
-from post_fl.core.data import write_text_file
 
 from conftest import make_sentiment
 
@@ -42,14 +41,6 @@ def fake_cuda(monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
     return make
-
-
-@pytest.fixture
-def files(tmp_path):
-    train = write_text_file(make_sentiment(48, seed=1), tmp_path / "train.csv")
-    test = write_text_file(make_sentiment(24, seed=2), tmp_path / "test.jsonl")
-    public = write_text_file(make_sentiment(40, seed=3), tmp_path / "public.csv")
-    return train, test, public
 
 
 def _settings(tiny_dirs, files, kind="causal") -> dict:

@@ -6,17 +6,6 @@ import pytest
 
 from post_fl.cli import main, parse_overrides
 from post_fl.core.config import ConfigError
-from post_fl.core.data import write_text_file
-
-from conftest import make_sentiment
-
-
-@pytest.fixture
-def files(tmp_path):
-    train = write_text_file(make_sentiment(48, seed=1), tmp_path / "train.csv")
-    test = write_text_file(make_sentiment(24, seed=2), tmp_path / "test.jsonl")
-    public = write_text_file(make_sentiment(40, seed=3), tmp_path / "public.csv")
-    return train, test, public
 
 
 def _args(tiny_dirs, files, run, kind="masked"):
