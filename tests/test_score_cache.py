@@ -13,7 +13,7 @@ from post_fl.method.score_cache import cached_zero_shot_scores, zero_shot_cache_
 
 from conftest import make_sentiment
 from test_distill_cache import LABELS, WORDS, teacher  # noqa: F401 - the fixture is used by name
-from test_pipeline_cli import _args, files  # noqa: F401 - the fixture is used by name
+from test_pipeline_cli import _args
 
 
 def test_scores_are_computed_once_then_read_back(teacher, tmp_path):
