@@ -159,6 +159,29 @@ def test_dp_sgd_on_a_deep_prompt_clips_each_example(tiny_dirs, sentiment, dp_ste
     assert float(noise.std()) == pytest.approx(sigma * C, rel=0.06)
 
 
+def test_auto_clip_bound_follows_the_prompt_form(tiny_dirs, sentiment, dp_steps):
+    """tune.max_grad_norm = "auto" (the default) clips a deep prompt at 0.25 and an input prompt at 1.0, and
+    the noise scales with that C."""
+    assert TuneConfig().max_grad_norm == "auto"
+    assert (TuneConfig().clip_bound("deep"), TuneConfig().clip_bound("input")) == (0.25, 1.0)
+    assert TuneConfig(max_grad_norm=0.7).clip_bound("deep") == 0.7
+    m = load_scoring_model(tiny_dirs["causal"], LABELS)
+    soft, deep = _deep(m)
+    sigma = 1.1
+    for prompt, expected in ((deep, 0.25), (soft, 1.0)):
+        dp_steps.clear()
+        tune_prompt(m, prompt, sentiment, TuneConfig(epochs=2, batch_size=8, target_epsilon=8.0), noise_multiplier=sigma)
+        assert dp_steps and {s["C"] for s in dp_steps} == {expected}
+        noise = torch.cat([s["noise"].reshape(-1) for s in dp_steps]).double()
+        assert float(noise.std()) == pytest.approx(sigma * expected, rel=0.08)
+
+
+@pytest.mark.parametrize("bad", ["big", 0, -1.0, "AUTO"])
+def test_a_bad_clip_bound_is_refused(bad):
+    with pytest.raises(ConfigError, match="tune.max_grad_norm: expected a number > 0 or \"auto\""):
+        TuneConfig(max_grad_norm=bad).validate()
+
+
 def test_removing_the_noise_changes_the_deep_prompt(tiny_dirs, sentiment):
     """The same insecure-seeded DP-SGD run with and without noise: noise must move the released prompt."""
     m = load_scoring_model(tiny_dirs["masked"], LABELS)

@@ -33,8 +33,10 @@ def test_fedavg_and_the_robust_means_work_on_deep_updates():
     assert len(valid) == 3 and "wrong shape (3, 8), expected (4, 3, 8)" in rejected[9]
 
 
-@pytest.mark.parametrize("private", [True, False], ids=["dp", "plain"])
-def test_batched_deep_clients_equal_tune_prompt_one_at_a_time(tiny_dirs, private):
+@pytest.mark.parametrize("private,clip", [(True, 0.05), (True, "auto"), (False, "auto")], ids=["dp", "dp-auto-clip", "plain"])
+def test_batched_deep_clients_equal_tune_prompt_one_at_a_time(tiny_dirs, private, clip):
+    """Both engines tune a deep prompt alike; with ``max_grad_norm = "auto"`` both take the deep prompt's C
+    (an engine that took the input prompt's C would add 4x the noise and differ)."""
     m = load_scoring_model(tiny_dirs["masked"], LABELS)
     start = new_prompt(m, PromptConfig(num_virtual_tokens=3, form="deep"), seed=0)
     with torch.no_grad():  # scales far from 1, so an engine that ignored them would differ
@@ -43,7 +45,7 @@ def test_batched_deep_clients_equal_tune_prompt_one_at_a_time(tiny_dirs, private
     p0 = start.weight.detach().clone()
     data = {0: make_sentiment(10, seed=100), 3: make_sentiment(23, seed=103)}
     if private:
-        cfg = TuneConfig(epochs=2, batch_size=8, target_epsilon=4.0, max_grad_norm=0.05, lr=0.05)
+        cfg = TuneConfig(epochs=2, batch_size=8, target_epsilon=4.0, max_grad_norm=clip, lr=0.05)
         # (seeds where no noised gradient coordinate cancels to ~1e-8: there Adam's first step g / (|g| + 1e-8)
         # turns float rounding into ~1e-4 differences, in either engine)
         kw = {"insecure_seeds": {0: 1000, 3: 1004}, "noise_multipliers": {0: 0.9, 3: 1.3}}

@@ -85,3 +85,23 @@ def test_a_point_with_a_bad_override_is_refused(frontier, tiny_config, tmp_path,
                                       str(tmp_path / "f.json"), "--point", "bad", "distill.objective"])
     with pytest.raises(SystemExit, match="key=value"):
         frontier.main()
+
+
+def test_gradient_norms_reports_each_form_on_public_text(tiny_config, tmp_path, capsys):
+    """benchmarks/gradient_norms.py: per-example norms of both prompt forms, beside the auto clip bound."""
+    from post_fl.core.config import load_config
+    from post_fl.pipeline import Pipeline
+
+    pipe = Pipeline(load_config(tiny_config), tmp_path / "run")
+    pipe.save_config()
+    pipe.distill()
+    spec = importlib.util.spec_from_file_location("gradient_norms", ROOT / "benchmarks" / "gradient_norms.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--run", str(tmp_path / "run"), "--texts", "6"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["split"] == "public" and out["texts"] == 6
+    for form, bound in (("input", 1.0), ("deep", 0.25)):
+        row = out["forms"][form]
+        assert 0 < row["q10"] <= row["median"] <= row["q90"] and row["auto_clip_bound"] == bound
+    assert out["forms"]["deep"]["parameters"] > out["forms"]["input"]["parameters"]

@@ -133,6 +133,14 @@ class PromptConfig:
             raise ConfigError("prompt.init_text: required when prompt.init = 'text'")
 
 
+# tune.max_grad_norm = "auto": C per prompt form, near the median per-example gradient norm at the initial
+# prompt (SmolLM2 student, public IMDB sentences with uniformly drawn labels: input 2.45, deep 0.30; the
+# private training split: 1.9 and 0.26 -- benchmarks/gradient_norms.py). A deep prompt is in units of each
+# layer's hidden-state RMS, so its norms carry over between models of one family; the input prompt's C is
+# the usual DP-SGD choice (clipping binds for most examples).
+AUTO_CLIP_BOUNDS = {"input": 1.0, "deep": 0.25}
+
+
 @dataclass
 class TuneConfig:
     """Prompt tuning on private data, optionally with DP-SGD (Opacus).
@@ -141,7 +149,10 @@ class TuneConfig:
     ``min(1e-5, 1 / (10 N))`` with N the examples being protected (per client when federated);
     an explicit ``delta >= 1 / N`` is refused when tuning starts. The noise multiplier is
     calibrated once so that ``epochs`` epochs (times ``rounds`` rounds when federated) spend at
-    most ``target_epsilon``.
+    most ``target_epsilon``. ``max_grad_norm`` is DP-SGD's per-example clipping bound C: a number, or
+    ``"auto"``, the bound of :data:`AUTO_CLIP_BOUNDS` for the prompt's form (:meth:`clip_bound`): a deep
+    prompt's gradients are about 4x smaller than an input prompt's (docs/method.md), so one C for both
+    would either never clip a deep prompt (and add 4x the noise it needs) or over-clip an input prompt.
     """
 
     epochs: float = 3.0
@@ -150,7 +161,7 @@ class TuneConfig:
     dp: bool = True
     target_epsilon: float = 8.0
     delta: float = 0.0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | str = "auto"  # a number > 0, or "auto": AUTO_CLIP_BOUNDS[prompt form]
     accountant: str = "rdp"  # "rdp" | "prv"
 
     def validate(self) -> None:
@@ -164,8 +175,8 @@ class TuneConfig:
             raise ConfigError(f"tune.target_epsilon: expected > 0 (inf = no DP), got {self.target_epsilon}")
         if not 0 <= self.delta < 1:
             raise ConfigError(f"tune.delta: expected 0 <= delta < 1, got {self.delta}")
-        if self.max_grad_norm <= 0:
-            raise ConfigError(f"tune.max_grad_norm: expected > 0, got {self.max_grad_norm}")
+        if self.max_grad_norm != "auto" and (isinstance(self.max_grad_norm, str) or not self.max_grad_norm > 0):
+            raise ConfigError(f'tune.max_grad_norm: expected a number > 0 or "auto", got {self.max_grad_norm!r}')
         if self.accountant not in ("rdp", "prv"):
             raise ConfigError(f"tune.accountant: expected rdp|prv, got {self.accountant!r}")
 
@@ -173,6 +184,12 @@ class TuneConfig:
     def private(self) -> bool:
         """True when DP-SGD is on (dp and a finite target epsilon)."""
         return self.dp and math.isfinite(self.target_epsilon)
+
+    def clip_bound(self, form: str) -> float:
+        """DP-SGD's per-example gradient clipping bound C for a prompt of ``form`` ("input" or "deep")."""
+        if form not in AUTO_CLIP_BOUNDS:
+            raise ValueError(f"prompt form must be one of {sorted(AUTO_CLIP_BOUNDS)}, got {form!r}")
+        return AUTO_CLIP_BOUNDS[form] if self.max_grad_norm == "auto" else float(self.max_grad_norm)
 
 
 DISTILL_OBJECTIVES = ("auto", "template", "lm")

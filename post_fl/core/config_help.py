@@ -62,7 +62,7 @@ FIELD_HELP: dict[str, str] = {
     "tune.target_epsilon": "the epsilon the noise multiplier is calibrated to; inf = no DP",
     "tune.delta": "the DP delta; 0.0 = derived default min(1e-5, 1/(10 N)) with N the protected examples "
                   "(per client when federated); delta >= 1/N is refused",
-    "tune.max_grad_norm": "per-example gradient clipping bound of DP-SGD",
+    "tune.max_grad_norm": "per-example gradient clipping bound C of DP-SGD: a number, or auto (1.0 for an input prompt, 0.25 for a deep prompt)",
     "tune.accountant": "privacy accountant: rdp | prv",
     # distill
     "distill.objective": "\"lm\" = language-model KD on raw public text at every position (as POST); "

@@ -125,6 +125,11 @@ class DeepPrompt(nn.Module):
         return DeepPrompt(torch.as_tensor(weight), self.scales)
 
 
+def prompt_form(prompt: SoftPrompt | DeepPrompt) -> str:
+    """The form of a prompt object: "deep" (a prompt at every layer) or "input" (virtual tokens before the input)."""
+    return "deep" if isinstance(prompt, DeepPrompt) else "input"
+
+
 def as_input_prompt(prompt: SoftPrompt | DeepPrompt) -> SoftPrompt:
     """An input prompt for use on another model: ``prompt`` itself, or a deep prompt's layer-0 slice."""
     return prompt.input_prompt() if isinstance(prompt, DeepPrompt) else prompt

@@ -330,7 +330,7 @@ def train_clients_batched(model: ScoringModel, global_prompt: torch.Tensor | np.
         seed = insecure_seeds[c] if insecure_seeds is not None else None
         plans.append(_ClientPlan(row, n, cfg, sigma, _client_generators(cfg, seed, int(seeds.get(c, 0)), device)))
 
-    K, shape = len(ids), tuple(base.shape)
+    K, shape, clip = len(ids), tuple(base.shape), cfg.clip_bound("deep" if base.dim() == 3 else "input")  # C
     prompts = base.unsqueeze(0).repeat(K, *([1] * base.dim()))
     exp_avg, exp_avg_sq = torch.zeros_like(prompts), torch.zeros_like(prompts)
     state_bytes = 4 * prompts.numel() * prompts.element_size()  # + the per-step gradient sums
@@ -354,7 +354,7 @@ def train_clients_batched(model: ScoringModel, global_prompt: torch.Tensor | np.
                 grads, losses = per_example_prompt_grads(model, prompts.index_select(0, who), batch, labels[rows],
                                                          scales)
                 if cfg.private:
-                    grads = clip_per_example(grads, cfg.max_grad_norm)
+                    grads = clip_per_example(grads, clip)
                 grad_sum.index_add_(0, who, grads)
                 loss_sum.index_add_(0, who.cpu(), losses.cpu().double())  # float64 on the CPU (MPS has none)
                 rows_done += len(rows)
@@ -367,7 +367,7 @@ def train_clients_batched(model: ScoringModel, global_prompt: torch.Tensor | np.
             if len(idx):
                 p.losses.append(float(loss_sum[p.row]) / len(idx))
             if cfg.private:  # (sum of clipped + N(0, (sigma C)^2)) / expected batch size, per client
-                noise = gaussian_noise(p.sigma * cfg.max_grad_norm, shape, p.noise_generator)
+                noise = gaussian_noise(p.sigma * clip, shape, p.noise_generator)
                 grads[i] = (grad_sum[p.row] + noise) / p.expected_batch
             else:  # the batch-mean loss's gradient
                 grads[i] = grad_sum[p.row] / len(idx)

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..core.config import TuneConfig
 from ..core.data import DataError, TextDataset
-from ..core.deep_prompt import DeepPrompt
+from ..core.deep_prompt import DeepPrompt, prompt_form
 from ..core.models import ScoringModel
 from ..core.prompt import SoftPrompt
 from ..privacy.accounting import (calibrate_noise_multiplier, planned_steps, quiet_accountant, resolve_delta,
@@ -188,7 +188,8 @@ def tune_prompt(model: ScoringModel, prompt: SoftPrompt | DeepPrompt, data: Text
         # the noise (the same one on the CPU): never the config seed, never a server-sent seed
         net, optimizer, loader = engine.make_private(
             module=net, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
-            max_grad_norm=cfg.max_grad_norm, poisson_sampling=True, noise_generator=noise_generator)
+            max_grad_norm=cfg.clip_bound(prompt_form(prompt)), poisson_sampling=True,
+            noise_generator=noise_generator)
         optimizer.secure_mode = True  # noise as the mean of 4 Gaussians (floating-point attack resistant)
     net.train()
     start = time.perf_counter()  # training time only: not tokenization or noise calibration
