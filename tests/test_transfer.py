@@ -98,7 +98,7 @@ def test_top_k_targets_approximate_the_full_loss_and_are_exact_at_the_vocabulary
     vocab = teacher.word_embeddings.shape[0]
 
     def first_loss(k):
-        cfg = TransferConfig(steps=1, batch_size=len(public), target_top_k=k, heldout_fraction=0.0)
+        cfg = TransferConfig(steps=1, batch_size=len(public), target_top_k=k, heldout_fraction=0.0, alpha=0.5)
         return transfer_prompt(student, prompt, teacher, public, cfg, seed=0)
 
     full = first_loss(0)
@@ -175,7 +175,7 @@ def test_selection_returns_the_prompt_of_the_lowest_heldout_loss_not_the_last(pa
 def test_selected_prompt_has_the_lowest_heldout_loss_of_the_curve(pair):
     student, teacher, prompt = pair
     public = make_sentiment(24, seed=9)
-    cfg = TransferConfig(steps=8, batch_size=6, lr=0.5, eval_every=3, heldout_fraction=0.25, target_top_k=0)
+    cfg = TransferConfig(steps=8, batch_size=6, lr=0.5, eval_every=3, heldout_fraction=0.25, target_top_k=0, alpha=0.5)
     result = transfer_prompt(student, prompt, teacher, public, cfg, seed=2)
     assert [c["step"] for c in result.curve] == [0, 3, 6, 8]  # step 0, every eval_every, the last
     held = [c["heldout_loss"] for c in result.curve]

@@ -156,8 +156,8 @@ class TuneConfig:
     """
 
     epochs: float = 3.0
-    batch_size: int = 64
-    lr: float = 0.01
+    batch_size: int = 256  # under DP: q = 256/N; larger batches lower the noise per step faster than sigma grows
+    lr: float = 0.04
     dp: bool = True
     target_epsilon: float = 8.0
     delta: float = 0.0
@@ -290,15 +290,15 @@ class TransferConfig:
     + (1 - ``alpha``) * T^2 KL on the prompted outputs, at the answer position. ``space`` says which
     outputs: ``vocab`` (the vocabulary, as in POST's ``mix_transfer``; cached targets keep ``target_top_k``
     tokens per text, 0 = all) or ``classes`` (the verbalizer's class scores only, so the teacher is not
-    pulled towards the student's distribution over the words no class reads). ``alpha``: a number (paper: 0.5)
-    or ``"auto"`` (post-fl's label-free rule). The prompt returned is the one of the lowest loss on
+    pulled towards the student's distribution over the words no class reads). ``alpha``: a number (default 1:
+    the change term alone; the paper's code: 0.5) or ``"auto"`` (post-fl's label-free rule). The prompt returned is the one of the lowest loss on
     ``heldout_fraction`` of the public texts, checked every ``eval_every`` steps (no labels; 0 = the last).
     """
 
     steps: int = 200
     batch_size: int = 16
     lr: float = 0.01
-    alpha: float | str = 0.5  # a number in [0, 1] or "auto"
+    alpha: float | str = 1.0  # a number in [0, 1] (paper: 0.5) or "auto"; 1.0: docs/method.md#transfer
     temperature: float = 2.0
     init: str = "student"  # "student" (start from the student's prompt) | "vocab"
     space: str = "vocab"  # "vocab" (POST: vocabulary logits at the answer position) | "classes" (verbalizer scores)

@@ -94,7 +94,7 @@ FIELD_HELP: dict[str, str] = {
     "transfer.batch_size": "public texts per transfer step",
     "transfer.lr": "learning rate of the teacher prompt (Adam)",
     "transfer.alpha": "weight of the loss on the prompt-induced change of outputs (1 - alpha: on the prompted "
-                      "outputs); a number in [0, 1] (the paper's code: 0.5) or \"auto\" = 1 - (a - 1/C)/(1 - 1/C) "
+                      "outputs); a number in [0, 1] (default 1; the paper's code: 0.5) or \"auto\" = 1 - (a - 1/C)/(1 - 1/C) "
                       "clipped to [0, 1], a = unprompted student/teacher class agreement on the public text",
     "transfer.temperature": "temperature of the transfer KL losses",
     "transfer.init": "where the teacher prompt starts: student (the student's prompt) | vocab",
