@@ -10,7 +10,7 @@ from post_fl import federated as F
 from post_fl.federated import shipping
 from post_fl.federated import transports as local_transport
 from post_fl.federated.aggregate import RoundFailedError
-from post_fl.core.config import ConfigError
+from post_fl.core.config import ConfigError, TransferConfig
 from post_fl.core.data import TextDataset
 from post_fl.core.prompt import load_prompt
 
@@ -87,7 +87,7 @@ def test_rounds_results_and_privacy(fed_root, tmp_path):
     prompt, cfg = load_prompt(run / "prompt_teacher", expected_dim=32)
     assert cfg["peft_type"] == "PROMPT_TUNING" and prompt.num_virtual_tokens == 4
     assert (run / "checkpoint" / F.CHECKPOINT_FILE).is_file()
-    assert (run / "transfer_curve.csv").is_file() and results["transfer"]["alpha_used"] == 0.5
+    assert (run / "transfer_curve.csv").is_file() and results["transfer"]["alpha_used"] == TransferConfig().alpha == 1.0
     assert 0 <= results["transfer"]["best_step"] <= results["transfer"]["steps"]
 
 

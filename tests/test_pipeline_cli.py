@@ -52,7 +52,7 @@ def test_stages_run_one_by_one_from_the_run_folder(tmp_path, tiny_dirs, files):
     assert lines[0] == "step,train_loss,heldout_loss,validation_accuracy" and len(lines) == 3
     assert (run / "transfer_curve.png").read_bytes()[:4] == b"\x89PNG"
     stage = json.loads((run / "stages" / "transfer.json").read_text())
-    assert stage["best_step"] in (0, 3) and stage["alpha_used"] == 0.5 and stage["heldout_examples"] == 2
+    assert stage["best_step"] in (0, 3) and stage["alpha_used"] == 1.0 and stage["heldout_examples"] == 2
     assert results["transfer"]["best_step"] == stage["best_step"] and "curve" not in results["transfer"]
 
 

@@ -159,7 +159,7 @@ def test_config_mismatch_names_the_differing_keys(tmp_path, tiny_dirs, files, ca
     assert main(["distill"] + _argv(cfg)) == 0
     assert main(["tune"] + _argv(cfg) + ["--set", "tune.lr=0.5", "--set", "seed=3"]) == 2
     err = capsys.readouterr().err
-    assert "tune.lr: saved 0.01, now 0.5" in err and "seed: saved 0, now 3" in err
+    assert "tune.lr: saved 0.04, now 0.5" in err and "seed: saved 0, now 3" in err
     assert f"--config {run / 'config.json'}" in err
     assert config_differences({"a": {"b": 1}}, {"a": {"b": 1}}) == []
 
