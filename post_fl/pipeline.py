@@ -26,7 +26,7 @@ from .core.config import RunConfig, config_from_dict
 from .core.data import Task
 from .core.jsonio import read_json, write_json
 from .core.models import ScoringModel
-from .core.deep_prompt import (DeepPrompt, as_input_prompt, load_any_prompt, new_prompt, num_model_layers, prompt_form,
+from .core.deep_prompt import (DeepPrompt, as_input_prompt, load_any_prompt, new_prompt, num_model_layers,
                                save_any_prompt)
 from .core.prompt import SoftPrompt
 from .core.tasks import load_student, load_task, load_teacher
@@ -208,13 +208,13 @@ class Pipeline:
         result = tune_prompt(student, prompt, self.task.train, self.cfg.tune, self.cfg.seed, progress=self.progress,
                              insecure_seed=self.cfg.seed if insecure else None)
         label = {"not_private": NOT_PRIVATE_LABEL} if insecure else {}
-        clip = self.cfg.tune.clip_bound(prompt_form(prompt))
         _save(result.prompt, self.run, PROMPT_STUDENT, student, stage="dp-tune", epsilon=result.epsilon,
-              delta=result.delta, noise_multiplier=result.noise_multiplier, max_grad_norm=clip, **label)
+              delta=result.delta, noise_multiplier=result.noise_multiplier, max_grad_norm=result.max_grad_norm,
+              **label)
         return self._stage("tune", {**label, "epsilon": result.epsilon, "delta": result.delta,
-                                    "noise_multiplier": result.noise_multiplier, "max_grad_norm": clip,
-                                    "sample_rate": result.sample_rate, "steps": result.steps, "examples": result.examples,
-                                    "mean_loss": result.mean_loss, "seconds": result.seconds,
+                                    "noise_multiplier": result.noise_multiplier, "max_grad_norm": result.max_grad_norm,
+                                    "sample_rate": result.sample_rate, "steps": result.steps,
+                                    "examples": result.examples, "mean_loss": result.mean_loss, "seconds": result.seconds,
                                     "seconds_per_epoch": result.seconds / max(self.cfg.tune.epochs, 1e-9),
                                     "seconds_per_example": result.seconds / max(self.cfg.tune.epochs * result.examples,
                                                                                  1e-9)})

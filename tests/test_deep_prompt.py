@@ -170,8 +170,9 @@ def test_auto_clip_bound_follows_the_prompt_form(tiny_dirs, sentiment, dp_steps)
     sigma = 1.1
     for prompt, expected in ((deep, 0.25), (soft, 1.0)):
         dp_steps.clear()
-        tune_prompt(m, prompt, sentiment, TuneConfig(epochs=2, batch_size=8, target_epsilon=8.0), noise_multiplier=sigma)
-        assert dp_steps and {s["C"] for s in dp_steps} == {expected}
+        r = tune_prompt(m, prompt, sentiment, TuneConfig(epochs=2, batch_size=8, target_epsilon=8.0),
+                        noise_multiplier=sigma)
+        assert dp_steps and {s["C"] for s in dp_steps} == {expected} and r.max_grad_norm == expected
         noise = torch.cat([s["noise"].reshape(-1) for s in dp_steps]).double()
         assert float(noise.std()) == pytest.approx(sigma * expected, rel=0.08)
 

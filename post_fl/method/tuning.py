@@ -80,6 +80,7 @@ class TuneResult:
     epsilon: float  # spent so far, over the whole accountant history (inf when not private)
     delta: float
     noise_multiplier: float
+    max_grad_norm: float  # the clipping bound C this prompt's form got (tune.max_grad_norm resolved)
     sample_rate: float
     steps: int
     examples: int
@@ -177,7 +178,7 @@ def tune_prompt(model: ScoringModel, prompt: SoftPrompt | DeepPrompt, data: Text
     optimizer = torch.optim.Adam(prompt.parameters(), lr=cfg.lr)
     loader = DataLoader(dataset, batch_size=min(cfg.batch_size, n), shuffle=True, generator=generator)
     history = [tuple(h) for h in (accountant_history or [])]
-    sigma, q = 0.0, sample_rate(cfg, n)
+    sigma, q, clip = 0.0, sample_rate(cfg, n), cfg.clip_bound(prompt_form(prompt))
     engine = None
     if cfg.private:
         sigma = noise_multiplier if noise_multiplier is not None else \
@@ -188,8 +189,7 @@ def tune_prompt(model: ScoringModel, prompt: SoftPrompt | DeepPrompt, data: Text
         # the noise (the same one on the CPU): never the config seed, never a server-sent seed
         net, optimizer, loader = engine.make_private(
             module=net, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
-            max_grad_norm=cfg.clip_bound(prompt_form(prompt)), poisson_sampling=True,
-            noise_generator=noise_generator)
+            max_grad_norm=clip, poisson_sampling=True, noise_generator=noise_generator)
         optimizer.secure_mode = True  # noise as the mean of 4 Gaussians (floating-point attack resistant)
     net.train()
     start = time.perf_counter()  # training time only: not tokenization or noise calibration
@@ -239,6 +239,7 @@ def tune_prompt(model: ScoringModel, prompt: SoftPrompt | DeepPrompt, data: Text
         epsilon = math.inf
     prompt.weight.grad_sample = None
     prompt.weight.grad = None
-    return TuneResult(prompt=prompt, epsilon=epsilon, delta=delta, noise_multiplier=sigma, sample_rate=q,
-                      steps=done, examples=n, mean_loss=float(sum(losses) / len(losses)) if losses else math.nan,
+    return TuneResult(prompt=prompt, epsilon=epsilon, delta=delta, noise_multiplier=sigma, max_grad_norm=clip,
+                      sample_rate=q, steps=done, examples=n,
+                      mean_loss=float(sum(losses) / len(losses)) if losses else math.nan,
                       seconds=time.perf_counter() - start, accountant_history=[list(h) for h in history])
