@@ -134,8 +134,8 @@ class PromptConfig:
 
 
 # tune.max_grad_norm = "auto": C per prompt form, near the median per-example gradient norm at the initial
-# prompt (SmolLM2 student, public IMDB sentences with uniformly drawn labels: input 2.45, deep 0.30; the
-# private training split: 1.9 and 0.26 -- benchmarks/gradient_norms.py). A deep prompt is in units of each
+# prompt (SmolLM2 student, public IMDB sentences with uniformly drawn labels: input 2.30, deep 0.30; the
+# private training split: 1.90 and 0.26 -- benchmarks/gradient_norms.py). A deep prompt is in units of each
 # layer's hidden-state RMS, so its norms carry over between models of one family; the input prompt's C is
 # the usual DP-SGD choice (clipping binds for most examples).
 AUTO_CLIP_BOUNDS = {"input": 1.0, "deep": 0.25}
