@@ -260,10 +260,11 @@ def print_results(results: dict, run_dir: Path) -> None:
     if priv.get("outside_dp"):
         console.print(f"outside DP: {priv['outside_dp']}")
     cost = results.get("cost", {})
-    if "tune_time_ratio_teacher_over_student" in cost:
+    if "tune_time_ratio_per_example_teacher_over_student" in cost:
         console.print(f"cost: student has {cost['student_parameters']:,} parameters vs teacher "
-                      f"{cost['teacher_parameters']:,}; tuning an epoch on the teacher took "
-                      f"{cost['tune_time_ratio_teacher_over_student']:.2f}x the student's time")
+                      f"{cost['teacher_parameters']:,}; per training example, the teacher's prompt tuning (no DP) "
+                      f"took {cost['tune_time_ratio_per_example_teacher_over_student']:.2f}x the student's "
+                      "(DP-SGD, per-example gradients)")
 
 
 def main(argv: list[str] | None = None, engines: dict | None = None) -> int:
