@@ -188,6 +188,27 @@ def test_selected_prompt_has_the_lowest_heldout_loss_of_the_curve(pair):
         sum(result.losses[:3]) / 3)
 
 
+def test_heldout_check_reports_the_transferred_teachers_predictions_against_its_zero_shot(pair):
+    """The label-free check: class shares and agreement are those of the returned prompt on the held-out texts
+    (a prompt that shifted every prediction to one class shows as shares far from zero-shot's)."""
+    student, teacher, prompt = pair
+    public = make_sentiment(24, seed=9)
+    cfg = TransferConfig(steps=6, batch_size=6, lr=0.5, eval_every=3, heldout_fraction=0.25, target_top_k=0)
+    result = transfer_prompt(student, prompt, teacher, public, cfg, seed=2)
+    _, held_rows = heldout_split(len(public), cfg.heldout_fraction, seed=2)
+    texts = [public.texts[i] for i in sorted(held_rows.tolist())]
+    plain, prompted = predict(teacher, texts), predict(teacher, texts, result.prompt)
+    check = result.heldout_check
+    assert check["texts"] == len(texts) == 6
+    assert bool((plain != prompted).any())  # the prompt changes some prediction: the check can tell the two apart
+    assert check["agreement_with_zero_shot"] == pytest.approx(float((plain == prompted).float().mean()))
+    assert check["class_shares_transferred"] == pytest.approx([float((prompted == c).float().mean()) for c in (0, 1)])
+    assert check["class_shares_zero_shot"] == pytest.approx([float((plain == c).float().mean()) for c in (0, 1)])
+    assert result.summary()["heldout_check"] == check
+    no_heldout = transfer_prompt(student, prompt, teacher, public, TransferConfig(steps=2, heldout_fraction=0.0), seed=2)
+    assert no_heldout.heldout_check is None
+
+
 def test_selection_never_looks_at_validation_labels(pair):
     student, teacher, prompt = pair
     public, validation = make_sentiment(20, seed=5), make_sentiment(24, seed=7)

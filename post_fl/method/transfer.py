@@ -109,6 +109,8 @@ class TransferResult:
     heldout_examples: int = 0
     target_examples: int = 0  # public texts whose targets were computed (those the steps drew + held out)
     kept_mass: float = 1.0  # vocab top-k: mean share of the student's prompted distribution kept
+    # label-free check on the held-out public texts (None without them): heldout_prediction_check()
+    heldout_check: dict | None = None
 
     @property
     def first_loss(self) -> float:
@@ -123,7 +125,8 @@ class TransferResult:
         return {"first_loss": self.first_loss, "last_loss": self.last_loss, "losses": self.losses,
                 "steps": len(self.losses), "best_step": self.best_step, "alpha_used": self.alpha_used,
                 "public_examples": self.public_examples, "heldout_examples": self.heldout_examples,
-                "target_examples": self.target_examples, "kept_mass": self.kept_mass, "curve": self.curve,
+                "target_examples": self.target_examples, "kept_mass": self.kept_mass,
+                "heldout_check": self.heldout_check, "curve": self.curve,
                 "seconds": self.seconds, "seconds_targets": self.seconds_targets,
                 "seconds_training": self.seconds_training}
 
@@ -238,11 +241,29 @@ def transfer_prompt(student: ScoringModel, student_prompt: SoftPrompt, teacher: 
             bar.close()
     selection.restore()
     prompt.weight.grad = None
+    check_rows = [texts[i] for i in held.tolist()]
+    heldout_check = heldout_prediction_check(teacher, prompt, check_rows, cfg.batch_size) if check_rows else None
     end = time.perf_counter()
     return TransferResult(prompt=prompt, losses=losses, seconds=end - start, public_examples=n, curve=curve,
                           best_step=selection.step, alpha_used=alpha, seconds_targets=seconds_targets,
                           seconds_training=end - start - seconds_targets, heldout_examples=len(held),
-                          target_examples=len(used), kept_mass=targets.kept_mass)
+                          target_examples=len(used), kept_mass=targets.kept_mass, heldout_check=heldout_check)
+
+
+def heldout_prediction_check(teacher: ScoringModel, prompt: SoftPrompt, texts: list[str], batch_size: int = 32) -> dict:
+    """A label-free sanity check of a transferred prompt on public texts: how often the prompted teacher
+    predicts the same class as the unprompted teacher (``agreement_with_zero_shot``), and the share of
+    texts predicted as each class with and without the prompt (``class_shares_*``, in label order).
+
+    A transferred prompt that carried the student prompt's correction of the *student's* class bias shows
+    here as a class share far from the teacher's own (docs/method.md#transfer). Public text only: no label
+    and nothing private is read, so it costs no privacy."""
+    from .evaluate import predict
+
+    plain, prompted = predict(teacher, texts, None, batch_size), predict(teacher, texts, prompt, batch_size)
+    shares = lambda pred: [float((pred == c).float().mean()) for c in range(teacher.num_classes)]  # noqa: E731
+    return {"texts": len(texts), "agreement_with_zero_shot": float((plain == prompted).float().mean()),
+            "class_shares_zero_shot": shares(plain), "class_shares_transferred": shares(prompted)}
 
 
 def _mean_loss(loss_on, rows: torch.Tensor, batch_size: int) -> float:
