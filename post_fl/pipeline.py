@@ -34,9 +34,6 @@ from .method.evaluate import majority_class_accuracy
 from .privacy.randomness import NOT_PRIVATE_LABEL
 
 log = logging.getLogger(__name__)
-# a transferred prompt that moves a class share on held-out public text by more than this gets a warning; between
-# the 0.04 of a transfer that kept zero-shot accuracy and the 0.31 of one that lost 0.16 (docs/benchmarks.md)
-CLASS_SHARE_SHIFT_WARNING = 0.2
 
 STUDENT_DIR, PROMPT_STUDENT, PROMPT_TEACHER, PROMPT_TEACHER_TUNED = (
     "student", "prompt_student", "prompt_teacher", "prompt_teacher_tuned")
@@ -224,7 +221,7 @@ class Pipeline:
 
     def transfer(self) -> dict:
         """Stage 3: POST transfer of the student prompt to the teacher on public data only."""
-        from .method.transfer import transfer_prompt
+        from .method.transfer import log_heldout_check, transfer_prompt
 
         student_prompt = self.prompt(PROMPT_STUDENT, self.student)
         result = transfer_prompt(self.student, student_prompt, self.teacher, self.task.public, self.cfg.transfer,
@@ -234,7 +231,7 @@ class Pipeline:
               epsilon=tuned.get("epsilon"), delta=tuned.get("delta"), alpha=result.alpha_used,
               best_step=result.best_step)
         self._write_transfer_curve(result)
-        _log_heldout_check(result.heldout_check, self.teacher.label_names)
+        log_heldout_check(result.heldout_check, self.teacher.label_names)
         return self._stage("transfer", result.summary())
 
     def _write_transfer_curve(self, result) -> None:
@@ -398,18 +395,3 @@ class Pipeline:
         log.info("stage evaluate done in %.1fs", time.perf_counter() - t0)
         return results
 
-
-def _log_heldout_check(check: dict | None, label_names: list[str]) -> None:
-    """One line: the transferred teacher's class shares and agreement with its zero-shot on held-out public text."""
-    if not check:
-        return
-    shares = ", ".join(f"{name} {a:.2f} -> {b:.2f}" for name, a, b in
-                       zip(label_names, check["class_shares_zero_shot"], check["class_shares_transferred"]))
-    log.info("transfer check on %d held-out public texts (no labels): agreement with zero-shot %.2f; "
-             "predicted class shares, zero-shot -> transferred: %s", check["texts"], check["agreement_with_zero_shot"],
-             shares)
-    shift = max(abs(a - b) for a, b in zip(check["class_shares_zero_shot"], check["class_shares_transferred"]))
-    if shift > CLASS_SHARE_SHIFT_WARNING:
-        log.warning("the transferred prompt moves the teacher's predicted class shares on public text by %.2f "
-                    "(> %.2f): it may carry the student's own class bias rather than the task; compare it with "
-                    "zero-shot before use (docs/method.md#transfer)", shift, CLASS_SHARE_SHIFT_WARNING)

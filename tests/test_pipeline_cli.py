@@ -257,18 +257,18 @@ def test_a_transfer_that_moves_the_class_shares_gets_a_warning(caplog):
     bound (the two measured runs: 0.04 kept zero-shot accuracy, 0.31 lost 0.16)."""
     import logging
 
-    from post_fl.pipeline import CLASS_SHARE_SHIFT_WARNING, _log_heldout_check
+    from post_fl.method.transfer import CLASS_SHARE_SHIFT_WARNING, log_heldout_check
 
     def check(after):
         return {"texts": 100, "agreement_with_zero_shot": 0.7, "class_shares_zero_shot": [0.6, 0.4],
                 "class_shares_transferred": after}
 
-    with caplog.at_level(logging.INFO, logger="post_fl.pipeline"):
-        _log_heldout_check(check([0.56, 0.44]), ["negative", "positive"])
+    with caplog.at_level(logging.INFO, logger="post_fl.method.transfer"):
+        log_heldout_check(check([0.56, 0.44]), ["negative", "positive"])
     assert "negative 0.60 -> 0.56" in caplog.text and not [r for r in caplog.records if r.levelno >= logging.WARNING]
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="post_fl.pipeline"):
-        _log_heldout_check(check([0.91, 0.09]), ["negative", "positive"])
+    with caplog.at_level(logging.INFO, logger="post_fl.method.transfer"):
+        log_heldout_check(check([0.91, 0.09]), ["negative", "positive"])
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "0.31" in warnings[0].getMessage() and CLASS_SHARE_SHIFT_WARNING == 0.2
-    _log_heldout_check(None, ["negative", "positive"])  # no held-out texts: nothing to say
+    log_heldout_check(None, ["negative", "positive"])  # no held-out texts: nothing to say

@@ -205,7 +205,8 @@ def test_heldout_check_reports_the_transferred_teachers_predictions_against_its_
     assert check["class_shares_transferred"] == pytest.approx([float((prompted == c).float().mean()) for c in (0, 1)])
     assert check["class_shares_zero_shot"] == pytest.approx([float((plain == c).float().mean()) for c in (0, 1)])
     assert result.summary()["heldout_check"] == check
-    no_heldout = transfer_prompt(student, prompt, teacher, public, TransferConfig(steps=2, heldout_fraction=0.0), seed=2)
+    no_heldout = transfer_prompt(student, prompt, teacher, public, TransferConfig(steps=2, heldout_fraction=0.0),
+                                 seed=2)
     assert no_heldout.heldout_check is None
 
 

@@ -32,6 +32,7 @@ private; a labelled ``validation`` set, when given, is only *reported* along the
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -48,6 +49,11 @@ from ..core.prompt import SoftPrompt, init_from_vocab
 from .transfer_targets import compute_targets, model_outputs, trimmed
 
 CURVE_COLUMNS = ("step", "train_loss", "heldout_loss", "validation_accuracy")
+
+log = logging.getLogger(__name__)
+# a transferred prompt that moves a class share on held-out public text by more than this gets a warning; between
+# the 0.04 of a transfer that kept zero-shot accuracy and the 0.31 of one that lost 0.16 (docs/benchmarks.md)
+CLASS_SHARE_SHIFT_WARNING = 0.2
 
 
 def kl_at_temperature(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -291,3 +297,20 @@ class BestCheckpoint:
     def restore(self) -> None:
         if self.state is not None:
             self.prompt.load_state_dict(self.state)
+
+
+def log_heldout_check(check: dict | None, label_names: list[str]) -> None:
+    """Log the held-out check (:func:`heldout_prediction_check`) in one line; warn when a predicted class share
+    moves by more than ``CLASS_SHARE_SHIFT_WARNING``."""
+    if not check:
+        return
+    shares = ", ".join(f"{name} {a:.2f} -> {b:.2f}" for name, a, b in
+                       zip(label_names, check["class_shares_zero_shot"], check["class_shares_transferred"]))
+    log.info("transfer check on %d held-out public texts (no labels): agreement with zero-shot %.2f; "
+             "predicted class shares, zero-shot -> transferred: %s", check["texts"], check["agreement_with_zero_shot"],
+             shares)
+    shift = max(abs(a - b) for a, b in zip(check["class_shares_zero_shot"], check["class_shares_transferred"]))
+    if shift > CLASS_SHARE_SHIFT_WARNING:
+        log.warning("the transferred prompt moves the teacher's predicted class shares on public text by %.2f "
+                    "(> %.2f): it may carry the student's own class bias rather than the task; compare it with "
+                    "zero-shot before use (docs/method.md#transfer)", shift, CLASS_SHARE_SHIFT_WARNING)
