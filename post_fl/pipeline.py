@@ -221,7 +221,7 @@ class Pipeline:
 
     def transfer(self) -> dict:
         """Stage 3: POST transfer of the student prompt to the teacher on public data only."""
-        from .method.transfer import log_heldout_check, transfer_prompt
+        from .method.transfer import transfer_prompt
 
         student_prompt = self.prompt(PROMPT_STUDENT, self.student)
         result = transfer_prompt(self.student, student_prompt, self.teacher, self.task.public, self.cfg.transfer,
@@ -231,7 +231,6 @@ class Pipeline:
               epsilon=tuned.get("epsilon"), delta=tuned.get("delta"), alpha=result.alpha_used,
               best_step=result.best_step)
         self._write_transfer_curve(result)
-        log_heldout_check(result.heldout_check, self.teacher.label_names)
         return self._stage("transfer", result.summary())
 
     def _write_transfer_curve(self, result) -> None:
@@ -394,4 +393,3 @@ class Pipeline:
         self._mark_complete("evaluate", self.run / "results.json")
         log.info("stage evaluate done in %.1fs", time.perf_counter() - t0)
         return results
-

@@ -1,6 +1,7 @@
 """POST transfer: cached targets (exact at full vocabulary, top-k close), alpha = "auto", label-free
 checkpoint selection on held-out public text, its settings, and the curve it writes."""
 
+import logging
 import math
 
 import pytest
@@ -188,13 +189,16 @@ def test_selected_prompt_has_the_lowest_heldout_loss_of_the_curve(pair):
         sum(result.losses[:3]) / 3)
 
 
-def test_heldout_check_reports_the_transferred_teachers_predictions_against_its_zero_shot(pair):
+def test_heldout_check_reports_the_transferred_teachers_predictions_against_its_zero_shot(pair, caplog):
     """The label-free check: class shares and agreement are those of the returned prompt on the held-out texts
-    (a prompt that shifted every prediction to one class shows as shares far from zero-shot's)."""
+    (a prompt that shifted every prediction to one class shows as shares far from zero-shot's); the transfer
+    logs it, whoever calls it."""
     student, teacher, prompt = pair
     public = make_sentiment(24, seed=9)
     cfg = TransferConfig(steps=6, batch_size=6, lr=0.5, eval_every=3, heldout_fraction=0.25, target_top_k=0)
-    result = transfer_prompt(student, prompt, teacher, public, cfg, seed=2)
+    with caplog.at_level(logging.INFO, logger="post_fl.method.transfer"):
+        result = transfer_prompt(student, prompt, teacher, public, cfg, seed=2)
+    assert "transfer check on 6 held-out public texts" in caplog.text
     _, held_rows = heldout_split(len(public), cfg.heldout_fraction, seed=2)
     texts = [public.texts[i] for i in sorted(held_rows.tolist())]
     plain, prompted = predict(teacher, texts), predict(teacher, texts, result.prompt)

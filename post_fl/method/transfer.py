@@ -249,6 +249,7 @@ def transfer_prompt(student: ScoringModel, student_prompt: SoftPrompt, teacher: 
     prompt.weight.grad = None
     check_rows = [texts[i] for i in held.tolist()]
     heldout_check = heldout_prediction_check(teacher, prompt, check_rows, cfg.batch_size) if check_rows else None
+    log_heldout_check(heldout_check, teacher.label_names)  # every caller (single site, federated server) logs it
     end = time.perf_counter()
     return TransferResult(prompt=prompt, losses=losses, seconds=end - start, public_examples=n, curve=curve,
                           best_step=selection.step, alpha_used=alpha, seconds_targets=seconds_targets,
