@@ -278,19 +278,21 @@ class Pipeline:
         y = test.labels
 
         from .core.embedded import cache_dir
-        from .method.score_cache import SCORE_CACHE_DIR, cached_zero_shot_scores
+        from .method.score_cache import SCORE_CACHE_DIR, cached_class_scores
 
         score_cache = cache_dir() / SCORE_CACHE_DIR if self.cfg.eval.cache_zero_shot else None
         cache_states: dict[str, str] = {}
 
-        def scored(name: str, model: ScoringModel, prompt=None, data=test) -> torch.Tensor:
+        def scored(name: str, model: ScoringModel, prompt=None, data=test, cached: bool = False) -> torch.Tensor:
             t0 = time.perf_counter()
-            if prompt is None:  # unprompted scores depend on no private data: reruns read them from the cache
-                out, cache_states[name] = cached_zero_shot_scores(model, data.texts, bs, score_cache)
+            # unprompted scores depend on no private data, and a prompt read from the cache (``cached``) adds
+            # nothing to what the cache holds: reruns read both from the cache
+            if prompt is None or cached:
+                out, cache_states[name] = cached_class_scores(model, data.texts, bs, score_cache, prompt)
             else:
                 out = class_scores(model, data.texts, prompt, bs)
             log.info("evaluate %s on %d texts: %.1fs%s", name, len(data), time.perf_counter() - t0,
-                     f" (score cache {cache_states[name]})" if prompt is None else "")
+                     f" (score cache {cache_states[name]})" if name in cache_states else "")
             return out
 
         zero = scored("teacher zero-shot", teacher)
@@ -312,7 +314,8 @@ class Pipeline:
                 scored("teacher + transferred prompt", teacher, self.prompt(PROMPT_TEACHER, teacher)), y)
         if (self.run / PROMPT_TEACHER_TUNED).exists():
             correct["teacher_tuned_prompt_nonprivate"] = correct_of_scores(
-                scored("teacher + own prompt", teacher, self.prompt(PROMPT_TEACHER_TUNED, teacher)), y)
+                scored("teacher + own prompt", teacher, self.prompt(PROMPT_TEACHER_TUNED, teacher),
+                       cached=self.cfg.eval.cache_teacher_prompt), y)
         acc = {"majority_class": majority_class_accuracy(self.task.train.labels, y),
                **{k: float(v.float().mean()) for k, v in correct.items()}}
         intervals = {k: accuracy_summary(v, len(test)) for k, v in acc.items()}

@@ -63,14 +63,15 @@ def test_per_example_grads_of_a_mixed_batch_equal_a_loop(tiny_dirs, kind):
         assert losses[i].item() == pytest.approx(loss.item(), abs=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["masked", "causal"])
-def test_insecure_mode_batched_equals_tune_prompt_per_client(tiny_dirs, kind):
+@pytest.mark.parametrize("kind,optimizer,lr", [("masked", "adam", 0.05), ("causal", "adam", 0.05),
+                                               ("causal", "sgd", 2.0)])
+def test_insecure_mode_batched_equals_tune_prompt_per_client(tiny_dirs, kind, optimizer, lr):
     """Same per-client updates (1e-5), steps, histories and epsilon as tune_prompt one client at a time,
-    with clipping active (C = 0.05) and noise on; carried histories compose the same way."""
+    with clipping active (C = 0.05) and noise on; carried histories compose the same way; Adam and SGD."""
     m = _model(tiny_dirs, kind)
     p0 = _prompt0(m)
     data = _clients()
-    cfg = TuneConfig(epochs=2, batch_size=8, target_epsilon=4.0, max_grad_norm=0.05, lr=0.05)
+    cfg = TuneConfig(epochs=2, batch_size=8, target_epsilon=4.0, max_grad_norm=0.05, lr=lr, optimizer=optimizer)
     seeds = {c: 1000 + c for c in data}
     hist = {0: [], 3: [[1.3, 1 / 3, 6]], 7: []}
     sig = {0: 0.9, 3: 1.3, 7: 1.1}  # fixed (calibration takes seconds; the fresh-noise test calibrates)
@@ -90,6 +91,22 @@ def test_insecure_mode_batched_equals_tune_prompt_per_client(tiny_dirs, kind):
         assert g.epsilon == pytest.approx(r.epsilon, rel=1e-12) and g.delta == r.delta
         assert g.mean_loss == pytest.approx(r.mean_loss, abs=1e-5)
     assert got.clients[3].accountant_history == [[1.3, 1 / 3, 6 + got.clients[3].steps]]
+
+
+def test_the_optimizer_setting_is_used_by_both_implementations(tiny_dirs):
+    m = _model(tiny_dirs)
+    p0 = _prompt0(m)
+    data = _clients()
+    seeds = {c: 3 + c for c in data}
+    sig = {c: 1.0 for c in data}
+    out = {}
+    for optimizer in ("adam", "sgd"):
+        cfg = TuneConfig(epochs=1, batch_size=8, target_epsilon=4.0, max_grad_norm=0.05, lr=0.05, optimizer=optimizer)
+        out[optimizer] = (train_clients_batched(m, p0, data, cfg, noise_multipliers=sig, insecure_seeds=seeds),
+                          _one_at_a_time(m, p0, data, cfg, insecure_seed=seeds, noise_multiplier=sig))
+    for c in data:  # the same seeds, noise and batches: only the optimizer differs
+        assert not torch.allclose(out["adam"][0].clients[c].prompt, out["sgd"][0].clients[c].prompt, atol=1e-4)
+        assert not torch.allclose(out["adam"][1][c].prompt.weight, out["sgd"][1][c].prompt.weight, atol=1e-4)
 
 
 def test_micro_batch_size_does_not_change_the_result(tiny_dirs):

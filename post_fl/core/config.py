@@ -139,6 +139,7 @@ class PromptConfig:
 # layer's hidden-state RMS, so its norms carry over between models of one family; the input prompt's C is
 # the usual DP-SGD choice (clipping binds for most examples).
 AUTO_CLIP_BOUNDS = {"input": 1.0, "deep": 0.25}
+TUNE_OPTIMIZERS = ("adam", "sgd")
 
 
 @dataclass
@@ -153,6 +154,9 @@ class TuneConfig:
     ``"auto"``, the bound of :data:`AUTO_CLIP_BOUNDS` for the prompt's form (:meth:`clip_bound`): a deep
     prompt's gradients are about 4x smaller than an input prompt's (docs/method.md), so one C for both
     would either never clip a deep prompt (and add 4x the noise it needs) or over-clip an input prompt.
+    ``optimizer`` "adam" (torch's Adam) or "sgd" (plain SGD, no momentum): Adam's first steps move every
+    coordinate by about ``lr`` whatever the gradient's size, so a federated user that takes a few local steps
+    from a fresh Adam state per round releases mostly the sign of its DP noise (docs/federated.md#time-and-recipe).
     """
 
     epochs: float = 3.0
@@ -163,6 +167,7 @@ class TuneConfig:
     delta: float = 0.0
     max_grad_norm: float | str = "auto"  # a number > 0, or "auto": AUTO_CLIP_BOUNDS[prompt form]
     accountant: str = "rdp"  # "rdp" | "prv"
+    optimizer: str = "adam"  # "adam" | "sgd" (plain SGD: the federated default, whose users take few local steps)
 
     def validate(self) -> None:
         if self.epochs <= 0:
@@ -179,6 +184,8 @@ class TuneConfig:
             raise ConfigError(f'tune.max_grad_norm: expected a number > 0 or "auto", got {self.max_grad_norm!r}')
         if self.accountant not in ("rdp", "prv"):
             raise ConfigError(f"tune.accountant: expected rdp|prv, got {self.accountant!r}")
+        if self.optimizer not in TUNE_OPTIMIZERS:
+            raise ConfigError(f"tune.optimizer: expected {'|'.join(TUNE_OPTIMIZERS)}, got {self.optimizer!r}")
 
     @property
     def private(self) -> bool:
@@ -423,6 +430,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "distill.sequence_length": 128,
     "distill.corpus_tokens": 200_000,
     "prompt.form": "input",
+    "tune.optimizer": "adam",
     "transfer.target_top_k": 0, "transfer.heldout_fraction": 0.0, "transfer.eval_every": 10,  # exact, last step
     # "auto" is the CPU in float32 on a machine without a GPU, where every figure so far was recorded
     "compute.device": "auto", "compute.dtype": "auto", "compute.batch_size": 0,

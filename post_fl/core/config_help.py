@@ -57,13 +57,14 @@ FIELD_HELP: dict[str, str] = {
     # tune
     "tune.epochs": "passes over the private training set (fractions allowed); per round when federated",
     "tune.batch_size": "expected batch size (Poisson sampling rate = batch_size / N under DP)",
-    "tune.lr": "learning rate of the prompt (Adam)",
+    "tune.lr": "learning rate of the prompt (of tune.optimizer)",
     "tune.dp": "false = plain (non-private) prompt tuning",
     "tune.target_epsilon": "the epsilon the noise multiplier is calibrated to; inf = no DP",
     "tune.delta": "the DP delta; 0.0 = derived default min(1e-5, 1/(10 N)) with N the protected examples "
                   "(per client when federated); delta >= 1/N is refused",
     "tune.max_grad_norm": "per-example gradient clipping bound C of DP-SGD: a number, or auto (1.0 for an input prompt, 0.25 for a deep prompt)",
     "tune.accountant": "privacy accountant: rdp | prv",
+    "tune.optimizer": "adam | sgd (plain SGD: the federated default, where each user takes a few local steps a round)",
     # distill
     "distill.objective": "\"lm\" = language-model KD on raw public text at every position (as POST); "
                          "\"template\" = KD on public text in the task template (answer + sampled positions)",

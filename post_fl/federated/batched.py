@@ -17,11 +17,11 @@ clients can share the model's passes. Each round, for every DP-SGD step:
    ``min(1, C / (||g|| + 1e-6))``) and added to its client's sum (``index_add``);
 5. each client adds Gaussian noise of standard deviation ``sigma_c * C`` from its own generator
    (drawn as Opacus draws it in ``secure_mode``: the mean of four Gaussians), divides by its
-   expected batch size ``int(n_c * q_c)`` and takes an Adam step (same ``lr``) on its own prompt.
+   expected batch size ``int(n_c * q_c)`` and takes a ``tune.optimizer`` step (Adam or SGD) on its own prompt.
 
 Every client therefore runs exactly the DP-SGD that :func:`post_fl.method.tuning.tune_prompt` would
 run for it alone from the global prompt: the same number of steps (``planned_steps``), the same
-``q``, ``sigma``, clipping, Poisson sampling and Adam, and an accountant history that composes
+``q``, ``sigma``, clipping, Poisson sampling and optimizer, and an accountant history that composes
 the same way (Opacus' history merge), so its epsilon is the one ``tune_prompt`` reports.
 Non-private tuning (``tune.private`` false) follows ``tune_prompt``'s plain path instead:
 shuffled batches of ``batch_size``, the batch-mean loss, no clipping, no noise.
@@ -34,19 +34,17 @@ mode, NOT private) is its generator seeded, with the stream ``tune_prompt`` uses
 consumes it in the same order as Opacus' ``DPDataLoader`` and ``DPOptimizer`` do: a client's
 released prompt equals ``tune_prompt(..., insecure_seed=s)``'s (``tests/test_batched.py``).
 
-Device: every client's prompt, Adam moments, gradient sum, data and noise live on the model's device;
-``micro_batch`` is at least 256 rows on a GPU (:func:`post_fl.core.compute.pass_rows`).
+Device: every client's prompt, Adam moments, gradient sum, data and noise live on the model's device
+(``micro_batch``: at least 256 rows on a GPU, :func:`post_fl.core.compute.pass_rows`).
 
-Memory: the activations of one micro-batch (fixed by ``micro_batch``, not by K), the tokenized
-data of all clients, and per client its prompt, Adam's two moments and a gradient sum (four
-``V x D`` float32 tensors, :attr:`BatchedRound.client_state_bytes`; a round's temporaries add about
-three more) plus a three-number accountant history. Freed heap memory is handed back to the OS
-after every micro-batch (:func:`release_freed_memory`), so resident memory tracks the live tensors.
+Memory: one micro-batch's activations (fixed by ``micro_batch``, not by K), every client's tokenized data,
+and per client its prompt, Adam's two moments and a gradient sum (four ``V x D`` float32 tensors,
+:attr:`BatchedRound.client_state_bytes`; a round's temporaries add about three more) plus a three-number
+accountant history. Freed heap memory goes back to the OS after every micro-batch (:func:`release_freed_memory`).
 
 :class:`BatchedTransport` puts this engine behind the :class:`post_fl.federated.Transport`
-protocol, so ``run_federated(server, BatchedTransport(server, run_cfg, fed_cfg))`` runs the same
-round logic, update validation, aggregation and outputs as the Flower path with all sampled
-clients of a round trained in shared passes. No Flower inside.
+protocol, so ``run_federated(server, BatchedTransport(server, run_cfg, fed_cfg))`` runs the Flower path's
+round logic, update validation, aggregation and outputs, the sampled clients trained in shared passes.
 """
 
 from __future__ import annotations
@@ -371,8 +369,10 @@ def train_clients_batched(model: ScoringModel, global_prompt: torch.Tensor | np.
                 grads[i] = (grad_sum[p.row] + noise) / p.expected_batch
             else:  # the batch-mean loss's gradient
                 grads[i] = grad_sum[p.row] / len(idx)
-        # Adam (torch.optim.Adam's single-tensor update), one step for every active client
-        m, v = exp_avg[rows_active], exp_avg_sq[rows_active]
+        if cfg.optimizer == "sgd":  # torch.optim.SGD without momentum: p -= lr * g
+            prompts[rows_active] = prompts[rows_active].add_(grads, alpha=-cfg.lr)
+            continue
+        m, v = exp_avg[rows_active], exp_avg_sq[rows_active]  # Adam (torch.optim.Adam's single-tensor update)
         m.lerp_(grads, 1 - beta1)
         v.mul_(beta2).addcmul_(grads, grads, value=1 - beta2)
         t = step + 1

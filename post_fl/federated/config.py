@@ -51,8 +51,9 @@ class FederatedConfig:
     """
 
     # the defaults of `post-fl federate`, `python -m simulation.run` and `flwr run .`: 20 users of the embedded
-    # movie reviews (100 each), half of them per round, 8 rounds (sized for <= 20 min on 2 cores, cached student)
-    rounds: int = 8
+    # movie reviews (about 340 each), half of them per round, 4 rounds (sized for about 20 min on 2 idle cores
+    # with a cached student, with FEDERATED_RUN_DEFAULTS; docs/federated.md#time-and-recipe)
+    rounds: int = 4
     num_clients: int = 20
     fraction_train: float = 0.5
     min_clients: int = 2
@@ -190,9 +191,23 @@ def resolve_aggregation(fed_cfg: FederatedConfig, run_cfg: RunConfig) -> str:
     return fed_cfg.aggregation
 
 
+# Where a federated run's defaults differ from the single-site job's (RunConfig), and why: the federated job
+# (post-fl federate, simulation.run, flwr run .) is sized for <= 20 min on 2 idle cores with a cached student
+# (docs/federated.md#time-and-recipe). build_configs puts them under whatever the run-config sets.
+FEDERATED_RUN_DEFAULTS: dict[str, Any] = {
+    "tune.epochs": 1.0,  # local epochs of a sampled user's part per round (single site: 3 epochs, once)
+    "tune.batch_size": 64,  # about 5 local steps a round on a user's ~340 examples (single site: 256)
+    "tune.optimizer": "sgd",  # a fresh Adam state per round releases mostly the sign of the DP noise
+    "tune.lr": 4.0,  # SGD's rate (single site: Adam at 0.04)
+    "transfer.steps": 50,  # single site: 200; the held-out loss picks the step either way
+    "data.max_validation_examples": 200,  # calibrated zero-shot and the per-round monitoring line (single site: 500)
+}
+
+
 def build_configs(run_config: dict[str, Any]) -> tuple[RunConfig, FederatedConfig]:
-    """Typed (RunConfig, FederatedConfig) from Flower's flat run-config (``"tune.lr"``, ``"federated.rounds"``)."""
-    flat = dict(run_config)
+    """Typed (RunConfig, FederatedConfig) from Flower's flat run-config (``"tune.lr"``, ``"federated.rounds"``);
+    a key it leaves out takes :data:`FEDERATED_RUN_DEFAULTS`, else the typed default."""
+    flat = {**FEDERATED_RUN_DEFAULTS, **run_config}
     words = flat.pop("model.label_words", None)
     if isinstance(words, str):  # Flower run-config has no tables: "positive:good,great;negative:bad"
         flat.update({f"model.label_words.{k}": v for k, v in parse_label_words(words).items()})

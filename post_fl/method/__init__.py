@@ -27,5 +27,5 @@ __getattr__, __all__ = lazy_exports(__name__, {
     "transfer_targets": ("TransferTargets", "compute_targets"),
     "evaluate": ("accuracy", "class_scores", "predict", "accuracy_summary", "fit_class_bias",
                  "contextual_calibration_bias", "majority_class_accuracy", "paired_difference"),
-    "score_cache": ("cached_zero_shot_scores",),
+    "score_cache": ("cached_class_scores",),
 })

@@ -175,7 +175,8 @@ def tune_prompt(model: ScoringModel, prompt: SoftPrompt | DeepPrompt, data: Text
     steps = planned_steps(cfg, n)
     delta = resolve_delta(cfg, n)
     net = PromptedClassifier(model, prompt)
-    optimizer = torch.optim.Adam(prompt.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.SGD(prompt.parameters(), lr=cfg.lr) if cfg.optimizer == "sgd" else \
+        torch.optim.Adam(prompt.parameters(), lr=cfg.lr)
     loader = DataLoader(dataset, batch_size=min(cfg.batch_size, n), shuffle=True, generator=generator)
     history = [tuple(h) for h in (accountant_history or [])]
     sigma, q, clip = 0.0, sample_rate(cfg, n), cfg.clip_bound(prompt_form(prompt))
