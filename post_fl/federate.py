@@ -233,10 +233,12 @@ def plot_run(results: dict, run_dir: Path) -> Path:
     title = (f"federated POST: {fed['users']} users, {len(fed['rounds']) - 1} rounds, "
              + (f"ε per user ≤ {eps['max']:.3g}" if priv["dp"] else "no DP")
              + (" [NOT PRIVATE: insecure_reproducible]" if "not_private" in results else ""))
-    caption = ("Left: the student with the global prompt after each round, on the private validation split "
-               "(harness monitoring outside DP; selects nothing). Right: test accuracies, 95% Wilson intervals.")
+    caption = ("Left: the student with the global prompt after each round, on the private validation split, "
+               "95% Wilson band (harness monitoring outside DP; selects nothing). Right: test accuracies, 95% Wilson "
+               "intervals.")
     return plot_federated_run(fed["rounds"], results["accuracy"], results.get("accuracy_intervals", {}),
-                              Path(run_dir) / RESULTS_PNG, title, caption)
+                              Path(run_dir) / RESULTS_PNG, title, caption,
+                              validation_n=int(results.get("data", {}).get("validation") or 0))
 
 
 def summary_lines(results: dict, run_dir: Path) -> list[str]:

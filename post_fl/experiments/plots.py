@@ -321,11 +321,12 @@ def plot_transfer_curve(curve: list[dict], path: str | Path, best_step: int | No
 
 
 def plot_federated_run(rounds: list[dict], accuracy: dict, intervals: dict, path: str | Path, title: str = "",
-                       caption: str = "") -> Path:
+                       caption: str = "", validation_n: int = 0) -> Path:
     """One federated run (``post-fl federate``) as a PNG: left, the validation accuracy of the student with the
-    global prompt after each round (``rounds``: rows of ``rounds.csv``, round 0 = the initial prompt); right,
-    every final test accuracy of ``accuracy`` as a bar with its 95% Wilson interval from ``intervals``
-    (``results.json``'s ``accuracy_intervals``). Returns the path."""
+    global prompt after each round (``rounds``: rows of ``rounds.csv``, round 0 = the initial prompt), with its
+    95% Wilson interval when ``validation_n`` (the split's size) is given, on an axis at least 0.2 high so that
+    noise does not look like a trend; right, every final test accuracy of ``accuracy`` as a bar with its 95%
+    Wilson interval from ``intervals`` (``results.json``'s ``accuracy_intervals``). Returns the path."""
     fig = Figure(figsize=(11.0, 4.8))
     left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     fig.subplots_adjust(left=0.07, right=0.98, top=0.86, wspace=0.62)
@@ -335,6 +336,16 @@ def plot_federated_run(rounds: list[dict], accuracy: dict, intervals: dict, path
         left.plot([x for x, _ in points], [y for _, y in points], color=METHOD_STYLE["post"]["color"], marker="o",
                   label="student + global prompt")
         left.set_xticks(sorted({x for x, _ in points}))
+        if validation_n > 0:
+            from ..method.evaluate import wilson_interval
+
+            bands = [wilson_interval(round(y * validation_n), validation_n) for _, y in points]
+            left.fill_between([x for x, _ in points], [b[0] for b in bands], [b[1] for b in bands],
+                              color=METHOD_STYLE["post"]["color"], alpha=0.15, label="95% interval")
+        ys_seen = [y for _, y in points]
+        mid = (max(ys_seen) + min(ys_seen)) / 2
+        half = max(0.1, (max(ys_seen) - min(ys_seen)) / 2 + 0.05)
+        left.set_ylim(max(0.0, mid - half), min(1.0, mid + half))
     else:
         left.text(0.5, 0.5, "no validation split", ha="center", transform=left.transAxes)
     left.set_xlabel("round (0 = initial prompt)")

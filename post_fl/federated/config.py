@@ -51,7 +51,7 @@ class FederatedConfig:
     """
 
     # the defaults of `post-fl federate`, `python -m simulation.run` and `flwr run .`: 20 users of the embedded
-    # movie reviews (about 340 each), half of them per round, 4 rounds (sized for about 20 min on 2 idle cores
+    # movie reviews (about 384 each), half of them per round, 4 rounds (sized for about 20 min on 2 idle cores
     # with a cached student, with FEDERATED_RUN_DEFAULTS; docs/federated.md#time-and-recipe)
     rounds: int = 4
     num_clients: int = 20
@@ -196,11 +196,10 @@ def resolve_aggregation(fed_cfg: FederatedConfig, run_cfg: RunConfig) -> str:
 # (docs/federated.md#time-and-recipe). build_configs puts them under whatever the run-config sets.
 FEDERATED_RUN_DEFAULTS: dict[str, Any] = {
     "tune.epochs": 1.0,  # local epochs of a sampled user's part per round (single site: 3 epochs, once)
-    "tune.batch_size": 64,  # about 5 local steps a round on a user's ~340 examples (single site: 256)
+    "tune.batch_size": 64,  # 6 local steps a round on a user's ~384 examples (single site: 256)
     "tune.optimizer": "sgd",  # a fresh Adam state per round releases mostly the sign of the DP noise
     "tune.lr": 4.0,  # SGD's rate (single site: Adam at 0.04)
     "transfer.steps": 50,  # single site: 200; the held-out loss picks the step either way
-    "data.max_validation_examples": 200,  # calibrated zero-shot and the per-round monitoring line (single site: 500)
 }
 
 
