@@ -24,7 +24,7 @@ from ..core.data import DataError
 from ..core.keyed_cache import read_keyed_tensors, write_keyed_tensors
 from ..core.models import ScoringModel
 from .evaluate import class_scores
-from .teacher_outputs import corpus_hash, teacher_hash
+from .teacher_outputs import corpus_hash, state_sha256, teacher_hash
 
 SCORE_CACHE_FORMAT = 1  # bump when the stored scores change meaning
 SCORE_CACHE_DIR = "zero-shot-scores"
@@ -38,7 +38,7 @@ def class_score_cache_key(model: ScoringModel, texts: list[str], batch_size: int
                 "label_words": model.label_words, "batch_size": pass_rows(batch_size, model)}  # the rows scored at once
     key = {"model": teacher_hash(model), "texts": corpus_hash(texts), "settings": settings}
     if prompt is not None:
-        key["prompt"] = _prompt_digest(prompt)
+        key["prompt"] = state_sha256(prompt.state_dict())
     blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -61,16 +61,6 @@ def cached_class_scores(model: ScoringModel, texts: list[str], batch_size: int, 
     scores = class_scores(model, texts, prompt, batch_size)
     write_keyed_tensors(path, {"scores": scores.contiguous()}, key, SCORE_CACHE_FORMAT)
     return scores, "miss"
-
-
-def _prompt_digest(prompt: nn.Module) -> str:
-    """sha256 of the prompt's parameters (names, shapes and float32 bytes, in order)."""
-    h = hashlib.sha256()
-    for name, value in sorted(prompt.state_dict().items()):
-        t = value.detach().to("cpu", torch.float32).contiguous()
-        h.update(f"{name}:{tuple(t.shape)}".encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
 
 
 def _read_scores(path: Path, key: str, n_texts: int, n_classes: int) -> torch.Tensor:

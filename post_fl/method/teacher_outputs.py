@@ -75,13 +75,18 @@ def teacher_hash(model: ScoringModel) -> str:
     cached = getattr(model, "_post_fl_weights_hash", None)
     if cached:
         return cached
+    object.__setattr__(model, "_post_fl_weights_hash", state_sha256(model.backbone.state_dict()))
+    return model._post_fl_weights_hash
+
+
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over a state dict's parameter names, shapes, dtypes and bytes, sorted by name."""
     h = hashlib.sha256()
-    for name, tensor in sorted(model.backbone.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    object.__setattr__(model, "_post_fl_weights_hash", h.hexdigest())
-    return model._post_fl_weights_hash
+    return h.hexdigest()
 
 
 def corpus_hash(texts: list[str]) -> str:

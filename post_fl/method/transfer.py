@@ -247,8 +247,9 @@ def transfer_prompt(student: ScoringModel, student_prompt: SoftPrompt, teacher: 
             bar.close()
     selection.restore()
     prompt.weight.grad = None
-    check_rows = [texts[i] for i in held.tolist()]
-    heldout_check = heldout_prediction_check(teacher, prompt, check_rows, cfg.batch_size) if check_rows else None
+    check_rows = [texts[i] for i in held.tolist()]  # the unprompted teacher's predictions are among the targets
+    heldout_check = heldout_prediction_check(teacher, prompt, check_rows, cfg.batch_size,
+                                             plain=targets.teacher_class[held].cpu()) if check_rows else None
     log_heldout_check(heldout_check, teacher.label_names)  # every caller (single site, federated server) logs it
     end = time.perf_counter()
     return TransferResult(prompt=prompt, losses=losses, seconds=end - start, public_examples=n, curve=curve,
@@ -257,17 +258,21 @@ def transfer_prompt(student: ScoringModel, student_prompt: SoftPrompt, teacher: 
                           target_examples=len(used), kept_mass=targets.kept_mass, heldout_check=heldout_check)
 
 
-def heldout_prediction_check(teacher: ScoringModel, prompt: SoftPrompt, texts: list[str], batch_size: int = 32) -> dict:
+def heldout_prediction_check(teacher: ScoringModel, prompt: SoftPrompt, texts: list[str], batch_size: int = 32,
+                             plain: torch.Tensor | None = None) -> dict:
     """A label-free sanity check of a transferred prompt on public texts: how often the prompted teacher
     predicts the same class as the unprompted teacher (``agreement_with_zero_shot``), and the share of
     texts predicted as each class with and without the prompt (``class_shares_*``, in label order).
 
     A transferred prompt that carried the student prompt's correction of the *student's* class bias shows
     here as a class share far from the teacher's own (docs/method.md#transfer). Public text only: no label
-    and nothing private is read, so it costs no privacy."""
+    and nothing private is read, so it costs no privacy. ``plain``: the unprompted teacher's predictions on
+    ``texts`` when the caller has them already (the transfer's targets do), else they are computed."""
     from .evaluate import predict
 
-    plain, prompted = predict(teacher, texts, None, batch_size), predict(teacher, texts, prompt, batch_size)
+    if plain is None:
+        plain = predict(teacher, texts, None, batch_size)
+    prompted = predict(teacher, texts, prompt, batch_size)
     shares = lambda pred: [float((pred == c).float().mean()) for c in range(teacher.num_classes)]  # noqa: E731
     return {"texts": len(texts), "agreement_with_zero_shot": float((plain == prompted).float().mean()),
             "class_shares_zero_shot": shares(plain), "class_shares_transferred": shares(prompted)}
