@@ -13,6 +13,7 @@ from post_fl.core.data import DataError, TextDataset
 from post_fl.core.models import load_scoring_model
 from post_fl.core.prompt import SoftPrompt, init_from_vocab
 from post_fl.method.evaluate import predict
+from post_fl.method.transfer_targets import compute_targets
 from post_fl.method.transfer import (BestCheckpoint, auto_alpha, heldout_split, post_transfer_loss, transfer_prompt,
                                      write_curve_csv)
 
@@ -111,6 +112,39 @@ def test_top_k_targets_approximate_the_full_loss_and_are_exact_at_the_vocabulary
     assert close.losses[0] == pytest.approx(full.losses[0], rel=0.03)  # most mass kept: within 3%
     assert close.losses[0] != full.losses[0]  # ... but truly cut
     assert abs(close.losses[0] - full.losses[0]) < abs(coarse.losses[0] - full.losses[0])
+
+
+@pytest.mark.parametrize("space, top_k", [("vocab", 0), ("vocab", 16), ("classes", 0)])
+def test_centred_change_removes_what_the_prompt_does_to_every_text_and_keeps_the_rest(pair, monkeypatch, space,
+                                                                                       top_k):
+    student, teacher, prompt = pair
+    texts = make_sentiment(12, seed=7).texts
+    s_enc, t_enc = student.encode(texts), teacher.encode(texts)
+    real = student.answer_logits
+    bias = torch.randn(teacher.word_embeddings.shape[0], generator=torch.Generator().manual_seed(1))
+    per_text = torch.randn(len(texts), bias.shape[0], generator=torch.Generator().manual_seed(2))
+
+    def run(center, with_text_part):  # a 'prompt' adding one bias to every text's logits (+ a part per batch row)
+        def prompted(batch, p=None):
+            out = real(batch, None)
+            if p is None:
+                return out
+            return out + 3 * bias + (per_text[: len(out)] if with_text_part else 0)
+        monkeypatch.setattr(student, "answer_logits", prompted)
+        return compute_targets(student, prompt, teacher, s_enc, t_enc, space, top_k, 2.0, 64, center)
+
+    def spread(tg):  # how far each text's target change is from a constant (which softmax ignores)
+        return float((tg.student_prompted - tg.student_plain).std(-1).max())
+
+    assert spread(run(False, False)) > 0.5   # uncentred: the bias is the whole change
+    assert spread(run(True, False)) < 1e-4   # centred: a change every text shares is no change at all
+    plain, centred = run(False, True), run(True, True)
+    # one batch holds every text: the centred change differs from the uncentred one by one vector for all texts
+    gap = (centred.student_prompted - centred.student_plain) - (plain.student_prompted - plain.student_plain)
+    gap = gap - gap.mean(-1, keepdim=True)  # up to a constant per text
+    if top_k == 0:
+        assert torch.allclose(gap, gap[:1].expand_as(gap), atol=1e-4)
+    assert spread(centred) > 0.1  # the part that differs between texts survives
 
 
 # ------------------------------------------------------------------ alpha = "auto"

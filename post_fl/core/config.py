@@ -312,6 +312,9 @@ class TransferConfig:
     target_top_k: int = 256  # vocab space: tokens per text kept of the cached targets; 0 = the whole vocabulary
     eval_every: int = 10  # steps between held-out loss checks
     heldout_fraction: float = 0.05  # public texts held out to select the step (label-free); 0 = the last step
+    # subtract the mean over the public texts of the student prompt's change from each text's change target, so
+    # the teacher is not taught the student's correction of its own class bias (docs/method.md#transfer)
+    center_change: bool = False
 
     def validate(self) -> None:
         alpha_ok = self.alpha == "auto" or not isinstance(self.alpha, str) and 0 <= self.alpha <= 1
@@ -432,6 +435,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "prompt.form": "input",
     "tune.optimizer": "adam",
     "transfer.target_top_k": 0, "transfer.heldout_fraction": 0.0, "transfer.eval_every": 10,  # exact, last step
+    "transfer.center_change": False,
     # "auto" is the CPU in float32 on a machine without a GPU, where every figure so far was recorded
     "compute.device": "auto", "compute.dtype": "auto", "compute.batch_size": 0,
 }

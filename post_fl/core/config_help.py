@@ -105,6 +105,9 @@ FIELD_HELP: dict[str, str] = {
     "transfer.eval_every": "steps between checks of the loss on the held-out public texts",
     "transfer.heldout_fraction": "share of the public texts held out of training; the prompt of the lowest loss on them "
                                  "is returned (no labels, no epsilon); 0 = the last step's prompt",
+    "transfer.center_change": "subtract the student prompt's mean change over the public texts from each text's "
+                              "change target, so the teacher is not taught the correction of the student's own "
+                              "class bias",
     # eval
     "eval.batch_size": "texts per batch when scoring test examples",
     "eval.teacher_tune_examples": "teacher's own prompt: training examples it sees (0 = all)",

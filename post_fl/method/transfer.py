@@ -194,7 +194,7 @@ def transfer_prompt(student: ScoringModel, student_prompt: SoftPrompt, teacher: 
     t_enc = teacher.encode(texts).to(device) if teacher.tokenizer is not student.tokenizer else s_enc
     rows_per_pass = pass_rows(cfg.batch_size, teacher)  # memory-bound passes: larger on a GPU
     targets = compute_targets(student, student_prompt, teacher, s_enc, t_enc, cfg.space, cfg.target_top_k,
-                              cfg.temperature, rows_per_pass)
+                              cfg.temperature, rows_per_pass, cfg.center_change)
     if alpha is None:
         alpha = auto_alpha(targets.agreement(), teacher.num_classes)
     seconds_targets = time.perf_counter() - start

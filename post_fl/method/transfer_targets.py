@@ -23,6 +23,13 @@ live teacher logits t(x; P_t) at I(x) and computes both KL terms on those k colu
   mass outside I(x) is ignored (neither matched nor penalised, including mass the teacher's prompted
   output may move there). The kept mass is reported (:attr:`TransferTargets.kept_mass`).
 
+**Centred change, ``transfer.center_change``.** The targets then hold s(x) + Δ_s(x) − m in place of
+s(x; P_s), with m the mean of Δ_s over the texts whose targets are computed (public text only; over the
+whole vocabulary, before the top-k cut), so the change term asks the teacher for each text's change
+*minus* the change the student prompt makes on every text alike, which on a biased student is mostly
+the correction of that bias. The output term reads the same centred prompted output. The top-k tokens
+are still chosen from the uncentred change.
+
 Memory: 3 n k floats and n k indices (k = 256, 2000 texts: about 10 MB) instead of 3 n V floats
 (SmolLM2's V = 49152: about 1.2 GB). The ``classes`` space always keeps its C class scores.
 """
@@ -91,12 +98,14 @@ class TransferTargets:
 
 def compute_targets(student: ScoringModel, student_prompt: nn.Module, teacher: ScoringModel,
                     student_encoded: EncodedBatch, teacher_encoded: EncodedBatch, space: str, top_k: int,
-                    temperature: float, batch_size: int) -> TransferTargets:
+                    temperature: float, batch_size: int, center_change: bool = False) -> TransferTargets:
     """The :class:`TransferTargets` of every row of the two encodings (the same texts), in batches of
-    ``batch_size`` texts of similar length, without gradients."""
+    ``batch_size`` texts of similar length, without gradients; ``center_change``: the student's prompted
+    outputs with the mean change over these texts removed (module docstring)."""
     n = len(student_encoded)
     order = student_encoded.attention_mask.sum(1).argsort(stable=True)  # similar lengths batch together
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("sp", "s0", "t0", "index", "sc", "tc", "mass")}
+    change_sum = None  # the sum over texts of the whole change s(x; P_s) - s(x), for center_change
     with torch.no_grad():
         for start in range(0, n, batch_size):
             idx = order[start:start + batch_size]
@@ -107,7 +116,10 @@ def compute_targets(student: ScoringModel, student_prompt: nn.Module, teacher: S
             parts["tc"].append(teacher.class_scores(t_0).argmax(-1))
             if space == "classes":
                 s_p, s_0, t_0 = student.class_scores(s_p), student.class_scores(s_0), teacher.class_scores(t_0)
-            elif 0 < top_k < s_p.shape[-1]:
+            if center_change:
+                part = change_of(s_p, s_0, temperature).sum(0)
+                change_sum = part if change_sum is None else change_sum + part
+            if space != "classes" and 0 < top_k < s_p.shape[-1]:
                 index = top_k_tokens(s_p, s_0, t_0, top_k, temperature)
                 parts["mass"].append(torch.softmax(s_p / temperature, -1).gather(1, index).sum(-1))
                 parts["index"].append(index)
@@ -120,7 +132,17 @@ def compute_targets(student: ScoringModel, student_prompt: nn.Module, teacher: S
     def cat(key: str) -> torch.Tensor | None:
         return torch.cat(parts[key])[back] if parts[key] else None
 
-    mass = cat("mass")
-    return TransferTargets(cat("sp"), cat("s0"), cat("t0"), cat("index"), cat("sc"), cat("tc"),
+    mass, s_p, s_0, index = cat("mass"), cat("sp"), cat("s0"), cat("index")
+    if change_sum is not None:
+        mean = change_sum / n
+        # s(x) + (Δ_s(x) - m): with log-softmax changes, so a constant a text adds to all its logits cancels
+        s_p = s_0 + change_of(s_p, s_0, temperature) - (mean.expand_as(s_0) if index is None else mean[index])
+    return TransferTargets(s_p, s_0, cat("t0"), index, cat("sc"), cat("tc"),
                            1.0 if mass is None else float(mass.mean()))
+
+
+def change_of(prompted: torch.Tensor, plain: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Δ = the prompt's change of the output, as a difference of log-softmaxes at ``temperature`` (times T, so
+    it is in logit units): invariant to a constant added to all of one text's logits."""
+    return temperature * (torch.log_softmax(prompted / temperature, -1) - torch.log_softmax(plain / temperature, -1))
 
