@@ -67,7 +67,8 @@ def full_loss(student, student_prompt, teacher, prompt, texts, alpha, temperatur
 def test_cached_targets_at_full_vocabulary_give_the_uncached_losses_and_prompt(pair):
     student, teacher, prompt = pair
     public = make_sentiment(20, seed=5)
-    cfg = TransferConfig(steps=6, batch_size=6, lr=0.3, target_top_k=0, heldout_fraction=0.0)
+    cfg = TransferConfig(steps=6, batch_size=6, lr=0.3, target_top_k=0, heldout_fraction=0.0,
+                         center_change=False)
     want_losses, want_prompt = uncached_transfer(student, prompt, teacher, public, cfg, seed=3)
     got = transfer_prompt(student, prompt, teacher, public, cfg, seed=3)
     assert got.losses == pytest.approx(want_losses, rel=1e-5, abs=1e-7)
@@ -100,7 +101,8 @@ def test_top_k_targets_approximate_the_full_loss_and_are_exact_at_the_vocabulary
     vocab = teacher.word_embeddings.shape[0]
 
     def first_loss(k):
-        cfg = TransferConfig(steps=1, batch_size=len(public), target_top_k=k, heldout_fraction=0.0, alpha=0.5)
+        cfg = TransferConfig(steps=1, batch_size=len(public), target_top_k=k, heldout_fraction=0.0, alpha=0.5,
+                         center_change=False)
         return transfer_prompt(student, prompt, teacher, public, cfg, seed=0)
 
     full = first_loss(0)
@@ -145,6 +147,23 @@ def test_centred_change_removes_what_the_prompt_does_to_every_text_and_keeps_the
     if top_k == 0:
         assert torch.allclose(gap, gap[:1].expand_as(gap), atol=1e-4)
     assert spread(centred) > 0.1  # the part that differs between texts survives
+
+
+def test_centred_transfer_loss_is_posts_loss_on_the_centred_student_outputs(pair):
+    student, teacher, prompt = pair
+    public = make_sentiment(10, seed=8)
+    cfg = TransferConfig(steps=1, batch_size=len(public), target_top_k=0, heldout_fraction=0.0, alpha=0.5)
+    assert cfg.center_change  # the default
+    got = transfer_prompt(student, prompt, teacher, public, cfg, seed=0).losses[0]
+    s_b, t_b = student.encode(public.texts), teacher.encode(public.texts)
+    with torch.no_grad():
+        s_p, s_0, t_0 = student.answer_logits(s_b, prompt), student.answer_logits(s_b), teacher.answer_logits(t_b)
+        change = 2.0 * (torch.log_softmax(s_p / 2.0, -1) - torch.log_softmax(s_0 / 2.0, -1))
+        centred = s_0 + change - change.mean(0, keepdim=True)
+        want = post_transfer_loss(teacher.answer_logits(t_b, prompt), t_0, centred, s_0, 0.5, 2.0)[0].item()
+        uncentred = post_transfer_loss(teacher.answer_logits(t_b, prompt), t_0, s_p, s_0, 0.5, 2.0)[0].item()
+    assert got == pytest.approx(want, rel=1e-4)
+    assert abs(got - uncentred) > 1e-3
 
 
 # ------------------------------------------------------------------ alpha = "auto"
@@ -199,7 +218,8 @@ def test_selection_returns_the_prompt_of_the_lowest_heldout_loss_not_the_last(pa
     # update (Adam normalises even rounding-sized gradients) moves away, so the best check is step 0
     prompt = init_from_vocab(teacher.word_embeddings, 3, torch.Generator().manual_seed(0))
     public = make_sentiment(16, seed=5)
-    cfg = TransferConfig(steps=6, batch_size=4, lr=1.0, eval_every=1, heldout_fraction=0.25, target_top_k=0)
+    cfg = TransferConfig(steps=6, batch_size=4, lr=1.0, eval_every=1, heldout_fraction=0.25, target_top_k=0,
+                         center_change=False)
     result = transfer_prompt(teacher, prompt, teacher, public, cfg, seed=0)
     held = [c["heldout_loss"] for c in result.curve]
     assert [c["step"] for c in result.curve] == list(range(7))
@@ -210,7 +230,8 @@ def test_selection_returns_the_prompt_of_the_lowest_heldout_loss_not_the_last(pa
 def test_selected_prompt_has_the_lowest_heldout_loss_of_the_curve(pair):
     student, teacher, prompt = pair
     public = make_sentiment(24, seed=9)
-    cfg = TransferConfig(steps=8, batch_size=6, lr=0.5, eval_every=3, heldout_fraction=0.25, target_top_k=0, alpha=0.5)
+    cfg = TransferConfig(steps=8, batch_size=6, lr=0.5, eval_every=3, heldout_fraction=0.25, target_top_k=0, alpha=0.5,
+                         center_change=False)
     result = transfer_prompt(student, prompt, teacher, public, cfg, seed=2)
     assert [c["step"] for c in result.curve] == [0, 3, 6, 8]  # step 0, every eval_every, the last
     held = [c["heldout_loss"] for c in result.curve]

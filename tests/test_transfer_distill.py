@@ -91,7 +91,7 @@ def test_transfer_space_chooses_the_outputs_the_loss_compares(tiny_dirs, space):
     prompt = init_from_vocab(student.word_embeddings, 3, torch.Generator().manual_seed(0))
     public = make_sentiment(12, seed=5)
     cfg = TransferConfig(steps=1, batch_size=len(public), lr=0.1, init="student", space=space, alpha=0.5,
-                         heldout_fraction=0.0)  # every text in the one batch
+                         heldout_fraction=0.0, center_change=False)  # every text in the one batch
     result = transfer_prompt(student, prompt, teacher, public, cfg, seed=0)
     s_b, t_b = student.encode(public.texts), teacher.encode(public.texts)
     with torch.no_grad():

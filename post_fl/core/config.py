@@ -313,8 +313,9 @@ class TransferConfig:
     eval_every: int = 10  # steps between held-out loss checks
     heldout_fraction: float = 0.05  # public texts held out to select the step (label-free); 0 = the last step
     # subtract the mean over the public texts of the student prompt's change from each text's change target, so
-    # the teacher is not taught the student's correction of its own class bias (docs/method.md#transfer)
-    center_change: bool = False
+    # the teacher is not taught the student's correction of its own class bias (docs/method.md#transfer); false = the
+    # paper's loss
+    center_change: bool = True
 
     def validate(self) -> None:
         alpha_ok = self.alpha == "auto" or not isinstance(self.alpha, str) and 0 <= self.alpha <= 1

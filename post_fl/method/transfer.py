@@ -9,7 +9,10 @@ where s, t are the student's and teacher's answer logits (``space = "vocab"``, a
 code) or their verbalizer class scores (``space = "classes"``), Δ_s = s(x; P_s) - s(x) and
 Δ_t = t(x; P_t) - t(x) the changes the prompts cause (Wang et al., ICML 2025, ``mix_transfer``).
 The first term aligns the *direction* in which each prompt moves its model's output away
-from the unprompted output; the second matches the prompted outputs themselves.
+from the unprompted output; the second matches the prompted outputs themselves. With
+``transfer.center_change`` (the default; post-fl's, not the paper's) Δ_s(x) is replaced by Δ_s(x) − m, m its
+mean over the public texts used, in both terms (:mod:`post_fl.method.transfer_targets`): the teacher is
+taught how the student's prompt moves each text relative to the others, not the shift it gives them all.
 
 s(x; P_s), s(x) and t(x) never change during transfer: they are computed once, before the loop, for
 the texts the loop will use (:mod:`post_fl.method.transfer_targets`, which also says what
