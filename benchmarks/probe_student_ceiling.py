@@ -85,22 +85,27 @@ def main() -> None:
     val = task.validation
     texts, labels = val.texts[: args.validation], torch.tensor(val.labels[: args.validation])
 
-    def acc(model, prompt=None) -> float:
+    def log_probs(model, prompt=None) -> torch.Tensor:
         with torch.no_grad():
-            return float((class_scores(model, texts, prompt, 32).argmax(-1) == labels).float().mean())
+            return torch.log_softmax(class_scores(model, texts, prompt, 32), -1)
+
+    def hit_rate(scores: torch.Tensor) -> float:
+        return float((scores.argmax(-1) == labels).float().mean())
+
+    def acc(model, prompt=None) -> float:
+        return hit_rate(log_probs(model, prompt))
 
     dp_prompt = p.prompt(PROMPT_STUDENT, student)
     dp_prompt.requires_grad_(False)
     direct = as_input_prompt(dp_prompt)  # what the teacher can read of it: the input prompt or a deep prompt's layer 0
-    print(f"validation (n = {len(texts)}): teacher zero-shot {acc(teacher):.3f}, student zero-shot {acc(student):.3f}, "
-          f"student + DP prompt {acc(student, dp_prompt):.3f}, teacher + that prompt {acc(teacher, direct):.3f}",
-          flush=True)
+    # each model's validation scores once: for the accuracies below and for the ceilings
+    teacher_s, student_s, prompted_s = log_probs(teacher), log_probs(student), log_probs(student, dp_prompt)
+    print(f"validation (n = {len(texts)}): teacher zero-shot {hit_rate(teacher_s):.3f}, student zero-shot "
+          f"{hit_rate(student_s):.3f}, student + DP prompt {hit_rate(prompted_s):.3f}, teacher + that prompt "
+          f"{acc(teacher, direct):.3f}", flush=True)
     if args.ceiling:
-        with torch.no_grad():
-            scores = [torch.log_softmax(class_scores(m, texts, q, 32), -1)
-                      for m, q in ((teacher, None), (student, None), (student, dp_prompt))]
         print("class-space ceilings (validation, weights chosen on labels):",
-              class_space_ceilings(*scores, labels), flush=True)
+              class_space_ceilings(teacher_s, student_s, prompted_s, labels), flush=True)
     for name in args.tune:
         cfg = dataclasses.replace(p.cfg.tune, **TUNE_SETTINGS[name])
         t0 = time.time()
