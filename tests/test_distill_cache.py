@@ -8,6 +8,7 @@ import post_fl.method.student_cache as student_cache
 from post_fl.core.config import DistillConfig, load_config
 from post_fl.core.data import DataError, TextDataset, write_text_file
 from post_fl.method.distill import distill_student
+from post_fl.method.student import student_layers
 from post_fl.method.teacher_outputs import teacher_cache_key, teacher_outputs
 from post_fl.core.models import load_scoring_model
 
@@ -112,22 +113,33 @@ def _scripted_agreements(values, snapshots):
     return fake
 
 
-@pytest.mark.parametrize("keep_best", [True, False])
-def test_keep_best_ends_with_the_weights_of_the_best_check(teacher, monkeypatch, keep_best):
-    """Checks at steps 0, 2, 4, 6 score 0.5, 0.8, 0.6, 0.6: keep_best ends with step 2's weights, else step 6's."""
+@pytest.mark.parametrize("objective,keep_best,best_step", [("template", True, 2), ("lm", True, 4),
+                                                         ("template", False, 6), ("lm", False, 6)])
+def test_keep_best_ends_with_the_weights_of_the_best_check(teacher, monkeypatch, objective, keep_best, best_step):
+    """Checks at steps 0, 2, 4, 6 score (class, next-token) agreement (0.5, 0.1), (0.8, 0.2), (0.6, 0.4),
+    (0.6, 0.3): keep_best ends with the best check of what the objective trains (template: class, step 2;
+    lm: next token, step 4), else with step 6's weights. Step 0 (the untrained copy) can win only on its merits."""
     snaps: list[dict] = []
-    monkeypatch.setattr(distill, "agreement_with_outputs",
-                        _scripted_agreements([(0.5, 0.1), (0.8, 0.2), (0.6, 0.2), (0.6, 0.2), (0.7, 0.2)], snaps))
+    monkeypatch.setattr(distill, "agreement_with_outputs", _scripted_agreements(
+        [(0.5, 0.1), (0.8, 0.2), (0.6, 0.4), (0.6, 0.3), (0.7, 0.3)], snaps))
     cfg = DistillConfig(num_layers=2, steps=6, batch_size=4, eval_every=2, target_agreement=0.95, lr=1e-2,
-                        keep_best=keep_best)
+                        keep_best=keep_best, objective=objective)
     student, report = distill_student(teacher, make_sentiment(16, seed=8), cfg)
     final = student.backbone.state_dict()
     same_as = [all(torch.equal(final[k], snap[k]) for k in final) for snap in snaps[:4]]
-    assert report.steps == 6
-    if keep_best:
-        assert same_as == [False, True, False, False] and report.best_step == 2
-    else:
-        assert same_as == [False, False, False, True] and report.best_step == 6
+    assert report.steps == 6 and report.best_step == best_step
+    assert same_as == [step == best_step for step in (0, 2, 4, 6)]
+
+
+def test_an_lm_distillation_never_falls_back_to_the_untrained_copy_on_class_agreement(teacher, monkeypatch):
+    """The failure this rule fixes: the copy agrees more on classes (0.59) than any trained check (0.51) while
+    every trained check predicts the teacher's next token better; the lm objective keeps the trained weights."""
+    snaps: list[dict] = []
+    monkeypatch.setattr(distill, "agreement_with_outputs", _scripted_agreements(
+        [(0.59, 0.05), (0.5, 0.25), (0.51, 0.29), (0.51, 0.29)], snaps))
+    cfg = DistillConfig(num_layers=2, steps=4, batch_size=4, eval_every=2, lr=1e-2, objective="lm")
+    _, report = distill_student(teacher, make_sentiment(16, seed=8), cfg)
+    assert report.best_step == 4 and report.next_token_agreement_after == 0.29
 
 
 def test_linear_schedule_warms_up_and_decays_to_the_first_limit():
@@ -217,3 +229,17 @@ def test_cached_or_distilled_student_distils_once_and_is_shared(teacher, tmp_pat
     assert len(keys) == 4
     _, s4, _, state4 = cached_or_distilled_student(teacher, public, cfg, 0, None)
     assert state4 == "off" and s4 is not None
+
+
+def test_the_student_cache_key_names_the_layer_count_not_the_auto_rule(teacher):
+    """distill.num_layers = 0 ("auto") and the count that rule gives are one student; another count is another,
+    so a change of the auto rule can never hand out a cached student of the old depth."""
+    public = make_sentiment(12, seed=8)
+    auto = student_layers(teacher, DistillConfig())
+    assert auto == max(1, round(teacher.backbone.config.num_hidden_layers * 0.4))
+
+    def key(n):
+        return student_cache.student_cache_key(teacher, public, None, DistillConfig(num_layers=n), 0)
+
+    assert key(0) == key(auto)
+    assert key(auto + 1) != key(0)

@@ -220,20 +220,21 @@ class DistillConfig:
     ``target_agreement`` (checked every ``eval_every`` steps) or after the optional ``time_budget_s``.
     With ``lr_schedule = "linear"`` the learning rate warms up over ``warmup_steps`` and then falls
     linearly to 0 as training nears whichever of the time budget and the step limit comes first; with
-    ``keep_best`` the student ends with the weights of its best held-out agreement check.
+    ``keep_best`` the student ends with the weights of its best held-out agreement check (next-token
+    agreement for "lm", class agreement for "template": :func:`post_fl.method.distill.checkpoint_score`).
     """
 
     objective: str = "auto"  # "lm": raw text, every position (auto for causal LMs) | "template": the task template
     layer_selection: str = "ends"  # "ends": first half and last half (POST) | "even": evenly spaced, first and last
-    num_layers: int = 0  # 0 = a third of the teacher's layers, at least 1 (10 of SmolLM2's 30)
+    num_layers: int = 0  # 0 = 40 % of the teacher's layers, at least 1 (12 of SmolLM2's 30)
     sequence_length: int = 128  # objective "lm": tokens per packed sequence of public text
     corpus_tokens: int = 200_000  # objective "lm": at most this many tokens of public text are distilled on
-    steps: int = 200  # the budget, in steps (reproducible from the seed)
+    steps: int = 400  # the budget, in steps (reproducible from the seed)
     batch_size: int = 8
     lr: float = 3e-4
     lr_schedule: str = "linear"  # "linear": warm up, then decay to 0 at the time budget or step limit; "constant"
     warmup_steps: int = 20
-    keep_best: bool = True  # end with the weights of the best held-out class agreement check, not the last step
+    keep_best: bool = True  # end with the weights of the best held-out check (lm: next-token, template: class agreement)
     temperature: float = 2.0
     alpha_kd: float = 1.0
     alpha_lm: float = 0.5
@@ -261,7 +262,7 @@ class DistillConfig:
         if self.positions_per_text < 0:
             raise ConfigError(f"distill.positions_per_text: expected >= 0, got {self.positions_per_text}")
         if self.num_layers < 0:
-            raise ConfigError(f"distill.num_layers: expected >= 0 (0 = a third of the teacher's), got {self.num_layers}")
+            raise ConfigError(f"distill.num_layers: expected >= 0 (0 = 40 % of the teacher's), got {self.num_layers}")
         if self.steps < 0:
             raise ConfigError(f"distill.steps: expected >= 0, got {self.steps}")
         if self.batch_size < 1:

@@ -199,7 +199,7 @@ def distill_student(teacher: ScoringModel, public: TextDataset, cfg: DistillConf
     optimizer = torch.optim.AdamW(trainable, lr=distill_learning_rate(cfg, 0, 0.0))
     train_start = time.perf_counter()
     agree = agree0
-    best = (agree0, 0, _trainable_state(backbone) if cfg.keep_best else None)
+    best = (checkpoint_score(cfg.objective, agree0, tok0), 0, _trainable_state(backbone) if cfg.keep_best else None)
     stopped = ""  # the first check comes after eval_every steps: a distillation always trains
     bar = None
     if progress:
@@ -233,8 +233,8 @@ def distill_student(teacher: ScoringModel, public: TextDataset, cfg: DistillConf
             report.curve.append({"step": step, "seconds": round(elapsed, 2), "agreement": agree,
                                  "next_token_agreement": tok})
             log.info("distill step %d: held-out class agreement %.3f, next-token %.3f", step, agree, tok)
-            if cfg.keep_best and agree > best[0]:
-                best = (agree, step, _trainable_state(backbone))
+            if cfg.keep_best and checkpoint_score(cfg.objective, agree, tok) > best[0]:
+                best = (checkpoint_score(cfg.objective, agree, tok), step, _trainable_state(backbone))
             if agree >= cfg.target_agreement:
                 stopped = "target"
             elif elapsed >= cfg.time_budget_s:
@@ -242,9 +242,10 @@ def distill_student(teacher: ScoringModel, public: TextDataset, cfg: DistillConf
     if bar is not None:
         bar.close()
     report.best_step = step
-    if cfg.keep_best and best[1] != step and best[0] > agree:
-        log.info("distill: keeping the weights of step %d (held-out class agreement %.3f; last check %.3f)",
-                 best[1], best[0], agree)
+    last = checkpoint_score(cfg.objective, agree, report.curve[-1]["next_token_agreement"])
+    if cfg.keep_best and best[1] != step and best[0] > last:
+        log.info("distill: keeping the weights of step %d (held-out %s agreement %.3f; last check %.3f)",
+                 best[1], "next-token" if cfg.objective == "lm" else "class", best[0], last)
         backbone.load_state_dict(best[2], strict=False)
         report.best_step = best[1]
     for p in backbone.parameters():
@@ -259,6 +260,13 @@ def distill_student(teacher: ScoringModel, public: TextDataset, cfg: DistillConf
         report.validation_agreement_after = float((predict(student, validation.texts) == val_teacher).float().mean())
     report.seconds = time.perf_counter() - start
     return student, report
+
+
+def checkpoint_score(objective: str, class_agreement: float, next_token_agreement: float) -> float:
+    """The held-out check ``keep_best`` ranks a distillation checkpoint by: what ``objective`` trains. For
+    "lm", agreement with the teacher's next token (raw text has no class; an undistilled copy of the teacher's
+    layers can agree on classes more by chance); for "template", agreement on the task's class."""
+    return next_token_agreement if objective == "lm" else class_agreement
 
 
 def distill_learning_rate(cfg: DistillConfig, step: int, elapsed_s: float) -> float:

@@ -14,17 +14,22 @@ from ..core.config import DistillConfig, identifying_settings
 from ..core.data import DataError, TextDataset
 from ..core.models import ScoringModel
 from .distill import DistillReport, distill_student
-from .student import distill_objective
+from .student import distill_objective, student_layers
 from .teacher_outputs import CACHE_FORMAT, corpus_hash, task_settings, teacher_hash
 
 log = logging.getLogger(__name__)
+
+# bump when a distillation with the same settings makes another student (2: keep_best ranks "lm" checkpoints by
+# next-token agreement, no longer by class agreement)
+STUDENT_FORMAT = 2
 
 
 def student_cache_key(teacher: ScoringModel, public: TextDataset, held_out: TextDataset | None,
                       cfg: DistillConfig, seed: int, corpus: TextDataset | None = None) -> str:
     """Name of a cached student: sha256 of (teacher weights hash, distillation settings, corpus hash, task settings)."""
     settings = identifying_settings({k: v for k, v in asdict(cfg).items() if k not in ("cache",)}, "distill")
-    key = {"format": CACHE_FORMAT, "teacher": teacher_hash(teacher), "distill": settings, "seed": seed,
+    settings["num_layers"] = student_layers(teacher, cfg)  # the count, not 0 = "auto", whose rule may change
+    key = {"format": CACHE_FORMAT, "student_format": STUDENT_FORMAT, "teacher": teacher_hash(teacher), "distill": settings, "seed": seed,
            "task": task_settings(teacher), "corpus": corpus_hash(public.texts),
            "held_out": corpus_hash(held_out.texts) if held_out is not None else ""}
     if distill_objective(teacher, cfg) == "lm" and corpus is not None:

@@ -28,7 +28,9 @@ from ..core.data import DataError
 from ..core.keyed_cache import read_keyed_tensors, write_keyed_tensors
 from ..core.models import EncodedBatch, ScoringModel
 
-CACHE_FORMAT = 3  # bump when the cached tensors or the meaning of a distillation setting change (3: num_layers = 0 is a third)
+# bump when the cached tensors or the meaning of a distillation setting change (3: num_layers = 0 was a third;
+# the student cache key now holds the resolved layer count, so a new rule for 0 needs no bump)
+CACHE_FORMAT = 3
 
 
 def vocab_logits(model: ScoringModel, hidden: torch.Tensor) -> torch.Tensor:
