@@ -102,7 +102,7 @@ def test_top_k_targets_approximate_the_full_loss_and_are_exact_at_the_vocabulary
 
     def first_loss(k):
         cfg = TransferConfig(steps=1, batch_size=len(public), target_top_k=k, heldout_fraction=0.0, alpha=0.5,
-                         center_change=False)
+                             center_change=False)
         return transfer_prompt(student, prompt, teacher, public, cfg, seed=0)
 
     full = first_loss(0)

@@ -199,7 +199,8 @@ def distill_student(teacher: ScoringModel, public: TextDataset, cfg: DistillConf
     optimizer = torch.optim.AdamW(trainable, lr=distill_learning_rate(cfg, 0, 0.0))
     train_start = time.perf_counter()
     agree = agree0
-    best = (checkpoint_score(cfg.objective, agree0, tok0), 0, _trainable_state(backbone) if cfg.keep_best else None)
+    score = checkpoint_score(cfg.objective, agree0, tok0)  # of the latest check, what keep_best ranks
+    best = (score, 0, _trainable_state(backbone) if cfg.keep_best else None)
     stopped = ""  # the first check comes after eval_every steps: a distillation always trains
     bar = None
     if progress:
@@ -233,8 +234,9 @@ def distill_student(teacher: ScoringModel, public: TextDataset, cfg: DistillConf
             report.curve.append({"step": step, "seconds": round(elapsed, 2), "agreement": agree,
                                  "next_token_agreement": tok})
             log.info("distill step %d: held-out class agreement %.3f, next-token %.3f", step, agree, tok)
-            if cfg.keep_best and checkpoint_score(cfg.objective, agree, tok) > best[0]:
-                best = (checkpoint_score(cfg.objective, agree, tok), step, _trainable_state(backbone))
+            score = checkpoint_score(cfg.objective, agree, tok)
+            if cfg.keep_best and score > best[0]:
+                best = (score, step, _trainable_state(backbone))
             if agree >= cfg.target_agreement:
                 stopped = "target"
             elif elapsed >= cfg.time_budget_s:
@@ -242,10 +244,9 @@ def distill_student(teacher: ScoringModel, public: TextDataset, cfg: DistillConf
     if bar is not None:
         bar.close()
     report.best_step = step
-    last = checkpoint_score(cfg.objective, agree, report.curve[-1]["next_token_agreement"])
-    if cfg.keep_best and best[1] != step and best[0] > last:
+    if cfg.keep_best and best[1] != step and best[0] > score:
         log.info("distill: keeping the weights of step %d (held-out %s agreement %.3f; last check %.3f)",
-                 best[1], "next-token" if cfg.objective == "lm" else "class", best[0], last)
+                 best[1], "next-token" if cfg.objective == "lm" else "class", best[0], score)
         backbone.load_state_dict(best[2], strict=False)
         report.best_step = best[1]
     for p in backbone.parameters():

@@ -29,8 +29,8 @@ def student_cache_key(teacher: ScoringModel, public: TextDataset, held_out: Text
     """Name of a cached student: sha256 of (teacher weights hash, distillation settings, corpus hash, task settings)."""
     settings = identifying_settings({k: v for k, v in asdict(cfg).items() if k not in ("cache",)}, "distill")
     settings["num_layers"] = student_layers(teacher, cfg)  # the count, not 0 = "auto", whose rule may change
-    key = {"format": CACHE_FORMAT, "student_format": STUDENT_FORMAT, "teacher": teacher_hash(teacher), "distill": settings, "seed": seed,
-           "task": task_settings(teacher), "corpus": corpus_hash(public.texts),
+    key = {"format": CACHE_FORMAT, "student_format": STUDENT_FORMAT, "teacher": teacher_hash(teacher),
+           "distill": settings, "seed": seed, "task": task_settings(teacher), "corpus": corpus_hash(public.texts),
            "held_out": corpus_hash(held_out.texts) if held_out is not None else ""}
     if distill_objective(teacher, cfg) == "lm" and corpus is not None:
         key["lm_corpus"] = corpus_hash(corpus.texts)

@@ -28,8 +28,8 @@ from ..core.data import DataError
 from ..core.keyed_cache import read_keyed_tensors, write_keyed_tensors
 from ..core.models import EncodedBatch, ScoringModel
 
-# bump when the cached tensors or the meaning of a distillation setting change (3: num_layers = 0 was a third;
-# the student cache key now holds the resolved layer count, so a new rule for 0 needs no bump)
+# bump when the cached teacher tensors or their meaning change (3: num_layers = 0 was a third, when this format
+# also keyed the students); a change in the student a distillation setting makes bumps student_cache.STUDENT_FORMAT
 CACHE_FORMAT = 3
 
 
